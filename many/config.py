@@ -1,0 +1,107 @@
+"""Typed, frozen configs of the method. Each stage receives only the sub-config it reads,
+and that sub-config is exactly what goes into the stage's cache key (DESIGN.md §2)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+
+# LoRA on the language model's linear layers only: the CLIP tower also has q/k/v_proj (DESIGN.md §8).
+LLAMA_LORA_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+
+
+class Frozen(BaseModel):
+    """Base of every config: immutable, and a typo is an error."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TinyModelConfig(Frozen):
+    """The embedded tiny LLaVA (DESIGN.md §7, §8): CLIP-style ViT + Llama decoder, built from config."""
+
+    image_size: PositiveInt = 32
+    patch_size: PositiveInt = 4
+    vision_hidden: PositiveInt = 64
+    vision_layers: PositiveInt = 3
+    vision_heads: PositiveInt = 4
+    text_hidden: PositiveInt = 128
+    text_layers: PositiveInt = 3
+    text_heads: PositiveInt = 4
+    text_intermediate: PositiveInt = 256
+    max_length: PositiveInt = 128
+
+
+class BaseConfig(Frozen):
+    """Where the base model comes from: the embedded tiny LLaVA (pretrained in the `base` stage) or a HF LLaVA."""
+
+    kind: Literal["tiny", "hf"] = "tiny"
+    hf_id: str | None = None  # e.g. "llava-hf/llava-1.5-7b-hf" or a local path, when kind == "hf"
+    tiny: TinyModelConfig = TinyModelConfig()
+    pretrain_steps: int = Field(1500, ge=0)
+    pretrain_batch_size: PositiveInt = 32
+    pretrain_lr: float = Field(1e-3, gt=0)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+
+
+class LoraConfig(Frozen):
+    rank: PositiveInt = 8
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: str = LLAMA_LORA_TARGETS  # a regex over module names (PEFT `target_modules` as str)
+
+
+class FinetuneConfig(Frozen):
+    """One task's LoRA + its own projector, trained from the base (DESIGN.md §1)."""
+
+    lora: LoraConfig = LoraConfig()
+    steps: PositiveInt = 600
+    batch_size: PositiveInt = 16
+    grad_accum: PositiveInt = 1
+    lr: float = Field(2e-3, gt=0)
+    projector_lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    seed: int = 0
+
+
+class StatsConfig(Frozen):
+    """Gram statistics G_i = X_iᵀX_i / N_i per LoRA-targeted layer, over all tokens (DESIGN.md §1, §8)."""
+
+    batch_size: PositiveInt = 32
+    max_samples: int | None = Field(None, ge=1)  # None: every training sample
+
+
+class LPMConfig(Frozen):
+    """Low-rank parameter merging by recursive least squares (DESIGN.md §1).
+
+    a:     RegMean off-diagonal scale, G̃ = a·G + (1−a)·diag(G).
+    gamma: ridge. `gamma_mode="relative"`: γ = gamma · mean(diag(G̃_1)) of the layer's first task
+           (fixed at the first absorb, so the recursion stays exact); "absolute": γ = gamma.
+    rank:  optional SVD truncation of the exported merged LoRA (None: exact rank Σ r_i).
+    """
+
+    a: float = Field(1.0, ge=0, le=1)
+    gamma: float = Field(1e-4, ge=0)
+    gamma_mode: Literal["relative", "absolute"] = "relative"
+    rank: PositiveInt | None = None
+
+
+class CPMConfig(Frozen):
+    """Cross-modal projection merging: w = softmax(cos(f(x), μ_i) / τ) (DESIGN.md §1).
+
+    tau None: calibrated at merge time — the largest τ that puts ≥ `calibration_target` mean weight on
+    the right task for the tasks' own training images.
+    """
+
+    tau: float | None = Field(None, gt=0)
+    top_k: PositiveInt | None = None
+    calibration_target: float = Field(0.9, gt=0, lt=1)
+
+
+class EvalConfig(Frozen):
+    batch_size: PositiveInt = 64
+    max_new_tokens: PositiveInt = 24
+    max_samples: int | None = Field(None, ge=1)  # None: the whole test split

@@ -1,0 +1,78 @@
+"""Shared fixtures: one tiny multimodal model (built from config in a second) and tiny samples."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from many.config import BaseConfig, TinyModelConfig
+from many.data.schema import Sample
+
+torch.set_num_threads(1)  # the suite shares 2 cores; tiny tensors gain nothing from more threads
+
+# 16 px images, patch 4 → 16 image tokens; a few hundred kB of weights.
+FIXTURE_MODEL = TinyModelConfig(
+    image_size=16, patch_size=4, vision_hidden=32, vision_layers=2, vision_heads=2,
+    text_hidden=32, text_layers=2, text_heads=2, text_intermediate=64, max_length=64,
+)
+FIXTURE_BASE = BaseConfig(tiny=FIXTURE_MODEL, pretrain_steps=0, device="cpu")
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
+SHAPES = ("circle", "square")
+FIXTURE_VOCAB = (*COLOURS, *SHAPES, "what", "colour", "is", "the", "shape", "describe", "image", "a")
+
+
+def _png(colour: tuple[int, int, int], shape: str, size: int, rng: np.random.Generator) -> bytes:
+    pixels = np.full((size, size, 3), 245, dtype=np.uint8)
+    lo, hi = size // 4, 3 * size // 4
+    if shape == "square":
+        pixels[lo:hi, lo:hi] = colour
+    else:
+        yy, xx = np.mgrid[:size, :size]
+        pixels[(yy - size / 2) ** 2 + (xx - size / 2) ** 2 <= (size / 4) ** 2] = colour
+    noise = rng.integers(0, 12, size=pixels.shape, dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(pixels.astype(int) - noise, 0, 255).astype(np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def make_samples(n: int, question: str = "colour", seed: int = 0, size: int = 16) -> tuple[Sample, ...]:
+    """n samples of a coloured shape; question "colour" or "shape" decides the asked attribute."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for i in range(n):
+        colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
+        shape = SHAPES[int(rng.integers(len(SHAPES)))]
+        prompt = "what colour is the shape?" if question == "colour" else "what is the shape?"
+        answer = colour if question == "colour" else shape
+        samples.append(Sample(f"{question}/{seed}/{i:04d}", _png(COLOURS[colour], shape, size, rng), prompt, answer))
+    return tuple(samples)
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved, randomly initialised tiny LLaVA dir (an ordinary HF checkpoint)."""
+    from many.model.load import save_base
+    from many.model.tiny import build_tiny_llava
+
+    model, processor = build_tiny_llava(FIXTURE_MODEL, FIXTURE_VOCAB, seed=0)
+    return save_base(model, processor, tmp_path_factory.mktemp("tiny-base"))
+
+
+@pytest.fixture()
+def tiny_base(tiny_base_dir: Path):
+    """A fresh (model, processor) loaded from the session checkpoint: tests may mutate it freely."""
+    from many.model.load import load_base
+
+    return load_base(tiny_base_dir, FIXTURE_BASE)
