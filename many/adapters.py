@@ -1,0 +1,114 @@
+"""Read LoRA factors out of a PEFT adapter dir and write factors back as one (DESIGN.md §1, §5 export).
+
+Task i's update of a targeted layer is ΔW_i = s_i · B_i A_i, B_i: (out, r), A_i: (r, in), s_i = lora_alpha / r
+(lora_alpha / √r with rsLoRA; per-module r and alpha from rank_pattern / alpha_pattern). The merged LPM update is an
+exact LoRA of rank Σ r_i with the scale folded into B, so it is written with lora_alpha = r (s = 1).
+Module names are PEFT's, e.g. "base_model.model.model.language_model.layers.0.self_attn.q_proj" — the
+safetensors key without ".lora_A.weight".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."  # PeftModel's prefix before the wrapped model's own module names
+_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B"}
+_UNSUPPORTED = ("use_dora", "lora_bias")  # variants whose update is not s·B·A
+
+
+def _pattern_value(patterns: Mapping[str, float], module: str, default: float) -> float:
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key that matches a dotted suffix of the name."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _check_pair(module: str, B: Tensor, A: Tensor) -> None:
+    """B (out, r) and A (r, in) with the same r ≥ 1, every value finite."""
+    if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1] or A.shape[0] == 0:
+        raise ValueError(f"LoRA module {module!r}: rank mismatch, A {tuple(A.shape)} vs B {tuple(B.shape)}")
+    if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+        raise ValueError(f"LoRA module {module!r}: non-finite values (NaN/inf) in its factors")
+
+
+def read_adapter_config(adapter_dir: Path) -> dict:
+    path = Path(adapter_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {adapter_dir}; is it a PEFT adapter dir?")
+    config = json.loads(path.read_text())
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{path}: peft_type is {config.get('peft_type')!r}, only LORA adapters are supported")
+    enabled = [key for key in _UNSUPPORTED if config.get(key)]
+    if enabled:
+        raise ValueError(f"{path}: {enabled} set; only plain LoRA (ΔW = s·B·A) adapters are supported")
+    return config
+
+
+def lora_factors(adapter_dir: Path) -> dict[str, tuple[Tensor, Tensor, float]]:
+    """{module: (B (out, r), A (r, in), scale)} of a PEFT LoRA adapter dir, validated (finite, matching ranks)."""
+    config = read_adapter_config(adapter_dir)
+    weights = load_file(str(Path(adapter_dir) / WEIGHTS_FILE))
+    pairs: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in weights.items():
+        suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
+        if suffix is None:
+            raise ValueError(f"{adapter_dir}: unexpected tensor {key!r}; only lora_A/lora_B weights are supported")
+        pairs.setdefault(key[: -len(suffix)], {})[_SUFFIXES[suffix]] = tensor
+    if not pairs:
+        raise ValueError(f"{adapter_dir}: the adapter holds no LoRA weights")
+    factors = {}
+    for module, pair in sorted(pairs.items()):
+        if set(pair) != {"A", "B"}:
+            raise ValueError(f"LoRA module {module!r}: has only lora_{''.join(pair)}, needs both A and B")
+        B, A = pair["B"], pair["A"]
+        _check_pair(module, B, A)
+        rank = A.shape[0]
+        configured = _pattern_value(config.get("rank_pattern") or {}, module, config["r"])
+        if rank != configured:
+            raise ValueError(f"LoRA module {module!r}: rank {rank} but adapter_config.json says {configured}")
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+        scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        factors[module] = (B, A, float(scale))
+    return factors
+
+
+def write_lora_adapter(
+    factors: Mapping[str, tuple[Tensor, Tensor]], base_adapter_config: Mapping, out_dir: Path
+) -> Path:
+    """A standard PEFT adapter dir holding ΔW = B·A per module (scale 1: lora_alpha = r), weights in float32.
+
+    The most common rank becomes `r`; modules of another rank go to rank_pattern/alpha_pattern.
+    `base_adapter_config` (a task's adapter_config.json) supplies target_modules and the rest.
+    """
+    if not factors:
+        raise ValueError("no LoRA factors to write")
+    tensors, ranks = {}, {}
+    for module, (B, A) in factors.items():
+        _check_pair(module, B, A)
+        tensors[f"{module}.lora_A.weight"] = A.detach().to("cpu", torch.float32).contiguous()
+        tensors[f"{module}.lora_B.weight"] = B.detach().to("cpu", torch.float32).contiguous()
+        ranks[module] = A.shape[0]
+    rank = Counter(ranks.values()).most_common(1)[0][0]
+    pattern = {re.escape(m.removeprefix(PEFT_PREFIX)): r for m, r in ranks.items() if r != rank}
+    config = {
+        **base_adapter_config,
+        "r": rank, "lora_alpha": rank, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
+        "use_rslora": False, "use_dora": False, "inference_mode": True,
+    }
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / WEIGHTS_FILE))
+    (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))  # config last: dir complete
+    return out_dir
