@@ -82,9 +82,12 @@ def test_a_task_does_not_depend_on_the_split_sizes_of_the_other_split() -> None:
     assert smaller.train == make_task("chart-qa", SMALL).train
 
 
-def test_image_size_is_configurable() -> None:
-    task = make_task("icon-qa", MiniUcitConfig(n_train=3, n_test=2, image_size=48))
-    assert Image.open(io.BytesIO(task.test[1].image)).size == (48, 48)
+@pytest.mark.parametrize("size", [16, 48])
+@pytest.mark.parametrize("kind", UCIT_ORDER)
+def test_image_size_is_configurable(kind: str, size: int) -> None:
+    """16 px is the test fixtures' model size; every task must still draw distinct answers there."""
+    task = make_task(kind, MiniUcitConfig(n_train=40, n_test=10, image_size=size))
+    assert Image.open(io.BytesIO(task.test[1].image)).size == (size, size)
 
 
 @pytest.mark.parametrize(

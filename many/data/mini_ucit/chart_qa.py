@@ -31,7 +31,8 @@ def _chart(rng: Generator, size: int) -> tuple[Image.Image, list[str], list[int]
     draw.line((left, bottom, size - 2, bottom), fill=(20, 20, 20))
     n = int(rng.choice(BAR_COUNTS))
     colours = [str(c) for c in rng.choice(list(PALETTE), size=n, replace=False)]
-    heights = [int(h) for h in rng.choice(np.arange(4, bottom - top + 1, 3), size=n, replace=False)]
+    step = 3 if size >= 24 else 1  # small images: finer height steps so every bar still differs
+    heights = [int(h) for h in rng.choice(np.arange(4, bottom - top + 1, step), size=n, replace=False)]
     slot = (size - 2 - (left + 2)) / n
     width = max(2, int(slot * rng.uniform(0.5, 0.75)))
     for k, (colour, height) in enumerate(zip(colours, heights)):
