@@ -44,6 +44,8 @@ PROJECTOR_FILE = "projector.safetensors"
 MAX_GRAD_NORM = 1.0
 ENCODE_CHUNK = 256  # samples per processor call while pre-encoding
 StepCallback = Callable[[int, float], None]  # (optimizer step, mean loss over its micro-batches)
+ExtraLoss = Callable[[nn.Module], Tensor]  # a regulariser added to every micro-batch loss (e.g. CRAM's penalty)
+GradientHook = Callable[[nn.Module], None]  # edits .grad in place before each optimizer step (e.g. Fwd-Prompt)
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: a field-wise == on tensors has no truth value
@@ -144,11 +146,15 @@ def run_steps(
     progress: bool = True,
     desc: str = "train",
     on_step: StepCallback | None = None,
+    extra_loss: ExtraLoss | None = None,
+    before_step: GradientHook | None = None,
 ) -> None:
     """`steps` optimizer steps of `grad_accum` micro-batches each, on the model's own device.
 
     Autocast in the model's dtype when it is bf16/fp16 (fp16 with a GradScaler). Trains `model` in place:
     callers pass their own copy. The loss is read back (a device sync) only for the progress bar and `on_step`.
+    `extra_loss(model)` is added to each micro-batch's loss; `before_step(model)` may rewrite the gradients
+    (after unscaling, before clipping) — the hooks the continual-learning baselines need.
     """
     device, dtype = model_device_dtype(model)
     half = dtype in (torch.bfloat16, torch.float16)
@@ -163,10 +169,15 @@ def run_steps(
         for _ in range(grad_accum):
             batch = data.batch(next(indices), device)
             with torch.autocast(device.type, dtype=dtype, enabled=half):
-                loss = model(**batch, use_cache=False).loss / grad_accum
+                loss = model(**batch, use_cache=False).loss
+                if extra_loss is not None:
+                    loss = loss + extra_loss(model)
+                loss = loss / grad_accum
             scaler.scale(loss).backward()
             step_loss += loss.detach()
         scaler.unscale_(optimizer)
+        if before_step is not None:
+            before_step(model)
         torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
         scaler.step(optimizer)
         scaler.update()
