@@ -1,0 +1,163 @@
+"""Cost of one LPM merge step against a bare float64 solve (DESIGN.md §1).
+
+A step absorbs task t into the RLS state of tasks 1..t−1 and solves for the merged update
+(`many.lpm.absorb` + `many.lpm.solve`). The state (C, R) has a constant size, so the step should not grow
+with t — goal step(t=20) / step(t=2) ≤ 1.2 — and should cost little more than the linear solve that any
+closed-form merge needs — goal step / `numpy.linalg.solve(C_t, R_t)` ≤ 1.5, on the same matrices, in the same
+run. Each number is the median of several repeats; the task counts and the two solvers take turns, so that
+they share the machine's noise.
+On a shared or busy machine, multi-threaded timings are dominated by thread contention: run with
+OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 to give both libraries one core each.
+
+    python -m benchmarks.merge_cost [--smoke] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from many.config import LPMConfig
+from many.lpm import LayerState, absorb, solve
+
+STEP_GROWTH_GOAL = 1.2  # step(t=max) / step(t=min)
+BARE_SOLVE_GOAL = 1.5  # step / bare solve
+LAYER = "benchmark.layer"
+SWITCH_PAUSE_S = 0.1  # lets a library's spinning worker threads go to sleep before the other library runs
+
+
+def timed(call: Callable[[], object]) -> tuple[object, float]:
+    """What `call()` returns, and the seconds it took."""
+    start = time.perf_counter()
+    result = call()
+    return result, time.perf_counter() - start
+
+
+def make_task(generator: torch.Generator, features: int, rank: int) -> tuple[Tensor, Tensor, float, Tensor]:
+    """A float32 LoRA (non-zero B) and a float32 Gram XᵀX/N with N = 2·in, as the stats stage stores them."""
+    samples = 2 * features
+    inputs = torch.randn(samples, features, generator=generator)
+    lora_B = torch.randn(features, rank, generator=generator)
+    lora_A = torch.randn(rank, features, generator=generator) / features**0.5
+    return lora_B, lora_A, 16.0 / rank, inputs.T @ inputs / samples
+
+
+def measure(features: int, rank: int, task_counts: list[int], repeats: int, seed: int) -> list[dict]:
+    generator = torch.Generator().manual_seed(seed)
+    cfg = LPMConfig()
+    # For each t: the state of tasks 1..t−1 and task t (the states of different t are all kept: a few MB each).
+    points: dict[int, tuple[LayerState | None, tuple]] = {}
+    state: LayerState | None = None
+    for t in range(1, max(task_counts) + 1):
+        task = make_task(generator, features, rank)
+        if t in task_counts:
+            points[t] = (state, task)
+        state = absorb(state, *task, cfg, LAYER)
+    times: dict[int, dict[str, list[float]]] = {t: {"absorb": [], "solve": [], "bare": []} for t in task_counts}
+    # Rounds visit every t in turn, so that a burst of load on the machine hits all of them alike.
+    for _ in range(repeats):
+        for t, (previous, task) in points.items():
+            # A pause and an untimed call of the same kind before each timed call, so that neither side pays
+            # for the other library's idle worker threads (OpenBLAS's, OpenMP's) still spinning on the cores.
+            time.sleep(SWITCH_PAUSE_S)
+            solve(absorb(previous, *task, cfg, LAYER), LAYER)
+            current, absorb_time = timed(lambda: absorb(previous, *task, cfg, LAYER))
+            _, solve_time = timed(lambda: solve(current, LAYER))
+            C, R = current.C.numpy(), current.R.numpy()
+            time.sleep(SWITCH_PAUSE_S)
+            np.linalg.solve(C, R)
+            _, bare_time = timed(lambda: np.linalg.solve(C, R))
+            times[t]["absorb"].append(absorb_time)
+            times[t]["solve"].append(solve_time)
+            times[t]["bare"].append(bare_time)
+    rows = []
+    for t, measured in times.items():
+        step = statistics.median(a + s for a, s in zip(measured["absorb"], measured["solve"]))
+        bare = statistics.median(measured["bare"])
+        rows.append(
+            {
+                "tasks": t,
+                "absorb_s": statistics.median(measured["absorb"]),
+                "solve_s": statistics.median(measured["solve"]),
+                "step_s": step,
+                "bare_solve_s": bare,
+                "step_over_bare": step / bare,
+            }
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny layer (64×64, r=4), a few seconds")
+    parser.add_argument("--json", type=Path, help="also write the numbers to this JSON file")
+    parser.add_argument("--repeats", type=int, help="timed repeats per point (default 7, smoke 5)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    features, rank = (64, 4) if args.smoke else (1024, 8)
+    repeats = args.repeats or (5 if args.smoke else 7)
+    task_counts = [2, 5, 10, 20]
+    rows = measure(features, rank, task_counts, repeats, args.seed)
+
+    first, last = rows[0], rows[-1]
+    step_growth = last["step_s"] / first["step_s"]
+    worst_over_bare = max(row["step_over_bare"] for row in rows)
+    threads = {name: os.environ.get(name, "unset") for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    print(
+        f"Layer in = out = {features}, LoRA r = {rank} per task, float32 inputs, float64 state; "
+        "bare solve = numpy.linalg.solve(C_t, R_t) on the same float64 matrices; "
+        f"median of {repeats} repeats; {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs, "
+        + ", ".join(f"{name}={value}" for name, value in threads.items())
+        + ".\n"
+    )
+    print("| tasks t | absorb (ms) | solve (ms) | step = absorb + solve (ms) | bare solve (ms) | step / bare |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        print(
+            f"| {row['tasks']} | {1e3 * row['absorb_s']:.2f} | {1e3 * row['solve_s']:.2f} | {1e3 * row['step_s']:.2f} "
+            f"| {1e3 * row['bare_solve_s']:.2f} | {row['step_over_bare']:.2f} |"
+        )
+    verdict = {True: "met", False: "MISSED"}
+    print(
+        f"\nstep(t={last['tasks']}) / step(t={first['tasks']}) = {step_growth:.2f} "
+        f"(goal ≤ {STEP_GROWTH_GOAL}: {verdict[step_growth <= STEP_GROWTH_GOAL]})"
+    )
+    print(
+        f"LPM step / bare solve, worst over t = {worst_over_bare:.2f} "
+        f"(goal ≤ {BARE_SOLVE_GOAL}: {verdict[worst_over_bare <= BARE_SOLVE_GOAL]})"
+    )
+    if args.smoke:
+        print("(smoke size: fixed Python overhead dominates a 64×64 solve; the goals are for the full size)")
+    if args.json:
+        report = {
+            "features": features,
+            "rank": rank,
+            "repeats": repeats,
+            "smoke": args.smoke,
+            "torch_threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(),
+            "env": threads,
+            "rows": rows,
+            "step_growth": step_growth,
+            "step_growth_goal": STEP_GROWTH_GOAL,
+            "worst_step_over_bare": worst_over_bare,
+            "step_over_bare_goal": BARE_SOLVE_GOAL,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
