@@ -1,0 +1,253 @@
+"""Build the model of any method from its parts, and score it on a task (DESIGN.md §1, §2 eval[t]).
+
+Every method is evaluated through one harness. An `Assembly` names what differs between methods:
+
+    W = W0 + ΔW            per LoRA-targeted linear (ΔW dense, (out, in); none = the base LLM)
+    H = P(z)               "single": one projector (or the base's own when none is given)
+    H = Σ_i w_i P_i(z)     "cpm": w = softmax(cos(f(x), μ_i) / τ) per image, optional top-k (many.cpm)
+
+Individual (task-id oracle) = task j's ΔW_j + its own projector; SeqLoRA = the chain's adapter + projector;
+the merges = merged ΔW + CPM routing (MAny) or one averaged projector. `assemble` returns a new model (the
+base is deep-copied, never changed); `evaluate` generates greedily with the KV cache, cuts answers at EOS
+(DESIGN.md §8) and scores them with many.metrics (percent).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from peft import PeftModel
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+from many import cpm, metrics
+from many.config import EvalConfig
+from many.data.schema import Sample, TaskData
+from many.model.chat import decode_answers, encode_for_generation
+from many.prototypes import llava, pooled_features
+
+PEFT_PREFIX = "base_model.model."  # PEFT module name = PEFT_PREFIX + the base model's module name
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: a field-wise == on tensors has no truth value
+class Router:
+    """CPM routing of a batch: w = softmax(cos(f(x), μ_i) / τ) over the T known tasks, optional top-k."""
+
+    prototypes: Tensor  # (T, D)
+    tau: float
+    top_k: int | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class Assembly:
+    """What to evaluate: dense LoRA updates per PEFT module name, projector state dicts, and their routing.
+
+    routing "single": at most one projector (none = the base's own); "cpm": one projector per known task,
+    `prototypes` (T, D) in the same order, and `tau`.
+    """
+
+    deltas: Mapping[str, Tensor] = field(default_factory=dict)  # PEFT module name -> ΔW (out, in)
+    projectors: tuple[Mapping[str, Tensor], ...] = ()  # projector state dicts (keys as in multi_modal_projector)
+    routing: Literal["cpm", "single"] = "single"
+    prototypes: Tensor | None = None  # (T, D)
+    tau: float | None = None
+    top_k: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.routing == "single":
+            if len(self.projectors) > 1:
+                raise ValueError(
+                    f"Assembly: routing 'single' takes at most one projector, got {len(self.projectors)}; "
+                    "use routing 'cpm' or average the projectors first"
+                )
+            if self.prototypes is not None or self.tau is not None or self.top_k is not None:
+                raise ValueError("Assembly: prototypes/tau/top_k are only used by routing 'cpm'")
+        elif self.routing == "cpm":
+            if not self.projectors:
+                raise ValueError("Assembly: routing 'cpm' needs one projector per known task, got none")
+            if self.prototypes is None or self.prototypes.ndim != 2 or self.prototypes.shape[0] != len(self.projectors):
+                shape = None if self.prototypes is None else tuple(self.prototypes.shape)
+                raise ValueError(
+                    f"Assembly: routing 'cpm' needs prototypes of shape ({len(self.projectors)}, D) — one per "
+                    f"projector — got {shape}"
+                )
+            if self.tau is None or not (math.isfinite(self.tau) and self.tau > 0):
+                raise ValueError(f"Assembly: routing 'cpm' needs a finite tau > 0, got {self.tau!r}")
+        else:
+            raise ValueError(f"Assembly: unknown routing {self.routing!r}; known: 'cpm', 'single'")
+
+    @property
+    def router(self) -> Router | None:
+        """The Router to pass to `generate_answers`/`evaluate` (None for routing 'single')."""
+        if self.routing != "cpm":
+            return None
+        return Router(self.prototypes, self.tau, self.top_k)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    task: str
+    score: float  # percent
+    predictions: tuple[tuple[str, str, str], ...]  # (sample_id, prediction, reference)
+
+
+def lora_deltas(factors: Mapping[str, tuple[Tensor, Tensor, float]]) -> dict[str, Tensor]:
+    """ΔW = s·B A (out, in) float32 per PEFT module name, from `many.adapters.lora_factors`."""
+    return {
+        name: (scale * B.to(torch.float64) @ A.to(torch.float64)).to(torch.float32)  # (out, r) @ (r, in)
+        for name, (B, A, scale) in factors.items()
+    }
+
+
+def _add_delta(modules: Mapping[str, nn.Module], name: str, delta: Tensor) -> None:
+    """W ← W0 + ΔW in place on the copy; ValueError names the module and what is wrong."""
+    if not name.startswith(PEFT_PREFIX) or name.removeprefix(PEFT_PREFIX) not in modules:
+        raise ValueError(f"assemble: unknown module {name!r}; deltas are keyed by PEFT module names "
+                         f"('{PEFT_PREFIX}' + a linear layer of the base model)")
+    module = modules[name.removeprefix(PEFT_PREFIX)]
+    if not isinstance(module, nn.Linear):
+        raise ValueError(f"assemble: module {name!r} is a {type(module).__name__}, not a linear layer")
+    if tuple(delta.shape) != tuple(module.weight.shape):
+        raise ValueError(f"assemble: module {name!r}: delta has shape {tuple(delta.shape)}, "
+                         f"weight has shape {tuple(module.weight.shape)}")
+    if not torch.isfinite(delta).all():
+        raise ValueError(f"assemble: module {name!r}: delta contains NaN or Inf")
+    with torch.no_grad():
+        weight = module.weight
+        weight.copy_((weight.to(torch.float64) + delta.to(weight.device, torch.float64)).to(weight.dtype))
+
+
+def _projector(template: nn.Module, state: Mapping[str, Tensor], index: int) -> nn.Module:
+    projector = copy.deepcopy(template)
+    expected = projector.state_dict()
+    if set(state) != set(expected):
+        raise ValueError(f"assemble: projector {index} has keys {sorted(state)}, expected {sorted(expected)}")
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise ValueError(f"assemble: projector {index} {key!r} has shape {tuple(value.shape)}, "
+                             f"expected {tuple(expected[key].shape)}")
+        if not torch.isfinite(value).all():
+            raise ValueError(f"assemble: projector {index} {key!r} contains NaN or Inf")
+    projector.load_state_dict(dict(state))
+    return projector
+
+
+def assemble(base_model: LlavaForConditionalGeneration, assembly: Assembly) -> LlavaForConditionalGeneration:
+    """A new model (eval mode): the base deep-copied, W0 + ΔW on every listed layer, projector(s) swapped in."""
+    if isinstance(base_model, PeftModel):
+        raise ValueError("assemble: pass the base LLaVA, not a PeftModel; its LoRA goes into Assembly.deltas")
+    model = copy.deepcopy(base_model)
+    modules = dict(model.named_modules())
+    for name, delta in assembly.deltas.items():
+        _add_delta(modules, name, delta)
+    template = model.model.multi_modal_projector
+    projectors = [_projector(template, state, i) for i, state in enumerate(assembly.projectors)]
+    if assembly.routing == "cpm":
+        model.model.multi_modal_projector = cpm.RoutedProjector(projectors)
+    elif projectors:
+        model.model.multi_modal_projector = projectors[0]
+    return model.eval()
+
+
+def generate_answers(
+    model: LlavaForConditionalGeneration | PeftModel,
+    processor: LlavaProcessor,
+    samples: Sequence[Sample],
+    cfg: EvalConfig,
+    *,
+    routing: Router | None = None,
+    use_cache: bool = True,
+    progress: bool = False,
+) -> list[str]:
+    """Greedy answers (cut at EOS), batch by batch; with `routing`, each batch's images are routed first."""
+    projector = llava(model).model.multi_modal_projector
+    if isinstance(projector, cpm.RoutedProjector) != (routing is not None):
+        raise ValueError("generate_answers: pass routing exactly when the model has a CPM RoutedProjector "
+                         "(use Assembly.router)")
+    tokenizer = processor.tokenizer
+    device = next(model.parameters()).device
+    dtype = next(llava(model).model.vision_tower.parameters()).dtype
+    was_training = model.training
+    model.eval()
+    answers: list[str] = []
+    try:
+        for start in tqdm(range(0, len(samples), cfg.batch_size), desc="generate", disable=not progress):
+            chunk = samples[start : start + cfg.batch_size]
+            batch = {k: v.to(device) for k, v in encode_for_generation(processor, chunk).items()}
+            batch["pixel_values"] = batch["pixel_values"].to(dtype)
+            if routing is not None:
+                features = pooled_features(model, batch["pixel_values"])  # (B, D)
+                weights = cpm.routing_weights(features, routing.prototypes.to(device), routing.tau, routing.top_k)
+                projector.route(weights)  # (B, T), in force for this batch's generate
+            with torch.no_grad():
+                out = model.generate(
+                    **batch, do_sample=False, max_new_tokens=cfg.max_new_tokens, use_cache=use_cache,
+                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                )
+            answers += decode_answers(processor, out[:, batch["input_ids"].shape[1] :])
+    finally:
+        model.train(was_training)
+    return answers
+
+
+def evaluate(
+    model: LlavaForConditionalGeneration | PeftModel,
+    processor: LlavaProcessor,
+    task: TaskData,
+    cfg: EvalConfig,
+    *,
+    routing: Router | None = None,
+    progress: bool = False,
+) -> EvalResult:
+    """Score (percent, by task.metric) on the first `cfg.max_samples` test samples (all if None)."""
+    samples = task.test[: cfg.max_samples]
+    if not samples:
+        raise ValueError(f"evaluate: task {task.name!r} has no test samples")
+    predictions = generate_answers(model, processor, samples, cfg, routing=routing, progress=progress)
+    references = [s.answer for s in samples]
+    return EvalResult(
+        task=task.name,
+        score=metrics.score(task.metric, predictions, references),
+        predictions=tuple(zip([s.sample_id for s in samples], predictions, references, strict=True)),
+    )
+
+
+def predictions_table(result: EvalResult) -> pa.Table:
+    """Columns task, sample_id, prediction, reference (all strings), one row per test sample."""
+    sample_ids, predictions, references = zip(*result.predictions, strict=True) if result.predictions else ((), (), ())
+    return pa.table({
+        "task": pa.array([result.task] * len(sample_ids), pa.string()),
+        "sample_id": pa.array(sample_ids, pa.string()),
+        "prediction": pa.array(predictions, pa.string()),
+        "reference": pa.array(references, pa.string()),
+    })
+
+
+def write_predictions(result: EvalResult, path: str | Path) -> Path:
+    path = Path(path)
+    pq.write_table(predictions_table(result), path)
+    return path
+
+
+def routing_accuracy(features_by_task: Sequence[Tensor], prototypes: Tensor) -> float:
+    """Fraction of images (N_t, D) per task whose highest routing weight — argmax_i cos(f, μ_i), for any τ —
+    falls on their own task (row t of `prototypes`)."""
+    if len(features_by_task) != prototypes.shape[0]:
+        raise ValueError(f"routing_accuracy: {len(features_by_task)} feature sets but {prototypes.shape[0]} prototypes")
+    right = total = 0
+    for index, features in enumerate(features_by_task):
+        chosen = cpm.routing_weights(features, prototypes, tau=1.0).argmax(dim=1)  # (N_t,)
+        right += int((chosen == index).sum())
+        total += features.shape[0]
+    if total == 0:
+        raise ValueError("routing_accuracy: no images")
+    return right / total

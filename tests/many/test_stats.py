@@ -1,0 +1,131 @@
+"""Gram statistics G = XᵀX / N over all non-padding tokens, under the task's own model (DESIGN.md §1, §8)."""
+
+import copy
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from many.config import LLAMA_LORA_TARGETS, StatsConfig
+from many.model.chat import encode_for_training
+from many.stats import collect_grams, load_grams, lora_layers, save_grams
+from tests.conftest import make_samples
+
+Q_PROJ = "base_model.model.model.language_model.layers.0.self_attn.q_proj"
+DOWN_PROJ = "base_model.model.model.language_model.layers.1.mlp.down_proj"
+
+
+def _lora(model, init_lora_weights=False):
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_LORA_TARGETS, init_lora_weights=init_lora_weights)
+    return peft.get_peft_model(copy.deepcopy(model), cfg)
+
+
+def _samples():
+    # two prompt lengths, so a batch has right padding
+    return make_samples(3, "colour", seed=1) + make_samples(3, "shape", seed=2)
+
+
+@pytest.fixture()
+def lora_model(tiny_base):
+    model, processor = tiny_base
+    torch.manual_seed(0)
+    return _lora(model), processor
+
+
+def test_gram_equals_hand_computed_xtx_over_non_padding_tokens(lora_model):
+    model, processor = lora_model
+    samples = _samples()
+    batch = encode_for_training(processor, samples)
+    assert (batch["attention_mask"] == 0).any(), "the fixture batch must contain padding"
+    captured = {}
+    modules = dict(model.named_modules())
+    handles = [
+        modules[name].register_forward_pre_hook(lambda _m, args, name=name: captured.__setitem__(name, args[0]))
+        for name in (Q_PROJ, DOWN_PROJ)
+    ]
+    with torch.no_grad():
+        model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False)
+    for handle in handles:
+        handle.remove()
+    grams = collect_grams(model, processor, samples, StatsConfig(batch_size=len(samples)), progress=False)
+    mask = batch["attention_mask"].bool()
+    for name, x in captured.items():
+        tokens = x[mask].double()  # (N, in)
+        assert tokens.shape[0] == int(mask.sum())
+        torch.testing.assert_close(grams[name], tokens.T @ tokens / tokens.shape[0], rtol=1e-10, atol=1e-12)
+
+
+def test_padding_does_not_change_the_gram(lora_model):
+    model, processor = lora_model
+    padded = collect_grams(model, processor, _samples(), StatsConfig(batch_size=4), progress=False)
+    unpadded = collect_grams(model, processor, _samples(), StatsConfig(batch_size=1), progress=False)
+    for name in padded:
+        torch.testing.assert_close(padded[name], unpadded[name], rtol=1e-5, atol=1e-6)
+
+
+def test_keys_match_the_saved_adapter_and_shared_inputs_share_a_gram(lora_model, tmp_path):
+    model, processor = lora_model
+    grams = collect_grams(model, processor, _samples(), StatsConfig(batch_size=4), progress=False)
+    model.save_pretrained(tmp_path)
+    adapter = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert set(grams) == {key.removesuffix(".lora_A.weight") for key in adapter if key.endswith(".lora_A.weight")}
+    for name, gram in grams.items():
+        assert gram.dtype == torch.float64
+        assert gram.shape == (adapter[name + ".lora_A.weight"].shape[1],) * 2
+    prefix = "base_model.model.model.language_model.layers.0."
+    assert torch.equal(grams[prefix + "self_attn.q_proj"], grams[prefix + "self_attn.v_proj"])
+    assert torch.equal(grams[prefix + "mlp.gate_proj"], grams[prefix + "mlp.up_proj"])
+    assert not torch.equal(grams[prefix + "self_attn.q_proj"], grams[prefix + "self_attn.o_proj"])
+
+
+def test_grams_come_from_the_given_models_own_activations(tiny_base):
+    model, processor = tiny_base
+    torch.manual_seed(0)
+    tuned, untuned = _lora(model), _lora(model, init_lora_weights=True)  # untuned: B = 0, the base's activations
+    samples, cfg = _samples(), StatsConfig(batch_size=6)
+    first = "base_model.model.model.language_model.layers.0.self_attn.q_proj"
+    tuned_grams = collect_grams(tuned, processor, samples, cfg, progress=False)
+    untuned_grams = collect_grams(untuned, processor, samples, cfg, progress=False)
+    torch.testing.assert_close(tuned_grams[first], untuned_grams[first])  # below the first LoRA: same inputs
+    assert not torch.allclose(tuned_grams[DOWN_PROJ], untuned_grams[DOWN_PROJ])
+
+
+def test_collect_leaves_the_model_as_it_was(lora_model):
+    model, processor = lora_model
+    model.train()
+    collect_grams(model, processor, _samples()[:2], StatsConfig(max_samples=1), progress=False)
+    assert model.training
+    assert all(not module._forward_pre_hooks for module in lora_layers(model).values())
+
+
+def test_save_load_roundtrip_float32_storage(lora_model, tmp_path):
+    model, processor = lora_model
+    grams = collect_grams(model, processor, _samples(), StatsConfig(), progress=False)
+    path = save_grams(grams, tmp_path / "gram.safetensors")
+    assert {t.dtype for t in load_file(str(path)).values()} == {torch.float32}
+    loaded = load_grams(path)
+    assert set(loaded) == set(grams)
+    for name in grams:
+        assert loaded[name].dtype == torch.float64
+        torch.testing.assert_close(loaded[name], grams[name], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("case", "error"),
+    [
+        ("no_lora", "has no LoRA layers"),
+        ("no_samples", "no samples"),
+        ("not_square", "must be square"),
+    ],
+)
+def test_bad_input(tiny_base, lora_model, tmp_path, case, error):
+    base, processor = tiny_base
+    model, _ = lora_model
+    with pytest.raises(ValueError, match=error):
+        if case == "no_lora":
+            collect_grams(base, processor, _samples(), StatsConfig(), progress=False)
+        elif case == "no_samples":
+            collect_grams(model, processor, (), StatsConfig(), progress=False)
+        else:
+            save_grams({Q_PROJ: torch.zeros(2, 3)}, tmp_path / "g.safetensors")
