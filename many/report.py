@@ -1,0 +1,395 @@
+"""The report of a continual run: accuracy matrices, UCIT metrics, tables and plots (DESIGN.md §1 "Metrics",
+§5 `many report`).
+
+One method's accuracy matrix A (T×T, percent) holds A[t][j] = score on task j after learning tasks 0..t; only the
+lower triangle j ≤ t is read. The report is plain JSON (DESIGN.md §5):
+
+    {"tasks": [names], "methods": {name: {"matrix": A, "MFT", "MFN", "MAA", "BWT", **extras}}}
+
+with MFT = mean_t A[t][t], MFN ("Last") = mean_j A[T−1][j], MAA = mean_t mean_{j≤t} A[t][j] and
+BWT = mean_{j<T−1} (A[T−1][j] − A[j][j]) from `many.metrics.summarize`; entries above the diagonal are null.
+`extras` are per-method scalars the pipeline adds (e.g. "trainable_parameters", "tau"), shown as extra columns.
+
+Rendering (`render`) writes report.json, report.md, one heatmap PNG per method, forgetting.png and a
+self-contained report.html. Figures use matplotlib's object API (`Figure`, Agg), never pyplot, so no global
+backend or figure state is touched.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import io
+import json
+import math
+import numbers
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+
+from many.metrics import summarize
+
+METRICS = ("MFT", "MFN", "MAA", "BWT")
+METRIC_HEADERS = {"MFT": "MFT", "MFN": "MFN (Last)", "MAA": "MAA", "BWT": "BWT"}
+RESERVED_FIELDS = ("matrix", *METRICS)
+Extra = bool | int | float | str | None
+
+
+def _validated_matrix(
+    method: str, tasks: Sequence[str], matrix: Sequence[Sequence[object]]
+) -> list[list[float | None]]:
+    """A[t][j] as floats for j ≤ t and None above the diagonal; ValueError naming the method and the entry."""
+    T = len(tasks)
+    if len(matrix) != T:
+        raise ValueError(
+            f"method {method!r}: accuracy matrix has {len(matrix)} rows for {T} tasks; need one row per task "
+            f"(row t = scores after learning tasks 0..t)"
+        )
+    rows: list[list[float | None]] = []
+    for t, row in enumerate(matrix):
+        if len(row) != T:
+            raise ValueError(
+                f"method {method!r}: accuracy matrix row {t} (after {tasks[t]!r}) has {len(row)} entries, "
+                f"expected {T} (one per task, None above the diagonal)"
+            )
+        for j in range(t + 1):
+            value = row[j]
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(
+                    f"method {method!r}: A[{t}][{j}] (on {tasks[j]!r} after {tasks[t]!r}) is {value!r}; every "
+                    f"score on a learned task (j ≤ t) must be a finite number"
+                )
+        rows.append([float(row[j]) if j <= t else None for j in range(T)])  # type: ignore[arg-type]
+    return rows
+
+
+def _validated_extras(method: str, fields: Mapping[str, object]) -> dict[str, Extra]:
+    """Scalar extra fields as plain Python values; ValueError for a reserved name or a non-scalar value."""
+    checked: dict[str, Extra] = {}
+    for key, value in fields.items():
+        if not isinstance(key, str) or key in RESERVED_FIELDS:
+            raise ValueError(
+                f"method {method!r}: extra field {key!r} is not allowed; use a string other than "
+                f"{', '.join(RESERVED_FIELDS)}"
+            )
+        scalar = value is None or isinstance(value, (bool, str, numbers.Real))
+        if not scalar or (isinstance(value, numbers.Real) and not math.isfinite(value)):
+            raise ValueError(
+                f"method {method!r}: extra field {key!r} is {value!r}; extras must be finite numbers, strings, "
+                f"booleans or None"
+            )
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            value = int(value)
+        elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+            value = float(value)
+        checked[key] = value  # type: ignore[assignment]
+    return checked
+
+
+def build_report(
+    tasks: Sequence[str],
+    matrices: Mapping[str, Sequence[Sequence[float | None]]],
+    extras: Mapping[str, Mapping[str, object]] | None = None,
+) -> dict:
+    """The report JSON of DESIGN.md §5 for the given task order and per-method accuracy matrices (percent).
+
+    Methods keep the mapping's order. `extras[method]` adds scalar fields to that method's entry.
+    """
+    tasks = list(tasks)
+    if not tasks:
+        raise ValueError("report: no tasks; give the stream's task names in order")
+    for i, name in enumerate(tasks):
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"report: task {i} has name {name!r}; task names must be non-empty strings")
+    if len(set(tasks)) != len(tasks):
+        duplicates = sorted({name for name in tasks if tasks.count(name) > 1})
+        raise ValueError(f"report: duplicate task names {duplicates}; each task of the stream needs its own name")
+    if not matrices:
+        raise ValueError("report: no methods; give at least one method's accuracy matrix")
+    extras = extras or {}
+    unknown = [name for name in extras if name not in matrices]
+    if unknown:
+        raise ValueError(f"report: extras for unknown methods {unknown}; known: {', '.join(matrices)}")
+    methods: dict[str, dict] = {}
+    for method, matrix in matrices.items():
+        if not isinstance(method, str) or not method:
+            raise ValueError(f"report: method name {method!r}; method names must be non-empty strings")
+        rows = _validated_matrix(method, tasks, matrix)
+        methods[method] = {"matrix": rows, **summarize(rows), **_validated_extras(method, extras.get(method, {}))}
+    return {"tasks": tasks, "methods": methods}
+
+
+def _number(value: float) -> str:
+    """One decimal, no negative zero."""
+    return f"{round(value, 1) + 0.0:.1f}"
+
+
+def _extra_text(value: Extra) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (bool, str)):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:.4g}"
+
+
+def _extra_fields(report: Mapping) -> list[str]:
+    """Extra field names in order of first appearance over the methods."""
+    names: dict[str, None] = {}
+    for entry in report["methods"].values():
+        names |= {key: None for key in entry if key not in RESERVED_FIELDS}
+    return list(names)
+
+
+def _summary(report: Mapping) -> tuple[list[str], list[list[str]], list[bool]]:
+    """Header, cell texts and "has the best Last" per method: final score per task, metrics, extras."""
+    extra_fields = _extra_fields(report)
+    header = ["method", *report["tasks"], *(METRIC_HEADERS[m] for m in METRICS), *extra_fields]
+    best_last = max(entry["MFN"] for entry in report["methods"].values())
+    rows, best = [], []
+    for method, entry in report["methods"].items():
+        final = entry["matrix"][-1]
+        rows.append(
+            [
+                method,
+                *(_number(score) for score in final),
+                *(_number(entry[m]) for m in METRICS),
+                *(_extra_text(entry.get(field)) for field in extra_fields),
+            ]
+        )
+        best.append(math.isclose(entry["MFN"], best_last, rel_tol=0.0, abs_tol=1e-9))
+    return header, rows, best
+
+
+def _md_cell(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = [
+        "| " + " | ".join(_md_cell(h) for h in header) + " |",
+        "|" + "---|" + "---:|" * (len(header) - 1),
+        *("| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def markdown_table(report: Mapping) -> str:
+    """One row per method: final score per task, MFT, MFN (Last), MAA, BWT, extras; the best Last in bold."""
+    header, rows, best = _summary(report)
+    last = header.index(METRIC_HEADERS["MFN"])
+    for row, is_best in zip(rows, best, strict=True):
+        if is_best:
+            row[last] = f"**{row[last]}**"
+    return _md_table(header, rows)
+
+
+def _entry(report: Mapping, method: str) -> Mapping:
+    if method not in report["methods"]:
+        raise ValueError(f"report: unknown method {method!r}; known: {', '.join(report['methods'])}")
+    return report["methods"][method]
+
+
+def matrix_markdown(report: Mapping, method: str) -> str:
+    """The lower-triangular accuracy matrix of one method, rows labelled "after <task>"."""
+    matrix = _entry(report, method)["matrix"]
+    tasks = report["tasks"]
+    rows = [
+        [f"after {task}", *(_number(v) if v is not None else "" for v in row)]
+        for task, row in zip(tasks, matrix, strict=True)
+    ]
+    return _md_table(["", *tasks], rows)
+
+
+def _plain(text: str) -> str:
+    """Text for a matplotlib label: "$" escaped, so a name with two dollars is not parsed as mathtext."""
+    return text.replace("$", r"\$")
+
+
+def _png(figure: Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def _heatmap_png(report: Mapping, method: str) -> bytes:
+    """Accuracy matrix as an image: rows = after learning task t, columns = evaluated on task j; j > t blank."""
+    entry = _entry(report, method)
+    tasks = report["tasks"]
+    T = len(tasks)
+    values = np.array([[np.nan if v is None else v for v in row] for row in entry["matrix"]])  # (T, T)
+    vmax = max(100.0, float(np.nanmax(values)))  # caption scores can exceed 100 (CIDEr ranges 0–10)
+    cmap = colormaps["viridis"].with_extremes(bad="white")
+    side = 2.2 + 0.9 * T
+    figure = Figure(figsize=(side + 1.2, side), layout="constrained")
+    ax = figure.add_subplot()
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0.0, vmax=vmax)
+    for t in range(T):
+        for j in range(t + 1):
+            r, g, b, _ = cmap(values[t, j] / vmax)
+            ink = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
+            ax.text(j, t, _number(values[t, j]), ha="center", va="center", color=ink, fontsize=10)
+    ax.set_xticks(range(T), [_plain(task) for task in tasks], rotation=35, ha="right", rotation_mode="anchor")
+    ax.set_yticks(range(T), [_plain(f"after {task}") for task in tasks])
+    ax.set_xlabel("evaluated on")
+    ax.set_title(f"{_plain(method)} — Last {_number(entry['MFN'])}")
+    figure.colorbar(image, ax=ax, label="score (%)", shrink=0.8)
+    return _png(figure)
+
+
+def _forgetting_png(report: Mapping) -> bytes:
+    """One panel per task j: its score after each learning step t ≥ j, one line per method.
+
+    Panels per task (not per method) put every method's curve for the same task on the same axis and the same
+    metric (exact match or caption score), so 8–10 methods compare directly; panels per method would force
+    comparisons across 8–10 panels and mix metric scales within one.
+    """
+    tasks, methods = report["tasks"], report["methods"]
+    T = len(tasks)
+    columns = min(3, T)
+    panel_rows = math.ceil(T / columns)
+    figure = Figure(figsize=(4.2 * columns, 3.2 * panel_rows + 0.9), layout="constrained")
+    axes = figure.subplots(panel_rows, columns, squeeze=False, sharex=True)
+    colors = colormaps["tab10"].colors
+    markers = "osD^v<>ph*"
+    for j, task in enumerate(tasks):
+        ax = axes[j // columns][j % columns]
+        for k, (method, entry) in enumerate(methods.items()):
+            steps = list(range(j, T))
+            ax.plot(
+                [t + 1 for t in steps],
+                [entry["matrix"][t][j] for t in steps],
+                color=colors[k % len(colors)],
+                marker=markers[k % len(markers)],
+                markersize=5,
+                linewidth=1.6,
+                label=_plain(method),
+            )
+        ax.set_title(_plain(f"{j + 1}. {task}"), fontsize=10)
+        ax.set_xticks(range(1, T + 1))
+        ax.set_xlim(0.7, T + 0.3)
+        ax.grid(alpha=0.3)
+        if j % columns == 0:
+            ax.set_ylabel("score (%)")
+        if j // columns == panel_rows - 1 or j + columns >= T:
+            ax.set_xlabel("tasks learned")
+    for k in range(T, panel_rows * columns):
+        axes[k // columns][k % columns].set_visible(False)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", ncols=min(5, len(labels)), fontsize=9)
+    figure.suptitle("Score per task along the stream")
+    return _png(figure)
+
+
+def heatmap(report: Mapping, method: str, path: Path) -> Path:
+    """Write one method's accuracy-matrix heatmap as PNG to `path`."""
+    path = Path(path)
+    path.write_bytes(_heatmap_png(report, method))
+    return path
+
+
+def forgetting_curves(report: Mapping, path: Path) -> Path:
+    """Write the per-task forgetting curves of every method as PNG to `path`."""
+    path = Path(path)
+    path.write_bytes(_forgetting_png(report))
+    return path
+
+
+def file_stem(method: str) -> str:
+    """A filename-safe, deterministic stem for a method name.
+
+    Safe names ([A-Za-z0-9._-], no leading dot) are kept; any other name is cleaned and suffixed with 8 hex
+    digits of sha256(name), so two names that clean to the same text still get distinct files.
+    """
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", method)[:64]
+    if cleaned == method and not method.startswith("."):
+        return method
+    return f"{cleaned.lstrip('.')}-{hashlib.sha256(method.encode()).hexdigest()[:8]}"
+
+
+def _html_table(header: list[str], rows: list[list[str]], best: list[bool]) -> str:
+    last = header.index(METRIC_HEADERS["MFN"])
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = []
+    for row, is_best in zip(rows, best, strict=True):
+        cells = [
+            f"<td><strong>{html.escape(c)}</strong></td>" if is_best and i == last else f"<td>{html.escape(c)}</td>"
+            for i, c in enumerate(row)
+        ]
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n" + "\n".join(body) + "\n</tbody>\n</table>"
+
+
+def _img(png: bytes, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
+
+
+HTML_STYLE = """body { font-family: sans-serif; margin: 2em; }
+table { border-collapse: collapse; margin-bottom: 1.5em; }
+th, td { border: 1px solid #bbb; padding: 0.3em 0.6em; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+img { max-width: 100%; display: block; margin-bottom: 1.5em; }"""
+
+
+def render(report: Mapping, out_dir: Path) -> dict[str, Path]:
+    """Write report.json, report.md, heatmap_<method>.png per method, forgetting.png and a self-contained
+    report.html (table plus every PNG as a base64 data URI) into `out_dir`; returns {file name: path}.
+
+    Every figure is rendered in memory first and report.json is written last, so a failure while plotting
+    leaves no partial report behind.
+    """
+    out_dir = Path(out_dir)
+    methods = list(report["methods"])
+    stems = {method: file_stem(method) for method in methods}
+    folded: dict[str, str] = {}
+    for method, stem in stems.items():
+        if stem.casefold() in folded:
+            raise ValueError(
+                f"report: methods {folded[stem.casefold()]!r} and {method!r} map to the same file name "
+                f"heatmap_{stem}.png on case-insensitive file systems; rename one"
+            )
+        folded[stem.casefold()] = method
+    heatmaps = {method: _heatmap_png(report, method) for method in methods}
+    forgetting = _forgetting_png(report)
+    markdown = "\n".join(
+        [
+            "# many report\n",
+            markdown_table(report),
+            "![forgetting curves](forgetting.png)\n",
+            *(
+                f"## {_md_cell(m)}\n\n{matrix_markdown(report, m)}\n![{_md_cell(m)}](heatmap_{stems[m]}.png)\n"
+                for m in methods
+            ),
+        ]
+    )
+    page = "\n".join(
+        [
+            "<!doctype html>",
+            '<html lang="en"><head><meta charset="utf-8"><title>many report</title>',
+            f"<style>\n{HTML_STYLE}\n</style></head><body>",
+            "<h1>many report</h1>",
+            _html_table(*_summary(report)),
+            "<h2>Forgetting curves</h2>",
+            _img(forgetting, "forgetting curves"),
+            "<h2>Accuracy matrices</h2>",
+            *(f"<h3>{html.escape(m)}</h3>\n{_img(heatmaps[m], f'accuracy matrix of {m}')}" for m in methods),
+            "</body></html>\n",
+        ]
+    )
+    files: dict[str, bytes] = {f"heatmap_{stems[m]}.png": heatmaps[m] for m in methods}
+    files["forgetting.png"] = forgetting
+    files["report.md"] = markdown.encode()
+    files["report.html"] = page.encode()
+    files["report.json"] = (json.dumps(report, indent=2, allow_nan=False) + "\n").encode()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    for name, content in files.items():
+        written[name] = out_dir / name
+        written[name].write_bytes(content)
+    return written

@@ -1,0 +1,192 @@
+"""The report (many/report.py): report JSON and its metrics, markdown tables, shape errors, PNG/HTML rendering."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+
+import numpy as np
+import pytest
+
+from many.report import (
+    build_report,
+    file_stem,
+    forgetting_curves,
+    heatmap,
+    markdown_table,
+    matrix_markdown,
+    render,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TASKS = ["shape", "chart", "count"]
+# A[t][j]: score on task j after learning tasks 0..t.
+SEQLORA = [[90.0, None, None], [20.0, 95.0, None], [10.0, 30.0, 98.0]]
+MANY = [[80.0, None, None], [60.0, 90.0, None], [50.0, 70.0, 100.0]]
+
+
+@pytest.fixture(scope="module")
+def report() -> dict:
+    # seqlora first: the report must keep the caller's method order, not sort it.
+    return build_report(
+        TASKS,
+        {"seqlora": SEQLORA, "many": MANY},
+        extras={"many": {"tau": 0.01, "trainable_parameters": 1234567}},
+    )
+
+
+def test_metrics_by_hand(report: dict) -> None:
+    assert report["tasks"] == TASKS
+    assert list(report["methods"]) == ["seqlora", "many"]
+    many = report["methods"]["many"]
+    assert many["MFT"] == pytest.approx((80 + 90 + 100) / 3)
+    assert many["MFN"] == pytest.approx((50 + 70 + 100) / 3)
+    assert many["MAA"] == pytest.approx((80 + (60 + 90) / 2 + (50 + 70 + 100) / 3) / 3)
+    assert many["BWT"] == pytest.approx(((50 - 80) + (70 - 90)) / 2)
+    seqlora = report["methods"]["seqlora"]
+    assert seqlora["MFT"] == pytest.approx((90 + 95 + 98) / 3)
+    assert seqlora["MFN"] == pytest.approx((10 + 30 + 98) / 3)
+    assert seqlora["MAA"] == pytest.approx((90 + (20 + 95) / 2 + (10 + 30 + 98) / 3) / 3)
+    assert seqlora["BWT"] == pytest.approx(((10 - 90) + (30 - 95)) / 2)
+    assert many["matrix"] == MANY
+    assert (many["tau"], many["trainable_parameters"]) == (0.01, 1234567)
+    assert set(seqlora) == {"matrix", "MFT", "MFN", "MAA", "BWT"}
+    assert json.loads(json.dumps(report)) == report  # plain JSON
+
+
+def test_upper_triangle_is_dropped_and_numpy_input_accepted() -> None:
+    filled = np.array([[80.0, 1.0, np.nan], [60.0, 90.0, 3.0], [np.float32(50.0), 70.0, 100.0]])
+    built = build_report(TASKS, {"many": filled})["methods"]["many"]
+    assert built["matrix"] == MANY
+    assert all(type(v) is float for row in built["matrix"] for v in row if v is not None)
+    assert built["MFN"] == pytest.approx(220 / 3)
+
+
+def test_markdown_table(report: dict) -> None:
+    lines = markdown_table(report).splitlines()
+    assert lines[0] == (
+        "| method | shape | chart | count | MFT | MFN (Last) | MAA | BWT | tau | trainable_parameters |"
+    )
+    assert lines[1] == "|---|" + "---:|" * 9
+    # final row of each matrix, then MFT, Last (best in bold), MAA, BWT, extras (blank where absent)
+    assert lines[2] == "| seqlora | 10.0 | 30.0 | 98.0 | 94.3 | 46.0 | 64.5 | -72.5 |  |  |"
+    assert lines[3] == "| many | 50.0 | 70.0 | 100.0 | 90.0 | **73.3** | 76.1 | -25.0 | 0.01 | 1,234,567 |"
+    assert len(lines) == 4
+
+
+def test_markdown_ties_bold_every_best_and_escapes_pipes() -> None:
+    tied = build_report(["a|b"], {"x|y": [[55.0]], "z": [[55.0]], "w": [[-0.04]]})
+    table = markdown_table(tied)
+    assert "| method | a\\|b | MFT |" in table
+    assert "| x\\|y | 55.0 | 55.0 | **55.0** | 55.0 | 0.0 |" in table
+    assert "| z | 55.0 | 55.0 | **55.0** | 55.0 | 0.0 |" in table
+    assert table.count("**") == 4  # both tied methods bold, nothing else
+    assert "| w | 0.0 | 0.0 | 0.0 | 0.0 | 0.0 |" in table  # no "-0.0"
+
+
+def test_matrix_markdown(report: dict) -> None:
+    assert matrix_markdown(report, "many").splitlines() == [
+        "|  | shape | chart | count |",
+        "|---|---:|---:|---:|",
+        "| after shape | 80.0 |  |  |",
+        "| after chart | 60.0 | 90.0 |  |",
+        "| after count | 50.0 | 70.0 | 100.0 |",
+    ]
+    with pytest.raises(ValueError, match="unknown method 'ties'; known: seqlora, many"):
+        matrix_markdown(report, "ties")
+
+
+BAD_REPORTS = [
+    ("too few rows", TASKS, {"good": MANY, "short": MANY[:2]}, None,
+     "method 'short': accuracy matrix has 2 rows for 3 tasks"),
+    ("ragged row", TASKS, {"ragged": [[1.0, None, None], [2.0, 3.0], [4.0, 5.0, 6.0]]}, None,
+     "method 'ragged': accuracy matrix row 1 (after 'chart') has 2 entries, expected 3"),
+    ("missing lower entry", TASKS, {"holey": [[1.0, None, None], [None, 3.0, None], [4.0, 5.0, 6.0]]}, None,
+     "method 'holey': A[1][0] (on 'shape' after 'chart') is None"),
+    ("NaN diagonal", TASKS, {"nan": [[1.0, None, None], [2.0, 3.0, None], [4.0, 5.0, float("nan")]]}, None,
+     "method 'nan': A[2][2] (on 'count' after 'count') is nan"),
+    ("string score", TASKS, {"text": [["80", None, None], [2.0, 3.0, None], [4.0, 5.0, 6.0]]}, None,
+     "method 'text': A[0][0] (on 'shape' after 'shape') is '80'"),
+    ("boolean score", TASKS, {"flag": [[True, None, None], [2.0, 3.0, None], [4.0, 5.0, 6.0]]}, None,
+     "method 'flag': A[0][0] (on 'shape' after 'shape') is True"),
+    ("no tasks", [], {"m": []}, None, "report: no tasks"),
+    ("duplicate tasks", ["a", "a"], {"m": [[1.0, None], [1.0, 1.0]]}, None, "duplicate task names ['a']"),
+    ("empty task name", ["a", ""], {"m": [[1.0, None], [1.0, 1.0]]}, None, "task 1 has name ''"),
+    ("no methods", TASKS, {}, None, "report: no methods"),
+    ("empty method name", TASKS, {"": MANY}, None, "method name ''"),
+    ("extras of unknown method", TASKS, {"many": MANY}, {"cram": {"tau": 1.0}},
+     "extras for unknown methods ['cram']; known: many"),
+    ("extra overrides a metric", TASKS, {"many": MANY}, {"many": {"MFN": 1.0}},
+     "method 'many': extra field 'MFN' is not allowed"),
+    ("non-scalar extra", TASKS, {"many": MANY}, {"many": {"ranks": [8, 8]}},
+     "method 'many': extra field 'ranks' is [8, 8]; extras must be finite numbers"),
+    ("infinite extra", TASKS, {"many": MANY}, {"many": {"tau": float("inf")}},
+     "method 'many': extra field 'tau' is inf"),
+]
+
+
+@pytest.mark.parametrize(
+    ("tasks", "matrices", "extras", "fragment"),
+    [case[1:] for case in BAD_REPORTS],
+    ids=[case[0] for case in BAD_REPORTS],
+)
+def test_bad_reports(tasks, matrices, extras, fragment) -> None:  # noqa: ANN001
+    with pytest.raises(ValueError) as error:
+        build_report(tasks, matrices, extras)
+    assert fragment in str(error.value)
+
+
+def test_file_stem() -> None:
+    assert file_stem("task_arithmetic") == "task_arithmetic"
+    assert file_stem("many-v1.2") == "many-v1.2"
+    odd = 'a<b>/../"c d"'
+    assert file_stem(odd) == "a_b__..__c_d_-" + hashlib.sha256(odd.encode()).hexdigest()[:8]  # no "/" left
+    assert file_stem("a b") != file_stem("a/b")  # both clean to "a_b"; the hash keeps them apart
+    assert file_stem("a b") != "a_b"
+    assert not file_stem(".hidden").startswith(".")
+
+
+def test_render_writes_png_markdown_html_json(report: dict, tmp_path) -> None:  # noqa: ANN001
+    odd = 'MAny <τ="0.01"> & co/x'
+    tasks = ["shape", "chart $x^$", "count"]  # unescaped, "$x^$" would be parsed as mathtext and fail
+    odd_report = build_report(tasks, {"seqlora": SEQLORA, odd: MANY}, extras={odd: {"tau": 0.01}})
+    written = render(odd_report, tmp_path / "out")
+    pngs = ["heatmap_seqlora.png", f"heatmap_{file_stem(odd)}.png", "forgetting.png"]
+    assert sorted(written) == sorted([*pngs, "report.md", "report.html", "report.json"])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(written)
+    for name in pngs:
+        assert written[name].read_bytes().startswith(PNG_MAGIC)
+        assert written[name].stat().st_size > 5000  # a real figure, not an empty canvas
+    assert re.fullmatch(r"heatmap_MAny__.*_co_x-[0-9a-f]{8}\.png", pngs[1]), pngs[1]
+
+    assert json.loads(written["report.json"].read_text()) == odd_report
+
+    markdown = written["report.md"].read_text()
+    assert markdown_table(odd_report) in markdown
+    assert matrix_markdown(odd_report, odd) in markdown
+    assert f"]({pngs[1]})" in markdown
+
+    page = written["report.html"].read_text()
+    uris = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert sorted(base64.b64decode(uri) for uri in uris) == sorted(written[name].read_bytes() for name in pngs)
+    assert page.count("data:image/png;base64,") == len(pngs)
+    assert "<td>MAny &lt;τ=&quot;0.01&quot;&gt; &amp; co/x</td>" in page
+    assert "<τ=" not in page  # the raw name never reaches the markup
+    assert "<td><strong>73.3</strong></td>" in page  # best Last
+    assert "<th>MFN (Last)</th>" in page and "<td>-72.5</td>" in page
+
+
+def test_render_refuses_names_that_collide_on_case_insensitive_disks(tmp_path) -> None:  # noqa: ANN001
+    clash = build_report(["a"], {"MAny": [[1.0]], "many": [[2.0]]})
+    with pytest.raises(ValueError, match="methods 'MAny' and 'many' map to the same file name heatmap_many.png"):
+        render(clash, tmp_path)
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_single_plots(report: dict, tmp_path) -> None:  # noqa: ANN001
+    assert heatmap(report, "many", tmp_path / "h.png").read_bytes().startswith(PNG_MAGIC)
+    assert forgetting_curves(report, tmp_path / "f.png").read_bytes().startswith(PNG_MAGIC)
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        heatmap(report, "nope", tmp_path / "n.png")
