@@ -257,10 +257,13 @@ def finetune(
     init_dir: Path | None = None,
     progress: bool = True,
     on_step: StepCallback | None = None,
+    extra_loss: ExtraLoss | None = None,
+    desc: str = "finetune",
 ) -> PeftModel:
     """Train one task's LoRA + projector from `base_model` (left unchanged); `init_dir` = SeqLoRA continuation.
 
     Returns the PEFT model frozen, in eval mode, its projector cast back to the base dtype (what `load_task` rebuilds).
+    `extra_loss(model)` is added to the task loss at every micro-batch (CRAM's orthogonality penalty).
     """
     data = encode_dataset(processor, samples, max_positions(base_model))
     device, dtype = model_device_dtype(base_model)
@@ -271,7 +274,7 @@ def finetune(
         run_steps(
             model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), data,
             steps=cfg.steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, seed=cfg.seed,
-            progress=progress, desc="finetune", on_step=on_step,
+            progress=progress, desc=desc, on_step=on_step, extra_loss=extra_loss,
         )
     projector_of(model).to(dtype)
     return model.requires_grad_(False)

@@ -1,0 +1,68 @@
+"""CRAM's centroid-guided routing: each test image activates the expert whose task centroid it is closest to.
+
+Task i's centroid is its CPM prototype μ_i = normalize(mean_j normalize(f(x_j))) over its training images
+(`many.cpm.prototype`, f = the frozen vision tower's pooled feature). An image x goes to
+
+    e(x) = argmax_i cos(f(x), μ_i)                                   (top-1)
+
+and is answered by the base with that expert's ΔW_e = s_e B_e A_e and projector P_e only. The test set is grouped
+by routed expert, each group is evaluated through the shared harness (`many.evaluate.assemble` + `generate_answers`),
+and the predictions are scored together in test order.
+Soft top-k routing (mixing several experts per image) is not implemented: the harness adds one ΔW per model, not
+per image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+from many import cpm, metrics
+from many.config import EvalConfig
+from many.data.schema import TaskData
+from many.evaluate import Assembly, EvalResult, assemble, generate_answers, lora_deltas
+from many.methods.cram.expert import CramExpert
+from many.prototypes import image_features
+
+
+def route(features: Tensor, centroids: Tensor) -> Tensor:
+    """e(x) = argmax_i cos(f(x), μ_i): (N,) long expert index per image, for features (N, D), centroids (T, D)."""
+    return cpm.routing_weights(features, centroids, tau=1.0).argmax(dim=1)  # argmax is the same for any τ
+
+
+def evaluate_cram(
+    base_model: LlavaForConditionalGeneration,
+    processor: LlavaProcessor,
+    task: TaskData,
+    experts: Sequence[CramExpert],
+    centroids: Tensor,
+    cfg: EvalConfig,
+) -> EvalResult:
+    """Score (percent) on the first `cfg.max_samples` test samples, each answered by its routed expert."""
+    if not experts:
+        raise ValueError("evaluate_cram: no experts")
+    if centroids.ndim != 2 or centroids.shape[0] != len(experts):
+        raise ValueError(f"evaluate_cram: centroids have shape {tuple(centroids.shape)}, expected "
+                         f"({len(experts)}, D) — one per expert, in the experts' order")
+    samples = task.test[: cfg.max_samples]
+    if not samples:
+        raise ValueError(f"evaluate_cram: task {task.name!r} has no test samples")
+    chosen = route(image_features(base_model, processor, samples), centroids)  # (N,)
+    predictions: list[str | None] = [None] * len(samples)
+    for index, expert in enumerate(experts):
+        rows = torch.nonzero(chosen == index).squeeze(1).tolist()
+        if not rows:
+            continue
+        model = assemble(base_model, Assembly(lora_deltas(expert.factors), (expert.projector,)))
+        answers = generate_answers(model, processor, [samples[row] for row in rows], cfg)
+        for row, answer in zip(rows, answers, strict=True):
+            predictions[row] = answer
+    references = [sample.answer for sample in samples]
+    return EvalResult(
+        task=task.name,
+        score=metrics.score(task.metric, predictions, references),
+        predictions=tuple(zip([s.sample_id for s in samples], predictions, references, strict=True)),
+    )
