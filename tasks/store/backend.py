@@ -1,0 +1,198 @@
+"""Where the store's bytes live (DESIGN.md §3): a local directory or an S3 prefix, behind fsspec.
+
+The two backends differ only in how a write is made atomic and exclusive:
+
+- local: write a hidden temp file next to the target, then `os.replace` (atomic overwrite) or
+  `os.link` (atomic create-exclusive: fails if the target exists); a crash leaves only a temp file,
+  which `gc` collects.
+- S3: an object appears only when its upload completes, so a plain put is atomic; create-exclusive is
+  a conditional put (`If-None-Match: *`), which S3 answers with 412 when the key exists.
+
+Credentials come only from the standard AWS chain (environment, profile, instance role); the endpoint
+from the argument or `AWS_ENDPOINT_URL(_S3)`. None of them is kept in `url`, which is what the store
+writes and logs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import s3fs
+from botocore.exceptions import BotoCoreError, NoCredentialsError, ProfileNotFound
+from fsspec import AbstractFileSystem
+from fsspec.implementations.local import LocalFileSystem
+
+from tasks.store.errors import BadStoreURL, StoreError
+
+DEFAULT_URL = "./many-store"
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_SEGMENT = re.compile(r"^[A-Za-z0-9._=+-]+$")
+_URL = re.compile(r"\w+://[^\s\"']+")
+# botocore retries 5xx, throttling and connection errors with jittered exponential backoff, bounded;
+# 4xx other than throttling (403 AccessDenied, 404 NoSuchBucket) are never retried. s3fs wraps each call
+# in its own loop (also for a body cut mid-stream); 2 rounds of 4 attempts bound an outage to ~10 s.
+S3_RETRIES = {"max_attempts": 4, "mode": "standard"}
+S3FS_ROUNDS = 2
+S3_TIMEOUTS_SECONDS = {"connect_timeout": 5, "read_timeout": 60}
+
+
+class Backend(Protocol):
+    fs: AbstractFileSystem
+    root: str  # fsspec path of the store root, no trailing slash
+    url: str  # the store's URL, free of endpoint and credentials
+
+    def exists(self, path: str) -> bool: ...
+    def put_file(self, src: Path, dest: str) -> None: ...
+    def put_bytes(self, data: bytes, dest: str) -> None: ...
+    def create_exclusive(self, data: bytes, dest: str) -> bool: ...
+    def modified(self, info: dict[str, Any]) -> float: ...
+
+
+@dataclass
+class LocalBackend:
+    fs: LocalFileSystem
+    root: str
+    url: str
+
+    def exists(self, path: str) -> bool:
+        return os.path.exists(path)
+
+    def put_file(self, src: Path, dest: str) -> None:
+        tmp = _temp_beside(dest)
+        self.fs.put_file(str(src), tmp)
+        os.replace(tmp, dest)
+
+    def put_bytes(self, data: bytes, dest: str) -> None:
+        tmp = _temp_beside(dest)
+        Path(tmp).write_bytes(data)
+        os.replace(tmp, dest)
+
+    def create_exclusive(self, data: bytes, dest: str) -> bool:
+        tmp = _temp_beside(dest)
+        Path(tmp).write_bytes(data)
+        try:
+            os.link(tmp, dest)  # atomic and exclusive: readers never see a partial manifest
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+
+    def modified(self, info: dict[str, Any]) -> float:
+        return float(info["mtime"])
+
+
+@dataclass
+class S3Backend:
+    fs: s3fs.S3FileSystem
+    root: str
+    url: str
+
+    def exists(self, path: str) -> bool:
+        """One HEAD request (fsspec's `exists` would also list the key as a directory prefix)."""
+        bucket, key, _ = self.fs.split_path(path)
+        try:
+            self.fs.call_s3("head_object", Bucket=bucket, Key=key)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def put_file(self, src: Path, dest: str) -> None:
+        self.fs.put_file(str(src), dest)
+
+    def put_bytes(self, data: bytes, dest: str) -> None:
+        self.fs.pipe_file(dest, data)
+
+    def create_exclusive(self, data: bytes, dest: str) -> bool:
+        try:
+            self.fs.pipe_file(dest, data, mode="create")
+            return True
+        except FileExistsError:
+            return False
+
+    def modified(self, info: dict[str, Any]) -> float:
+        modified: datetime = info["LastModified"]
+        return modified.timestamp()
+
+
+def _temp_beside(dest: str) -> str:
+    parent, name = os.path.split(dest)
+    os.makedirs(parent, exist_ok=True)
+    return os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex}")
+
+
+def open_backend(
+    url: str, *, endpoint_url: str | None = None, region: str | None = None, profile: str | None = None
+) -> Backend:
+    """Parse `url` (`s3://bucket/prefix`, `file://path` or a plain path) and connect; fail fast if unusable."""
+    if url.startswith("s3://"):
+        return _open_s3(url, endpoint_url=endpoint_url, region=region, profile=profile)
+    if url.startswith("file://"):
+        return _open_local(url.removeprefix("file://"), url)
+    if "://" in url:
+        scheme = url.split("://", 1)[0]
+        raise BadStoreURL(f"unsupported store URL scheme {scheme!r} in {url!r}: use s3://bucket/prefix, file://path or a path")
+    return _open_local(url, url)
+
+
+def _open_local(path: str, url: str) -> LocalBackend:
+    if not path:
+        raise BadStoreURL(f"store URL {url!r} has no path: use file:///abs/path or a relative path")
+    root = Path(path).expanduser().absolute()
+    if root.exists() and not root.is_dir():
+        raise BadStoreURL(f"store root {root} is a file, not a directory: point --store at a directory")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise BadStoreURL(f"cannot create store root {root}: {error.strerror}") from None
+    return LocalBackend(LocalFileSystem(), root.as_posix(), f"file://{root.as_posix()}")
+
+
+def _open_s3(url: str, *, endpoint_url: str | None, region: str | None, profile: str | None) -> S3Backend:
+    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    segments = [s for s in prefix.split("/") if s] if prefix else []
+    if not _BUCKET.fullmatch(bucket):
+        raise BadStoreURL(f"bad bucket name {bucket!r} in {url!r}: 3-63 lowercase letters, digits, '.' or '-'")
+    bad = [s for s in segments if not _SEGMENT.fullmatch(s) or s in (".", "..")]
+    if bad or "//" in prefix.strip("/"):
+        raise BadStoreURL(f"bad prefix {prefix!r} in {url!r}: segments of letters, digits, '._=+-', no '..' or empty segments")
+    root = "/".join([bucket, *segments])
+    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    fs = s3fs.S3FileSystem(
+        endpoint_url=endpoint,
+        profile=profile,
+        client_kwargs={"region_name": region} if region else None,
+        config_kwargs={"retries": S3_RETRIES, **S3_TIMEOUTS_SECONDS},
+        skip_instance_cache=True,  # a store must not share a client (and its credentials) with another
+        use_listings_cache=False,  # other writers change the bucket under us; never answer from a stale listing
+    )
+    fs.retries = S3FS_ROUNDS
+    clean_url = f"s3://{root}"
+    try:
+        fs.call_s3("head_bucket", Bucket=bucket)
+    except FileNotFoundError:
+        raise BadStoreURL(f"bucket {bucket!r} does not exist (store {clean_url}): create it or fix --store") from None
+    except PermissionError:
+        raise StoreError(
+            f"access denied to bucket {bucket!r} (store {clean_url}): check the AWS credentials/profile and the bucket policy"
+        ) from None
+    except ProfileNotFound:
+        raise BadStoreURL(f"the AWS profile given for store {clean_url} does not exist: fix the profile name or ~/.aws/config") from None
+    except NoCredentialsError:
+        raise StoreError(
+            f"no AWS credentials found for store {clean_url}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile, or a role"
+        ) from None
+    except (OSError, BotoCoreError) as error:
+        raise StoreError(f"cannot reach bucket {bucket!r} (store {clean_url}): {one_line(error)}") from None
+    return S3Backend(fs, root, clean_url)
+
+
+def one_line(error: BaseException) -> str:
+    """An exception as one line, with any URL (the endpoint) redacted: messages end up in logs."""
+    return _URL.sub("<endpoint>", " ".join(str(error).split())) or type(error).__name__

@@ -1,0 +1,32 @@
+"""Errors of the artifact store (DESIGN.md §3, §5).
+
+Every message is one line naming the problem, where, and what to fix. The CLI maps `ValueError`
+subclasses (bad URL, bad name) to exit code 2 and every other `StoreError` to exit code 1.
+"""
+
+from __future__ import annotations
+
+
+class StoreError(Exception):
+    """A store operation failed at run time (permission denied, retries exhausted, ...)."""
+
+
+class BadStoreURL(StoreError, ValueError):
+    """The store URL is unusable: unknown scheme, malformed, or its bucket/root does not exist."""
+
+
+class BadName(StoreError, ValueError):
+    """A stage, run or output name is not a safe path component."""
+
+
+class CorruptArtifact(StoreError):
+    """A blob or manifest is missing or unreadable, or a blob's bytes do not hash to its digest.
+
+    `subject` names the broken object ("blob <digest>" or a manifest path) and `context` says who
+    referenced it (stage, key, output); the fix is to recompute that stage with `--repair`.
+    """
+
+    def __init__(self, subject: str, context: str, problem: str) -> None:
+        self.subject = subject
+        self.context = context
+        super().__init__(f"corrupt artifact: {subject} ({context}) {problem}; recompute the stage with --repair")

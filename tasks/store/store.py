@@ -1,0 +1,429 @@
+"""The content-addressed artifact store (DESIGN.md §3).
+
+    <root>/blobs/sha256/ab/cdef…          immutable content, written once, verified on every read
+    <root>/stages/<stage>/<key>.json      manifest, written LAST and create-exclusive
+    <root>/runs/<run-id>.json             run summary
+
+Writes are atomic by construction: blobs first (a blob that exists is not rewritten), the manifest last
+with create-exclusive semantics, so a crash leaves at most orphan blobs (invisible to readers, collected
+by `gc`) and two writers racing on one key both end up with the winner's manifest. A directory artifact
+is a listing blob `{"files": {relpath: {digest, size, kind}}}` of its files' blobs. Every read re-hashes
+the bytes and raises `CorruptArtifact` naming the blob and who referenced it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+from typing import Any, ParamSpec, TypeVar
+
+from botocore.exceptions import BotoCoreError
+from pydantic import ValidationError
+
+from tasks.store.backend import DEFAULT_URL, Backend, one_line, open_backend
+from tasks.store.errors import BadName, CorruptArtifact, StoreError
+from tasks.store.records import BlobRef, DirListing, GcReport, LsRow, Manifest, canonical_json, validate_name
+
+CHUNK_BYTES = 8 * 2**20
+GC_MIN_AGE_SECONDS = 3600.0  # an orphan younger than this may belong to a stage still writing its manifest
+_BLOB_PATH = re.compile(r"^blobs/sha256/([0-9a-f]{2})/([0-9a-f]{62})$")
+_MANIFEST_PATH = re.compile(r"^stages/([A-Za-z0-9._-]+)/([0-9a-f]{64})\.json$")
+_RUN_PATH = re.compile(r"^runs/([A-Za-z0-9._-]+)\.json$")
+_KEY = re.compile(r"^[0-9a-f]{64}$")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _translated(action: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Turn I/O failures of a public method into one-line `StoreError`s naming the action and the store."""
+
+    def wrap(method: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(method)
+        def run(*args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                return method(*args, **kwargs)
+            except PermissionError:
+                raise StoreError(
+                    f"permission denied while {action} in store {args[0]}: check the AWS credentials/profile "
+                    "and the bucket policy (or the directory's permissions)"
+                ) from None
+            except (OSError, BotoCoreError) as error:
+                raise StoreError(f"{action} failed in store {args[0]}: {one_line(error)}") from None
+
+        return run
+
+    return wrap
+
+
+def hash_file(path: Path) -> tuple[str, int]:
+    """sha256 hex digest and size of a local file, streamed in chunks."""
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+        return digest, f.tell()
+
+
+class Store:
+    """A store opened from one URL; holds the fsspec filesystem, the root and a local cache directory."""
+
+    def __init__(self, backend: Backend, cache_dir: Path) -> None:
+        self._backend = backend
+        self._fs = backend.fs
+        self.cache_dir = cache_dir
+
+    @classmethod
+    def open(
+        cls,
+        url: str = DEFAULT_URL,
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        profile: str | None = None,
+        cache_dir: str | Path | None = None,
+    ) -> Store:
+        """Open `s3://bucket/prefix`, `file://path` or a path; materialised artifacts go to `cache_dir`
+        (default `$MANY_CACHE_DIR` or `~/.cache/many`). Raises `BadStoreURL` if the store cannot be used."""
+        backend = open_backend(url, endpoint_url=endpoint_url, region=region, profile=profile)
+        cache = Path(cache_dir or os.environ.get("MANY_CACHE_DIR") or "~/.cache/many").expanduser().absolute()
+        return cls(backend, cache)
+
+    @property
+    def url(self) -> str:
+        return self._backend.url
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"
+
+    def __str__(self) -> str:
+        return self.url
+
+    # -- paths ---------------------------------------------------------------------------------------
+
+    def _path(self, rel: str) -> str:
+        return f"{self._backend.root}/{rel}"
+
+    def _blob_path(self, digest: str) -> str:
+        return self._path(f"blobs/sha256/{digest[:2]}/{digest[2:]}")
+
+    def _manifest_rel(self, stage: str, key: str) -> str:
+        validate_name("stage", stage)
+        if not _KEY.fullmatch(key):
+            raise BadName(f"bad cache key {key!r} for stage {stage!r}: expected 64 lowercase hex digits")
+        return f"stages/{stage}/{key}.json"
+
+    # -- blobs: writes -------------------------------------------------------------------------------
+
+    def _needs_write(self, digest: str, verify_existing: bool) -> bool:
+        path = self._blob_path(digest)
+        if not self._backend.exists(path):
+            return True
+        return verify_existing and self._stored_digest(path) != digest
+
+    @_translated("putting bytes")
+    def put_bytes(self, data: bytes, *, verify_existing: bool = False) -> BlobRef:
+        """Store `data` as a blob; skipped if the blob exists (and, with `verify_existing`, is intact)."""
+        digest = hashlib.sha256(data).hexdigest()
+        if self._needs_write(digest, verify_existing):
+            self._backend.put_bytes(data, self._blob_path(digest))
+        return BlobRef(digest=digest, size=len(data))
+
+    @_translated("putting a file")
+    def put_file(self, path: str | Path, *, verify_existing: bool = False) -> BlobRef:
+        """Hash `path` (streamed), then upload it unless the blob exists (and, with `verify_existing`, is intact)."""
+        digest, size = hash_file(Path(path))
+        if self._needs_write(digest, verify_existing):
+            self._backend.put_file(Path(path), self._blob_path(digest))
+        return BlobRef(digest=digest, size=size)
+
+    @_translated("putting a directory")
+    def put_dir(self, path: str | Path, *, verify_existing: bool = False) -> BlobRef:
+        """Store every file under `path` as a blob, then their sorted listing as the directory's blob.
+
+        Symlinked files are stored by content; symlinked directories are not followed; empty directories
+        are not kept (a listing holds files only)."""
+        root = Path(path)
+        files: dict[str, BlobRef] = {}
+        for parent, _, names in os.walk(root):
+            for name in names:
+                file = Path(parent, name)
+                files[file.relative_to(root).as_posix()] = self.put_file(file, verify_existing=verify_existing)
+        listing = DirListing(files=dict(sorted(files.items())))
+        blob = self.put_bytes(canonical_json(listing.model_dump(mode="json")), verify_existing=verify_existing)
+        return BlobRef(digest=blob.digest, size=sum(f.size for f in files.values()), kind="dir")
+
+    def put(self, path: str | Path, *, verify_existing: bool = False) -> BlobRef:
+        """Store a file or a directory artifact."""
+        if Path(path).is_dir():
+            return self.put_dir(path, verify_existing=verify_existing)
+        if Path(path).is_file():
+            return self.put_file(path, verify_existing=verify_existing)
+        raise StoreError(f"cannot store {path}: it is neither a file nor a directory")
+
+    # -- blobs: reads (always verified) --------------------------------------------------------------
+
+    def _stored_digest(self, path: str) -> str | None:
+        """sha256 of a stored object, streamed; None if it does not exist."""
+        digest = hashlib.sha256()
+        try:
+            with self._fs.open(path, "rb", block_size=CHUNK_BYTES) as f:
+                while chunk := f.read(CHUNK_BYTES):
+                    digest.update(chunk)
+        except FileNotFoundError:
+            return None
+        return digest.hexdigest()
+
+    @_translated("reading a blob")
+    def get_bytes(self, digest: str, *, context: str) -> bytes:
+        """A small blob's bytes, verified; `context` (stage, key, artifact) goes into any error."""
+        try:
+            data = self._fs.cat_file(self._blob_path(digest))
+        except FileNotFoundError:
+            raise CorruptArtifact(f"blob {digest}", context, f"is missing from {self.url}") from None
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != digest:
+            raise CorruptArtifact(f"blob {digest}", context, f"hashes to {actual} in {self.url}")
+        return data
+
+    @_translated("reading a blob")
+    def get_file(self, digest: str, dest: str | Path, *, context: str) -> Path:
+        """Download a blob to `dest`, verified; `dest` appears only once its bytes are known good."""
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex}")
+        try:
+            try:
+                self._fs.get_file(self._blob_path(digest), str(tmp))
+            except FileNotFoundError:
+                raise CorruptArtifact(f"blob {digest}", context, f"is missing from {self.url}") from None
+            actual, _ = hash_file(tmp)
+            if actual != digest:
+                raise CorruptArtifact(f"blob {digest}", context, f"hashes to {actual} in {self.url}")
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return dest
+
+    def read_listing(self, ref: BlobRef, *, context: str) -> DirListing:
+        """The verified listing of a directory artifact."""
+        data = self.get_bytes(ref.digest, context=context)
+        try:
+            listing = DirListing.model_validate_json(data)
+        except ValidationError:
+            raise CorruptArtifact(f"blob {ref.digest}", context, "is not a directory listing") from None
+        for rel in listing.files:
+            parts = PurePosixPath(rel).parts
+            if PurePosixPath(rel).is_absolute() or ".." in parts or not parts:
+                raise CorruptArtifact(f"blob {ref.digest}", context, f"lists an unsafe path {rel!r}")
+        return listing
+
+    @_translated("materialising an artifact")
+    def materialize(self, ref: BlobRef, *, context: str) -> Path:
+        """A verified local copy of a file or directory artifact, cached by digest under `cache_dir`.
+
+        Cached copies are read-only (a stage must not edit its inputs) and appear by atomic rename, so
+        concurrent workers on one machine share them safely."""
+        if ref.kind == "file":
+            target = self.cache_dir / "blobs" / ref.digest
+            if not target.exists():
+                self.get_file(ref.digest, target, context=context)
+                target.chmod(0o444)
+            return target
+        target = self.cache_dir / "dirs" / ref.digest
+        if target.exists():
+            return target
+        listing = self.read_listing(ref, context=context)
+        staging = target.with_name(f".{ref.digest}.tmp-{uuid.uuid4().hex}")
+        try:
+            for rel, file in listing.files.items():
+                self.get_file(file.digest, staging / rel, context=f"{context}, file {rel}").chmod(0o444)
+            staging.mkdir(parents=True, exist_ok=True)  # an empty directory artifact
+            try:
+                staging.rename(target)
+            except OSError:
+                if not target.is_dir():  # not a lost race with another worker: a real failure
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return target
+
+    @_translated("verifying an artifact")
+    def verify(self, ref: BlobRef) -> list[str]:
+        """Digests of the artifact's blobs that are missing or corrupt (empty: intact). Reads every byte."""
+        if ref.kind == "file":
+            return [] if self._stored_digest(self._blob_path(ref.digest)) == ref.digest else [ref.digest]
+        try:
+            listing = self.read_listing(ref, context="verify")
+        except CorruptArtifact:
+            return [ref.digest]
+        return [f.digest for f in listing.files.values() if self.verify(f)]
+
+    # -- manifests ------------------------------------------------------------------------------------
+
+    @_translated("reading a manifest")
+    def read_manifest(self, stage: str, key: str) -> Manifest | None:
+        """The manifest of `stage` at `key`, or None if that stage has not completed."""
+        rel = self._manifest_rel(stage, key)
+        try:
+            data = self._fs.cat_file(self._path(rel))
+        except FileNotFoundError:
+            return None
+        try:
+            manifest = Manifest.model_validate_json(data)
+        except ValidationError:
+            raise CorruptArtifact(f"manifest {rel}", f"stage {stage}, key {key}", "is not a valid manifest") from None
+        if (manifest.stage, manifest.key) != (stage, key):
+            raise CorruptArtifact(f"manifest {rel}", f"stage {stage}, key {key}", "names another stage or key")
+        return manifest
+
+    @_translated("writing a manifest")
+    def write_manifest(self, manifest: Manifest) -> Manifest:
+        """Create the manifest if absent; if another writer got there first, return the winner's."""
+        rel = self._manifest_rel(manifest.stage, manifest.key)
+        data = json.dumps(manifest.model_dump(mode="json"), sort_keys=True, indent=2).encode()
+        for _ in range(3):  # the winner can vanish only under a concurrent repair; then try again
+            if self._backend.create_exclusive(data, self._path(rel)):
+                return manifest
+            winner = self.read_manifest(manifest.stage, manifest.key)
+            if winner is not None:
+                return winner
+        raise StoreError(f"manifest {rel} in store {self.url} keeps being replaced while writing it; retry the stage")
+
+    @_translated("replacing a manifest")
+    def replace_manifest(self, manifest: Manifest) -> Manifest:
+        """Repair path: drop the existing manifest of this key, then create-exclusive the new one.
+
+        Between the two steps readers see the stage as not done and may compute it themselves; whoever
+        creates first wins and the rest adopt the winner, exactly as in a first-time race."""
+        path = self._path(self._manifest_rel(manifest.stage, manifest.key))
+        try:
+            self._fs.rm_file(path)
+        except FileNotFoundError:
+            pass
+        return self.write_manifest(manifest)
+
+    def _manifests(self) -> list[Manifest]:
+        manifests = []
+        for path in sorted(self._fs.find(self._path("stages"))):
+            match = _MANIFEST_PATH.fullmatch(self._rel(path))
+            if match:
+                manifest = self.read_manifest(match[1], match[2])
+                if manifest is not None:  # removed since the listing
+                    manifests.append(manifest)
+        return manifests
+
+    def _rel(self, path: str) -> str:
+        return path.removeprefix(f"{self._backend.root}/")
+
+    # -- runs -----------------------------------------------------------------------------------------
+
+    @_translated("writing a run summary")
+    def write_run(self, run_id: str, summary: dict[str, Any]) -> None:
+        """Write `runs/<run_id>.json`; `summary["stages"]` lists `{"stage", "key", ...}` (DESIGN.md §5)."""
+        validate_name("run", run_id)
+        stages = summary.get("stages")
+        if not isinstance(stages, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("stage"), str) and isinstance(s.get("key"), str) for s in stages
+        ):
+            raise ValueError(f"run summary {run_id!r} needs 'stages': a list of objects with string 'stage' and 'key'")
+        canonical_json(summary)  # rejects NaN and non-JSON values before anything is written
+        self._backend.put_bytes(json.dumps(summary, sort_keys=True, indent=2).encode(), self._path(f"runs/{run_id}.json"))
+
+    @_translated("reading a run summary")
+    def read_run(self, run_id: str) -> dict[str, Any]:
+        validate_name("run", run_id)
+        try:
+            return json.loads(self._fs.cat_file(self._path(f"runs/{run_id}.json")))
+        except FileNotFoundError:
+            raise StoreError(f"no run {run_id!r} in store {self.url}: see `many ls` for what is stored") from None
+
+    # -- ls and gc ------------------------------------------------------------------------------------
+
+    @_translated("listing stages")
+    def ls(self) -> list[LsRow]:
+        """Every completed stage: name, key, output bytes, age; sorted by stage, then creation time."""
+        now = datetime.now(timezone.utc)
+        rows = [
+            LsRow(
+                stage=m.stage,
+                key=m.key,
+                size=sum(o.size for o in m.outputs.values()),
+                created=m.created,
+                age_seconds=(now - datetime.fromisoformat(m.created)).total_seconds(),
+                host=m.host,
+                seconds=m.seconds,
+            )
+            for m in self._manifests()
+        ]
+        return sorted(rows, key=lambda r: (r.stage, r.created, r.key))
+
+    def _referenced(self, manifests: list[Manifest]) -> set[str]:
+        referenced: set[str] = set()
+        for m in manifests:
+            for role, artifacts in (("input", m.inputs), ("output", m.outputs)):
+                for name, ref in artifacts.items():
+                    referenced.add(ref.digest)
+                    if ref.kind == "dir":
+                        context = f"stage {m.stage}, key {m.key}, {role} {name}"
+                        try:
+                            listing = self.read_listing(ref, context=context)
+                        except CorruptArtifact as error:
+                            raise StoreError(
+                                f"gc cannot tell which blobs {context} keeps alive ({error}); nothing was deleted"
+                            ) from None
+                        referenced.update(f.digest for f in listing.files.values())
+        return referenced
+
+    def _run_stages(self, rel: str) -> set[tuple[str, str]]:
+        try:
+            return {(s["stage"], s["key"]) for s in json.loads(self._fs.cat_file(self._path(rel)))["stages"]}
+        except (ValueError, KeyError, TypeError):
+            raise StoreError(
+                f"run summary {rel} in store {self.url} is not JSON listing 'stages' with 'stage' and 'key'; "
+                "fix or delete it, then rerun gc (nothing was deleted)"
+            ) from None
+
+    @_translated("collecting garbage")
+    def gc(self, *, delete: bool = False, min_age_seconds: float = GC_MIN_AGE_SECONDS) -> GcReport:
+        """Find orphan blobs, partial files and stale runs; remove them only if `delete`.
+
+        Referenced blobs (any manifest's inputs/outputs, and the files of directory artifacts) are never
+        touched. Files younger than `min_age_seconds` are left alone: they may belong to a stage that has
+        written its blobs but not yet its manifest. Delete while no pipeline writes to the store: a stage
+        that reuses an old orphan blob (dedup) between this scan and the delete would lose it — a later
+        `--repair` recomputes it, but nothing else would notice until a read fails verification."""
+        manifests = self._manifests()
+        referenced = self._referenced(manifests)
+        done = {(m.stage, m.key) for m in manifests}
+        now = time.time()
+        orphans: list[tuple[str, int]] = []
+        stale_runs: list[str] = []
+        for area in ("blobs", "stages", "runs"):
+            for path, info in sorted(self._fs.find(self._path(area), detail=True).items()):
+                rel = self._rel(path)
+                if now - self._backend.modified(info) < min_age_seconds:
+                    continue
+                blob = _BLOB_PATH.fullmatch(rel)
+                if blob and blob[1] + blob[2] in referenced or _MANIFEST_PATH.fullmatch(rel):
+                    continue
+                if _RUN_PATH.fullmatch(rel):
+                    if not self._run_stages(rel) & done:
+                        stale_runs.append(rel)
+                    continue
+                orphans.append((rel, int(info["size"])))
+        if delete and (orphans or stale_runs):
+            self._fs.rm([self._path(rel) for rel, _ in orphans] + [self._path(rel) for rel in stale_runs])
+        return GcReport(
+            orphans=tuple(rel for rel, _ in orphans),
+            orphan_bytes=sum(size for _, size in orphans),
+            stale_runs=tuple(stale_runs),
+            deleted=delete,
+        )
