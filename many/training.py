@@ -20,6 +20,7 @@ import contextlib
 import copy
 import math
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -37,6 +38,9 @@ from transformers import LlavaForConditionalGeneration, LlavaProcessor
 from many.config import FinetuneConfig, LoraConfig
 from many.data.schema import Sample
 from many.model.chat import IGNORE_INDEX, encode_for_training
+
+# PEFT 0.21 still calls a transformers-5 deprecated property on every get_peft_model; nothing for us to change.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 PROJECTOR = "multi_modal_projector"
 ADAPTER_DIR = "adapter"
