@@ -1,0 +1,239 @@
+"""The `many` command line (DESIGN.md §5).
+
+    many run    [--config FILE] [--store URL] [--tasks N] [--json]
+    many report [--store URL] [--json] [--out DIR]
+    many ls     [--store URL] [--json]
+    many export [--store URL] --out DIR
+    many gc     [--store URL] [--dry-run]
+    many serve  [--config FILE] [--store URL] --cron "…"
+
+Errors: one line on stderr, exit 2 for bad input (config, URL, task kind, data), 1 for runtime failures;
+`--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILURE = 1
+
+
+class UsageError(ValueError):
+    """Bad command-line input."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, like every other bad input
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _quiet_environment(debug: bool) -> None:
+    """Defaults that keep Prefect and Ray quiet and local; set before they are imported."""
+    defaults = {
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+        "PREFECT_LOGGING_LEVEL": "INFO" if debug else "CRITICAL",
+        "PREFECT_SERVER_LOGGING_LEVEL": "WARNING" if debug else "CRITICAL",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "disabled",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="many", description="MAny continual multimodal instruction tuning by merging, cached on Prefect + Ray")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def store_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--store", help="store URL: a path, file://…, or s3://bucket/prefix (default ./many-store or the config's)")
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
+    run = commands.add_parser("run", help="run the continual stream (built-in mini-UCIT by default)")
+    run.add_argument("--config", help="YAML run config (default: built-in mini-UCIT, all methods)")
+    run.add_argument("--tasks", type=int, help="only the first N tasks of the stream")
+    run.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    store_option(run)
+    report = commands.add_parser("report", help="table and plots of the latest run, from cached stages only")
+    report.add_argument("--json", action="store_true")
+    report.add_argument("--out", help="write report.json, report.md and plots to this directory")
+    store_option(report)
+    ls = commands.add_parser("ls", help="list cached stages")
+    ls.add_argument("--json", action="store_true")
+    store_option(ls)
+    export = commands.add_parser("export", help="write the latest run's artifacts as standard files")
+    export.add_argument("--out", required=True)
+    store_option(export)
+    gc = commands.add_parser("gc", help="delete orphan blobs and runs whose stages are gone")
+    gc.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
+    gc.add_argument("--min-age-seconds", type=float, default=3600.0, help="spare files younger than this")
+    store_option(gc)
+    serve = commands.add_parser("serve", help="a Prefect deployment running `many run` on a cron schedule")
+    serve.add_argument("--config")
+    serve.add_argument("--cron", required=True)
+    store_option(serve)
+    return parser
+
+
+def _config(args: argparse.Namespace):
+    from flows.config import load_config
+
+    config = load_config(args.config)
+    if getattr(args, "store", None):
+        config = config.model_copy(update={"store": config.store.model_copy(update={"url": args.store})})
+    return config.first(getattr(args, "tasks", None))
+
+
+def _store(url: str | None):
+    from tasks.store import Store
+
+    return Store.open(url or "./many-store")
+
+
+def _latest(store) -> dict[str, Any]:
+    from tasks.store import StoreError
+
+    try:
+        return store.read_run("latest")
+    except StoreError:
+        raise StoreError(f"no run in store {store.url} yet: run `many run --store {store.url}` first") from None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flows.report import text_table
+
+    config = _config(args)
+    spec = config.store
+    from tasks.store import Store
+
+    Store.open(spec.url, endpoint_url=spec.endpoint_url, region=spec.region, profile=spec.profile)  # bad URL: exit 2 now
+    from flows.pipeline import continual_update
+
+    if not args.json:
+        print(f"many: {len(config.tasks)} tasks × {len(config.methods)} methods into {spec.url}", file=sys.stderr)
+    started = time.monotonic()
+    summary = continual_update(config, progress=True)
+    if args.json:
+        print(json.dumps({k: summary[k] for k in ("run_id", "stages", "report", "ray_started", "tasks", "methods")}, indent=2))
+    else:
+        computed = sum(s["status"] == "computed" for s in summary["stages"])
+        print(f"run {summary['run_id']}: {computed} computed, {len(summary['stages']) - computed} cached, "
+              f"{time.monotonic() - started:.1f}s", file=sys.stderr)
+        print(text_table(summary["report"]))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from flows.report import report_from_run, text_table, write_report
+
+    store = _store(args.store)
+    report = report_from_run(store, _latest(store))
+    if args.out:
+        for path in write_report(report, Path(args.out)):
+            print(f"wrote {path}", file=sys.stderr)
+    print(json.dumps(report, indent=2) if args.json else text_table(report))
+    return 0
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _age(seconds: float) -> str:
+    for unit, width in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= width:
+            return f"{seconds / width:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    store = _store(args.store)
+    rows = store.ls()
+    if args.json:
+        print(json.dumps([row.__dict__ for row in rows], indent=2))
+        return 0
+    print(f"{'stage':<22} {'key':<12} {'size':>9} {'age':>5} {'seconds':>8}  host")
+    for row in rows:
+        print(f"{row.stage:<22} {row.key[:12]:<12} {_size(row.size):>9} {_age(row.age_seconds):>5} {row.seconds:8.1f}  {row.host}")
+    print(f"{len(rows)} stages, {_size(sum(r.size for r in rows))} in {store.url}", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from flows.export import export
+
+    store = _store(args.store)
+    for path in export(store, _latest(store), Path(args.out)):
+        print(path)
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    store = _store(args.store)
+    report = store.gc(delete=not args.dry_run, min_age_seconds=args.min_age_seconds)
+    verb = "deleted" if report.deleted else "would delete"
+    for path in (*report.orphans, *report.stale_runs):
+        print(path)
+    print(f"{verb} {len(report.orphans)} orphan files ({_size(report.orphan_bytes)}) and {len(report.stale_runs)} stale runs",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from prefect import serve
+    from prefect.schedules import Cron
+
+    from flows.serve import deployment
+
+    config = _config(args)
+    try:
+        Cron(args.cron)
+    except Exception as error:  # croniter's several error types
+        raise UsageError(f"bad --cron {args.cron!r}: {error}") from None
+    print(f"serving deployment 'scheduled-update/many' on cron {args.cron!r} (Ctrl-C stops)", file=sys.stderr)
+    serve(deployment(config.model_dump(mode="json"), args.cron), print_starting_message=False)
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "report": cmd_report, "ls": cmd_ls, "export": cmd_export, "gc": cmd_gc, "serve": cmd_serve}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    _quiet_environment(debug)
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except SystemExit as exit_:  # --help
+        return int(exit_.code or 0)
+    except KeyboardInterrupt:
+        print("many: interrupted", file=sys.stderr)
+        return 130
+    except BaseException as error:  # noqa: BLE001 - the one place errors become exit codes
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        message = " ".join(str(error).split()) or type(error).__name__
+        bad_input = isinstance(error, ValueError)
+        prefix = "many: error" if bad_input else f"many: failed ({type(error).__name__})"
+        print(f"{prefix}: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT if bad_input else EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

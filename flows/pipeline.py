@@ -1,0 +1,232 @@
+"""The `continual_update` flow (DESIGN.md §2, §4): the whole stream as one recipe of cached stages.
+
+All finetunes depend only on the base, so they are submitted at once and run as parallel as the Ray
+cluster allows; the RLS merge is a chain that follows as its inputs complete; every method's evaluation
+of row t is a stage of its own. Each stage first looks its cache key up in the store, so a rerun with
+nothing new computes nothing and never starts Ray; adding a task computes only that task's stages, its
+merges and row t of every method's matrix.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
+
+from prefect import flow
+from prefect.exceptions import UpstreamTaskError
+from prefect.futures import PrefectFuture, wait
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows.config import RunConfig
+from flows.report import build_report, markdown_table, write_report
+from tasks.runtime import StoreSpec, ray_started, shutdown_ray
+from tasks.stages import (
+    BASELINES,
+    ROUTED,
+    BaseStageConfig,
+    ClusterSpec,
+    DataStageConfig,
+    EvalStageConfig,
+    FinetuneStageConfig,
+    PrototypesStageConfig,
+    StageRecord,
+    StatsStageConfig,
+    stage_task,
+)
+
+Upstream = dict[str, tuple[PrefectFuture, str]]
+
+
+def store_spec(config: RunConfig) -> StoreSpec:
+    """The store as every worker reopens it: its canonical URL (a relative path made absolute here)."""
+    s = config.store
+    opened = StoreSpec(s.url, s.endpoint_url, s.region, s.profile).open()
+    return StoreSpec(opened.url, s.endpoint_url, s.region, s.profile)
+
+
+def new_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+def _data_config(config: RunConfig, index: int) -> DataStageConfig:
+    spec = config.tasks[index]
+    if spec.kind is not None:
+        return DataStageConfig(name=spec.name, kind=spec.kind, mini_ucit=config.data.mini_ucit)
+    return DataStageConfig(
+        name=spec.name, train_json=spec.train_json, test_json=spec.test_json, image_root=spec.image_root, metric=spec.metric
+    )
+
+
+def _base_config(config: RunConfig) -> BaseStageConfig:
+    base = config.base.model_copy(update={"device": "auto"})  # the worker's resources pick the device
+    if base.kind == "tiny":
+        return BaseStageConfig(base=base, mini_ucit=config.data.mini_ucit, pretrain_samples=config.data.pretrain_samples)
+    return BaseStageConfig(base=base)
+
+
+def _indexed(name: str, futures: list[PrefectFuture], output: str) -> Upstream:
+    return {f"{name}_{j}": (future, output) for j, future in enumerate(futures)}
+
+
+Submit = Callable[..., PrefectFuture]
+
+
+@flow(name="continual-update", task_runner=ThreadPoolTaskRunner(max_workers=64), persist_result=False, validate_parameters=False)
+def continual_update(config: RunConfig, run_id: str | None = None, progress: bool = False) -> dict[str, Any]:
+    """Run the configured stream through every configured method; return the run summary (DESIGN.md §5)."""
+    run_id = run_id or new_run_id()
+    store = store_spec(config)
+    cluster = ClusterSpec(config.ray.address, config.ray.num_cpus, config.ray.object_store_mb, progress)
+    names = [t.name for t in config.tasks]
+    submitted: list[PrefectFuture] = []
+
+    def submit(stage: str, cfg: Any, upstream: Upstream, group: str, task: str | None = None, method: str | None = None) -> PrefectFuture:
+        """One stage as a Prefect task; `group` picks its Ray resources from config.resources."""
+        resources = getattr(config.resources, group)
+        label = stage + (f"[{task}]" if task else "") + (f"[{method}]" if method else "")
+        future = stage_task.with_options(task_run_name=label, retries=config.retries, retry_delay_seconds=2).submit(
+            stage, cfg, upstream, store=store, cluster=cluster, num_cpus=resources.num_cpus,
+            num_gpus=resources.num_gpus, resource_group=group, task_name=task, method=method,
+        )
+        submitted.append(future)
+        return future
+
+    per_task = _task_stages(config, submit)
+    merged = _merge_stages(config, submit, per_task)
+    evals = _eval_stages(config, submit, per_task, merged)
+    try:
+        wait(submitted)
+        records = _results(submitted)
+        started_ray = ray_started()
+    finally:
+        shutdown_ray()
+    report = build_report(store.open(), names, config.methods, [(m, t, f.result()) for m, t, f in evals])
+    summary = {
+        "run_id": run_id,
+        "tasks": names,
+        "methods": list(config.methods),
+        "store": store.url,
+        "ray_started": started_ray,
+        "stages": [r.summary() for r in records],
+        "report": report,
+    }
+    store.open().write_run(run_id, summary)
+    store.open().write_run("latest", summary)
+    _publish_artifacts(report)
+    return summary
+
+
+def _task_stages(config: RunConfig, submit: Submit) -> dict[str, Any]:
+    """base, and per task: data, finetune (all at once: they need only the base), prototypes, stats."""
+    names, dtype, methods = [t.name for t in config.tasks], config.base.dtype, set(config.methods)
+    base = submit("base", _base_config(config), {}, "base")
+    data = [submit("data", _data_config(config, t), {}, "data", name) for t, name in enumerate(names)]
+    finetune = [
+        submit("finetune", FinetuneStageConfig(finetune=config.finetune, dtype=dtype),
+               {"base": (base, "model"), "data": (data[t], "task")}, "finetune", name)
+        for t, name in enumerate(names)
+    ]
+    prototypes = stats = None
+    if methods & set(ROUTED):
+        prototypes = [
+            submit("prototypes", PrototypesStageConfig(batch_size=config.eval.batch_size, dtype=dtype),
+                   {"base": (base, "model"), "data": (data[t], "task")}, "prototypes", name)
+            for t, name in enumerate(names)
+        ]
+    if methods & {"many", "many_lpm_only", "regmean"}:
+        stats = [
+            submit("stats", StatsStageConfig(stats=config.stats, dtype=dtype),
+                   {"base": (base, "model"), "data": (data[t], "task"), "finetune": (finetune[t], "task")}, "stats", name)
+            for t, name in enumerate(names)
+        ]
+    return {"base": base, "data": data, "finetune": finetune, "prototypes": prototypes, "stats": stats}
+
+
+def _merge_stages(config: RunConfig, submit: Submit, per_task: dict[str, Any]) -> dict[str, list[tuple[PrefectFuture, str]]]:
+    """Per method, the artifact its eval at t reads: the RLS chain, the batch merges, the SeqLoRA chain."""
+    names, methods = [t.name for t in config.tasks], set(config.methods)
+    finetune, stats = per_task["finetune"], per_task["stats"]
+    merged: dict[str, list[tuple[PrefectFuture, str]]] = {}
+    if methods & {"many", "many_lpm_only"}:
+        chain: list[PrefectFuture] = []
+        for t, name in enumerate(names):
+            upstream: Upstream = {"finetune": (finetune[t], "task"), "grams": (stats[t], "grams")}
+            if t:
+                upstream["previous"] = (chain[t - 1], "state")
+            chain.append(submit("merge", config.lpm, upstream, "merge", name, "many"))
+        merged["many"] = merged["many_lpm_only"] = [(m, "adapter") for m in chain]
+    for method in BASELINES:
+        if method not in methods and not (method == "average" and "many_cpm_only" in methods):
+            continue
+        batch = []
+        for t, name in enumerate(names):
+            upstream = _indexed("finetune", finetune[: t + 1], "task")
+            if method == "regmean":
+                upstream |= _indexed("stats", stats[: t + 1], "grams")
+            batch.append(submit(f"merge_{method}", getattr(config.merging, method), upstream, "merge", name, method))
+        merged[method] = [(m, "deltas") for m in batch]
+    if "many_cpm_only" in methods:
+        merged["many_cpm_only"] = merged["average"]
+    if "seqlora" in methods:
+        chain = [finetune[0]]  # the chain's first link is exactly finetune[0]
+        for t in range(1, len(names)):
+            chain.append(submit(
+                "seqlora", FinetuneStageConfig(finetune=config.finetune, dtype=config.base.dtype),
+                {"base": (per_task["base"], "model"), "data": (per_task["data"][t], "task"), "previous": (chain[t - 1], "task")},
+                "finetune", names[t], "seqlora",
+            ))
+        merged["seqlora"] = [(m, "task") for m in chain]
+    return merged
+
+
+def _eval_stages(
+    config: RunConfig, submit: Submit, per_task: dict[str, Any], merged: dict[str, list[tuple[PrefectFuture, str]]]
+) -> list[tuple[str, int, PrefectFuture]]:
+    """eval[t][method]: the method's model after task t on the test split of every task ≤ t (row t of A)."""
+    evals = []
+    for method in config.methods:
+        for t, name in enumerate(spec.name for spec in config.tasks):
+            upstream = {"base": (per_task["base"], "model")} | _indexed("data", per_task["data"][: t + 1], "task")
+            if method != "seqlora":
+                upstream |= _indexed("finetune", per_task["finetune"][: t + 1], "task")
+            if method in ROUTED:
+                upstream |= _indexed("prototypes", per_task["prototypes"][: t + 1], "prototypes")
+            if method != "individual":
+                upstream["merged"] = merged[method][t]
+            cfg = EvalStageConfig(method=method, eval=config.eval, cpm=config.cpm if method in ROUTED else None,
+                                  dtype=config.base.dtype)
+            evals.append((method, t, submit("eval", cfg, upstream, "eval", name, method)))
+    return evals
+
+
+def _results(futures: list[PrefectFuture]) -> list[StageRecord]:
+    """Every stage's record; on failure, raise the first root cause (not the 'upstream failed' echoes)."""
+    records, failures = [], []
+    for future in futures:
+        try:
+            records.append(future.result())
+        except UpstreamTaskError:
+            continue
+        except BaseException as error:  # noqa: BLE001 - re-raised below, first root cause wins
+            failures.append(error)
+    if failures:
+        raise failures[0]
+    return records
+
+
+def _publish_artifacts(report: dict[str, Any]) -> None:
+    """The accuracy-matrix table (markdown) and the report images (PNG as data URLs) as Prefect artifacts."""
+    import base64
+    import tempfile
+    from pathlib import Path
+
+    from prefect.artifacts import create_image_artifact, create_markdown_artifact
+
+    create_markdown_artifact(markdown=markdown_table(report), key="accuracy-matrix", description="MAny run report")
+    with tempfile.TemporaryDirectory(prefix="many-report-") as scratch:
+        for path in write_report(report, Path(scratch)):
+            if path.suffix == ".png":
+                url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+                create_image_artifact(image_url=url, key=f"report-{path.stem}", description=f"MAny {path.stem}")

@@ -1,0 +1,121 @@
+"""Where stages run (DESIGN.md §4): the store every process reopens from its URL, and a Ray cluster
+started lazily — only when some stage must compute — or joined at a configured address.
+
+A Ray task asking for GPUs on a GPU-less cluster would wait forever, so `check_resources` fails fast
+with a message instead. Each worker sets `torch.set_num_threads` to the CPUs it was granted, so parallel
+stages share cores instead of thrashing them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from tasks.store import Store
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """How to (re)open the store in any process: the URL and the S3 connection settings."""
+
+    url: str
+    endpoint_url: str | None = None
+    region: str | None = None
+    profile: str | None = None
+
+    def open(self) -> Store:
+        return _open_store(self)
+
+
+_stores: dict[StoreSpec, Store] = {}
+_stores_lock = threading.Lock()
+
+
+def _open_store(spec: StoreSpec) -> Store:
+    with _stores_lock:
+        if spec not in _stores:
+            _stores[spec] = Store.open(spec.url, endpoint_url=spec.endpoint_url, region=spec.region, profile=spec.profile)
+        return _stores[spec]
+
+
+class ClusterError(RuntimeError):
+    """The Ray cluster cannot run a stage (no GPU for a GPU stage, unreachable address, ...)."""
+
+
+_ray_lock = threading.Lock()
+_ray_used = False  # a stage asked for Ray since the last `shutdown_ray`
+_ray_initialized_here = False  # this module called ray.init (so it also shuts Ray down)
+
+
+def ray_started() -> bool:
+    """Whether any stage needed Ray since the last `shutdown_ray` (a fully cached run never does)."""
+    return _ray_used
+
+
+def ensure_ray(address: str | None, num_cpus: int | None, object_store_mb: int) -> None:
+    """Connect to Ray once per process: join `address`, or start a local cluster of `num_cpus` CPUs.
+
+    A connection made by the caller beforehand (e.g. `ray.init` in a notebook) is used as it is."""
+    global _ray_used, _ray_initialized_here
+    with _ray_lock:
+        import ray
+
+        _ray_used = True
+        if ray.is_initialized():
+            return
+        # Local workers import `tasks` and `many` by module name, also when the project is not pip-installed.
+        paths = [str(PROJECT_ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+        os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+        try:
+            if address:
+                ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
+            else:
+                ray.init(
+                    num_cpus=num_cpus or os.cpu_count() or 1,
+                    object_store_memory=object_store_mb * 2**20,
+                    include_dashboard=False,
+                    logging_level=logging.ERROR,
+                    log_to_driver=False,
+                )
+        except ConnectionError as error:
+            raise ClusterError(f"cannot join the Ray cluster at {address!r}: {error}") from None
+        _ray_initialized_here = True
+
+
+def shutdown_ray() -> None:
+    """End this run's use of Ray: disconnect (stopping a local cluster) if this module connected."""
+    global _ray_used, _ray_initialized_here
+    with _ray_lock:
+        import ray
+
+        if _ray_initialized_here and ray.is_initialized():
+            ray.shutdown()
+        _ray_used = _ray_initialized_here = False
+
+
+def check_resources(stage: str, num_cpus: float, num_gpus: float) -> None:
+    """Fail fast when the cluster can never grant a stage's request (Ray would queue it forever)."""
+    import ray
+
+    total = ray.cluster_resources()
+    if num_gpus > total.get("GPU", 0.0):
+        raise ClusterError(
+            f"stage {stage} asks for {num_gpus:g} GPU(s) but the Ray cluster has {total.get('GPU', 0.0):g}; "
+            f"set resources.{stage}.num_gpus: 0 to run it on CPU"
+        )
+    if num_cpus > total.get("CPU", 0.0):
+        raise ClusterError(
+            f"stage {stage} asks for {num_cpus:g} CPUs but the Ray cluster has {total.get('CPU', 0.0):g}; "
+            f"lower resources.{stage}.num_cpus"
+        )
+
+
+def node_name() -> str:
+    """The host a stage ran on, as recorded in manifests and the run summary."""
+    return socket.gethostname()

@@ -1,0 +1,527 @@
+"""The pipeline's stages (DESIGN.md §2): what each reads and writes, its compute (a thin call into `many`),
+and the one Prefect task that runs any of them through the store's cache.
+
+    data[t] ─┐
+    base ────┼─► finetune[t] ─► stats[t] ─┐
+             ├─► prototypes[t]            ├─► merge[t] = RLS(merge[t−1], finetune[t], stats[t])
+             │                            │   merge_<baseline>[t] = batch merge of finetune[≤t] (+ stats)
+             └─► seqlora[t] = finetune from seqlora[t−1]
+    eval[t][method]: base + the method's merged artifacts at t + test data[≤t] → predictions + row t of A
+
+A stage's cache key is its sub-config plus the digests of its inputs (`tasks.stage.cache_key`). The Prefect
+task looks the key up first; only a miss starts Ray (lazily, once per process) and runs the compute as a Ray
+remote function with the resources the flow chose. Results are small `StageRecord`s of blob references.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, PositiveInt
+
+from many.config import BaseConfig, CPMConfig, EvalConfig, FinetuneConfig, Frozen, LPMConfig, StatsConfig
+from many.data import Metric, MiniUcitConfig
+from tasks.runtime import ClusterError, StoreSpec, check_resources, ensure_ray, node_name
+from tasks.stage import Stage, lookup, run_stage
+from tasks.store import BlobRef, CorruptArtifact, Manifest, Store, StoreError
+
+# Bump a stage's version when its code would produce different results: its cache keys change.
+VERSIONS = {
+    "data": "1",
+    "base": "1",
+    "finetune": "1",
+    "seqlora": "1",
+    "prototypes": "1",
+    "stats": "1",
+    "merge": "1",
+    "merge_average": "1",
+    "merge_task_arithmetic": "1",
+    "merge_ties": "1",
+    "merge_regmean": "1",
+    "eval": "1",
+}
+OUTPUTS = {
+    "data": ("task",),
+    "base": ("model",),
+    "finetune": ("task",),
+    "seqlora": ("task",),
+    "prototypes": ("prototypes",),
+    "stats": ("grams",),
+    "merge": ("state", "adapter"),
+    "eval": ("predictions", "scores"),
+}
+BASELINES = ("average", "task_arithmetic", "ties", "regmean")
+for _name in BASELINES:
+    OUTPUTS[f"merge_{_name}"] = ("deltas",)
+
+
+# -- the sub-configs that go into the stages' cache keys ------------------------------------------------
+
+
+class DataStageConfig(Frozen):
+    """One task's data: a mini-UCIT kind (generated from `mini_ucit`) or LLaVA JSON + images."""
+
+    name: str
+    kind: str | None = None
+    mini_ucit: MiniUcitConfig | None = None
+    train_json: str | None = None
+    test_json: str | None = None
+    image_root: str | None = None
+    metric: Metric = "exact_match"
+
+
+class BaseStageConfig(Frozen):
+    """The base model recipe; `device` is always "auto" here: the worker's resources decide it."""
+
+    base: BaseConfig
+    mini_ucit: MiniUcitConfig | None = None  # pretraining captions of the tiny base
+    pretrain_samples: int = 0
+
+
+class FinetuneStageConfig(Frozen):
+    finetune: FinetuneConfig
+    dtype: str = "float32"
+
+
+class PrototypesStageConfig(Frozen):
+    batch_size: PositiveInt = 64
+    dtype: str = "float32"
+
+
+class StatsStageConfig(Frozen):
+    stats: StatsConfig
+    dtype: str = "float32"
+
+
+EvalMethod = Literal[
+    "many", "many_lpm_only", "many_cpm_only", "individual", "seqlora", "average", "task_arithmetic", "ties", "regmean"
+]
+
+
+class EvalStageConfig(Frozen):
+    """How row t of one method's accuracy matrix is produced; `cpm` only for the routed methods."""
+
+    method: EvalMethod
+    eval: EvalConfig
+    cpm: CPMConfig | None = None
+    dtype: str = "float32"
+
+
+ROUTED = ("many", "many_cpm_only")
+
+
+def stage_def(name: str, inputs: Mapping[str, Any]) -> Stage:
+    """The Stage of `name` reading exactly these named inputs (lists like finetune_0..t vary with t)."""
+    if name not in VERSIONS:
+        raise ValueError(f"unknown stage {name!r}; known: {', '.join(VERSIONS)}")
+    return Stage(name, VERSIONS[name], tuple(sorted(inputs)), OUTPUTS[name])
+
+
+# -- the computes: read local inputs, call many, write outputs under workdir -----------------------------------
+
+
+def _load_base(path: Path, dtype: str, device: str):
+    from many.model.load import load_base
+
+    return load_base(path, BaseConfig(dtype=dtype, device=device))
+
+
+def _indexed(inputs: Mapping[str, Path], prefix: str) -> list[Path]:
+    """inputs prefix_0, prefix_1, … in index order."""
+    found = {int(name.rsplit("_", 1)[1]): path for name, path in inputs.items() if name.rsplit("_", 1)[0] == prefix}
+    return [found[i] for i in range(len(found))]
+
+
+def compute_data(inputs: Mapping[str, Path], workdir: Path, *, config: DataStageConfig, device: str) -> dict[str, Path]:
+    from many.data import TaskData, load_llava_json, make_task, write_task
+
+    if config.kind is not None:
+        task = make_task(config.kind, config.mini_ucit or MiniUcitConfig())
+        task = replace(task, name=config.name)
+    else:
+        import fsspec
+
+        def samples(json_path: str):
+            fs, _ = fsspec.core.url_to_fs(json_path)
+            return load_llava_json(json_path, config.image_root, fs=fs, name=config.name)
+
+        task = TaskData(config.name, config.metric, samples(config.train_json), samples(config.test_json))
+    write_task(task, workdir / "task")
+    return {"task": workdir / "task"}
+
+
+def compute_base(inputs: Mapping[str, Path], workdir: Path, *, config: BaseStageConfig, device: str) -> dict[str, Path]:
+    from many.data import pretrain_samples, vocabulary
+    from many.model.pretrain import make_base
+
+    cfg = config.base.model_copy(update={"device": device})
+    if cfg.kind == "tiny":
+        samples = pretrain_samples(config.mini_ucit or MiniUcitConfig(), config.pretrain_samples)
+        words = vocabulary()
+    else:
+        samples, words = (), ()
+    make_base(cfg, words, samples, workdir / "model", progress=False)
+    return {"model": workdir / "model"}
+
+
+def compute_finetune(
+    inputs: Mapping[str, Path], workdir: Path, *, config: FinetuneStageConfig, device: str
+) -> dict[str, Path]:
+    """finetune[t] from the base; seqlora[t] continues `previous` (the chain's task dir at t−1)."""
+    from many.data import read_task
+    from many.training import finetune, save_task
+
+    model, processor = _load_base(inputs["base"], config.dtype, device)
+    task = read_task(inputs["data"])
+    trained = finetune(model, processor, task.train, config.finetune, init_dir=inputs.get("previous"), progress=False)
+    save_task(trained, workdir / "task")
+    return {"task": workdir / "task"}
+
+
+def compute_prototypes(
+    inputs: Mapping[str, Path], workdir: Path, *, config: PrototypesStageConfig, device: str
+) -> dict[str, Path]:
+    from many.data import read_task
+    from many.prototypes import image_features, prototype_table, write_prototypes
+
+    model, processor = _load_base(inputs["base"], config.dtype, device)
+    task = read_task(inputs["data"])
+    features = image_features(model, processor, task.train, config.batch_size)
+    path = workdir / "prototypes.parquet"
+    write_prototypes(prototype_table(task.name, task.train, features), path)
+    return {"prototypes": path}
+
+
+def compute_stats(inputs: Mapping[str, Path], workdir: Path, *, config: StatsStageConfig, device: str) -> dict[str, Path]:
+    """Grams under the task's OWN fine-tuned model, over all tokens (DESIGN.md §8 lesson 2)."""
+    from many.data import read_task
+    from many.stats import collect_grams, save_grams
+    from many.training import load_task
+
+    model, processor = _load_base(inputs["base"], config.dtype, device)
+    tuned = load_task(model, inputs["finetune"])
+    task = read_task(inputs["data"])
+    grams = collect_grams(tuned, processor, task.train, config.stats, progress=False)
+    path = workdir / "gram.safetensors"
+    save_grams(grams, path)
+    return {"grams": path}
+
+
+STATE_SEPARATOR = "::"  # state file keys: "<PEFT module name>::<C|R|B|AG|gamma|tasks>"
+
+
+def save_states(states: Mapping[str, Any], path: Path) -> Path:
+    from safetensors.torch import save_file
+
+    from many.lpm import state_tensors
+
+    tensors = {f"{module}{STATE_SEPARATOR}{k}": v for module, state in states.items() for k, v in state_tensors(state).items()}
+    save_file(tensors, str(path))
+    return path
+
+
+def load_states(path: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    from many.lpm import state_from_tensors
+
+    grouped: dict[str, dict[str, Any]] = {}
+    for key, tensor in load_file(str(path)).items():
+        module, _, part = key.rpartition(STATE_SEPARATOR)
+        grouped.setdefault(module, {})[part] = tensor
+    return {module: state_from_tensors(tensors, module) for module, tensors in grouped.items()}
+
+
+def compute_merge(inputs: Mapping[str, Path], workdir: Path, *, config: LPMConfig, device: str) -> dict[str, Path]:
+    """merge[t]: fold task t into the RLS state of tasks < t and export the merge as a rank-Σr PEFT adapter."""
+    from many.adapters import lora_factors, read_adapter_config, write_lora_adapter
+    from many.lpm import absorb_model, export_lora, truncate
+    from many.stats import load_grams
+
+    adapter_dir = inputs["finetune"] / "adapter"
+    previous = load_states(inputs["previous"]) if "previous" in inputs else None
+    states = absorb_model(previous, lora_factors(adapter_dir), load_grams(inputs["grams"]), config)
+    factors = {}
+    for module, state in states.items():
+        B, A = export_lora(state, module)
+        if config.rank is not None:
+            B, A, _ = truncate(B, A, config.rank, module)
+        factors[module] = (B, A)
+    state_path = save_states(states, workdir / "state.safetensors")
+    adapter_config = read_adapter_config(adapter_dir)
+    write_lora_adapter(factors, adapter_config, workdir / "adapter")
+    return {"state": state_path, "adapter": workdir / "adapter"}
+
+
+def compute_batch_merge(inputs: Mapping[str, Path], workdir: Path, *, config: Frozen, method: str, device: str) -> dict[str, Path]:
+    """merge_<baseline>[t]: the batch merge of the adapters of tasks ≤ t (RegMean also reads their Grams)."""
+    from safetensors.torch import save_file
+
+    from many.adapters import lora_factors
+    from many.evaluate import lora_deltas
+    from many.merging import merge_model
+    from many.stats import load_grams
+
+    per_task = [lora_deltas(lora_factors(path / "adapter")) for path in _indexed(inputs, "finetune")]
+    deltas = {module: [task[module] for task in per_task] for module in per_task[0]}
+    grams = None
+    if method == "regmean":
+        per_task_grams = [load_grams(path) for path in _indexed(inputs, "stats")]
+        grams = {module: [g[module] for g in per_task_grams] for module in deltas}
+    merged = merge_model(method, deltas, grams, config)
+    path = workdir / "deltas.safetensors"
+    save_file({k: v.to("cpu").float().contiguous() for k, v in merged.items()}, str(path))
+    return {"deltas": path}
+
+
+def _average_projector(task_dirs: list[Path]) -> dict[str, Any]:
+    from many.training import projector_state
+
+    states = [projector_state(d) for d in task_dirs]
+    return {k: sum(s[k].double() for s in states).div(len(states)).to(states[0][k].dtype) for k in states[0]}
+
+
+def compute_eval(inputs: Mapping[str, Path], workdir: Path, *, config: EvalStageConfig, device: str) -> dict[str, Path]:
+    """Row t of the method's accuracy matrix: its model at t scored on the test split of every task ≤ t."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from safetensors.torch import load_file
+
+    from many import cpm
+    from many.adapters import lora_factors
+    from many.data import read_task
+    from many.evaluate import Assembly, assemble, evaluate, lora_deltas, predictions_table
+    from many.prototypes import read_prototypes
+    from many.training import projector_state
+
+    base_model, processor = _load_base(inputs["base"], config.dtype, device)
+    tasks = [read_task(path) for path in _indexed(inputs, "data")]
+    task_dirs = _indexed(inputs, "finetune")
+    method = config.method
+    tau = None
+
+    def routed(deltas: Mapping[str, Any]) -> Assembly:
+        nonlocal tau
+        _, prototypes, features = read_prototypes(_indexed(inputs, "prototypes"))
+        cfg = config.cpm or CPMConfig()
+        tau = cfg.tau if cfg.tau is not None else cpm.calibrate_tau(features, prototypes, cfg.calibration_target, cfg.top_k)
+        projectors = tuple(projector_state(d) for d in task_dirs)
+        return Assembly(deltas, projectors, "cpm", prototypes, tau, cfg.top_k)
+
+    if method == "individual":
+        assemblies = [
+            Assembly(lora_deltas(lora_factors(d / "adapter")), (projector_state(d),)) for d in task_dirs
+        ]
+    else:
+        if method in ("many", "many_lpm_only"):
+            deltas = lora_deltas(lora_factors(inputs["merged"]))
+        elif method == "seqlora":
+            deltas = lora_deltas(lora_factors(inputs["merged"] / "adapter"))
+        else:  # batch merges and many_cpm_only (averaged LoRA)
+            deltas = load_file(str(inputs["merged"]))
+        if method in ROUTED:
+            assembly = routed(deltas)
+        elif method == "seqlora":
+            assembly = Assembly(deltas, (projector_state(inputs["merged"]),))
+        else:
+            assembly = Assembly(deltas, (_average_projector(task_dirs),))
+        assemblies = [assembly] * len(tasks)
+
+    results, model, built = [], None, None
+    for task, assembly in zip(tasks, assemblies, strict=True):
+        if assembly is not built:
+            model, built = assemble(base_model, assembly), assembly
+        results.append(evaluate(model, processor, task, config.eval, routing=assembly.router))
+    predictions = workdir / "predictions.parquet"
+    pq.write_table(pa.concat_tables([predictions_table(r) for r in results]), predictions)
+    scores = workdir / "scores.json"
+    scores.write_text(json.dumps({
+        "method": method, "tasks": [r.task for r in results], "scores": [r.score for r in results], "tau": tau,
+    }, sort_keys=True))
+    return {"predictions": predictions, "scores": scores}
+
+
+def _compute(name: str) -> Callable[..., dict[str, Path]]:
+    if name.startswith("merge_"):
+        method = name.removeprefix("merge_")
+        return lambda inputs, workdir, *, config, device: compute_batch_merge(
+            inputs, workdir, config=config, method=method, device=device
+        )
+    return {
+        "data": compute_data,
+        "base": compute_base,
+        "finetune": compute_finetune,
+        "seqlora": compute_finetune,
+        "prototypes": compute_prototypes,
+        "stats": compute_stats,
+        "merge": compute_merge,
+        "eval": compute_eval,
+    }[name]
+
+
+# -- running a stage -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    """What a stage run returns to the flow: small references only (DESIGN.md §5 `--json` stage entry)."""
+
+    stage: str
+    task: str | None
+    method: str | None
+    key: str
+    status: Literal["computed", "cached"]
+    seconds: float
+    node: str
+    outputs: Mapping[str, BlobRef] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage, "task": self.task, "method": self.method, "key": self.key,
+            "status": self.status, "seconds": round(self.seconds, 3), "node": self.node,
+        }
+
+
+def execute(spec: StoreSpec, name: str, config: BaseModel, inputs: Mapping[str, BlobRef], num_cpus: float, device: str) -> tuple[str, str, float, str]:
+    """Body of the Ray remote function: run the stage through the cache on this worker.
+
+    Small values go in (the sub-config, blob references) and plain ones come back: (status, manifest JSON,
+    seconds, node). Tensors never cross processes; workers read and write the store themselves.
+    """
+    import torch
+
+    torch.set_num_threads(max(1, int(num_cpus)))
+    started = time.monotonic()
+    store = spec.open()
+    compute = _compute(name)
+    node = node_name()
+    result = run_stage(
+        store, stage_def(name, inputs), config, inputs,
+        lambda local, workdir: compute(local, workdir, config=config, device=device), host=node,
+    )
+    return result.status, result.manifest.model_dump_json(), time.monotonic() - started, node
+
+
+_remote_execute = None
+_print_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """Where the flow wants computes to run, and how loud to be."""
+
+    address: str | None = None
+    num_cpus: int | None = None
+    object_store_mb: int = 200
+    progress: bool = False
+
+
+def _resolve(upstream: Mapping[str, tuple[Any, str]]) -> dict[str, BlobRef]:
+    refs = {}
+    for name, (record, output) in upstream.items():
+        if not isinstance(record, StageRecord) or output not in record.outputs:
+            raise StoreError(f"input {name!r}: upstream stage gave no output {output!r} ({record!r})")
+        refs[name] = record.outputs[output]
+    return refs
+
+
+def _transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect retry condition: retry store/network hiccups and lost Ray workers, never bad input."""
+    try:
+        state.result()
+    except (ValueError, ClusterError, CorruptArtifact, KeyboardInterrupt):
+        return False
+    except (StoreError, OSError, ConnectionError):
+        return True
+    except Exception as error:  # Ray's worker/node losses
+        return type(error).__name__ in {"WorkerCrashedError", "NodeDiedError", "ObjectLostError", "RaySystemError"}
+    return False
+
+
+def _print_progress(stage: str, task: str | None, method: str | None, status: str, tail: str = "") -> None:
+    where = task or ""
+    if method:
+        where = f"{where} [{method}]" if where else f"[{method}]"
+    with _print_lock:
+        print(f"  {stage:<22} {where:<34} {status:<8} {tail}".rstrip(), file=sys.stderr, flush=True)
+
+
+@task(name="stage", cache_policy=NO_CACHE, persist_result=False, retry_condition_fn=_transient)
+def stage_task(
+    stage: str,
+    config: BaseModel,
+    upstream: Mapping[str, tuple[Any, str]],
+    *,
+    store: StoreSpec,
+    cluster: ClusterSpec,
+    num_cpus: float = 1.0,
+    num_gpus: float = 0.0,
+    resource_group: str | None = None,
+    task_name: str | None = None,
+    method: str | None = None,
+) -> StageRecord:
+    """Return the stage's cached manifest, or compute it on Ray with the given resources.
+
+    `upstream` maps input name → (upstream StageRecord, its output name); Prefect resolves futures in it.
+    """
+    started = time.monotonic()
+    inputs = _resolve(upstream)
+    definition = stage_def(stage, inputs)
+    cached = lookup(store.open(), definition, config, inputs)
+    if cached is not None:
+        record = StageRecord(stage, task_name, method, cached.key, "cached", time.monotonic() - started, node_name(), cached.outputs)
+    else:
+        record = _compute_on_ray(stage, config, inputs, store, cluster, num_cpus, num_gpus, resource_group or stage, task_name, method)
+    if cluster.progress:
+        _print_progress(stage, task_name, method, record.status, f"{record.seconds:7.1f}s  {record.node}")
+    return record
+
+
+def _compute_on_ray(
+    stage: str, config: BaseModel, inputs: dict[str, BlobRef], store: StoreSpec, cluster: ClusterSpec,
+    num_cpus: float, num_gpus: float, group: str, task_name: str | None, method: str | None,
+) -> StageRecord:
+    global _remote_execute
+    import ray
+
+    ensure_ray(cluster.address, cluster.num_cpus, cluster.object_store_mb)
+    check_resources(group, num_cpus, num_gpus)
+    if _remote_execute is None:
+        _remote_execute = ray.remote(execute)
+    device = "cuda" if num_gpus > 0 else "cpu"
+    if cluster.progress:
+        _print_progress(stage, task_name, method, "running", f"on {num_cpus:g} CPU(s), {num_gpus:g} GPU(s)")
+    ref = _remote_execute.options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0).remote(
+        store, stage, config, inputs, num_cpus, device
+    )
+    try:
+        status, manifest_json, seconds, node = ray.get(ref)
+    except ray.exceptions.RayTaskError as error:
+        cause = error.cause if isinstance(getattr(error, "cause", None), BaseException) else None
+        if cause is not None:
+            raise cause from None
+        raise
+    manifest = Manifest.model_validate_json(manifest_json)
+    return StageRecord(stage, task_name, method, manifest.key, status, seconds, node, manifest.outputs)
+
+
+def read_json_output(store: Store, record_or_manifest: StageRecord | Manifest, output: str) -> Any:
+    """A small JSON output of a finished stage (e.g. eval scores), verified."""
+    ref = record_or_manifest.outputs[output]
+    return json.loads(store.get_bytes(ref.digest, context=f"stage {record_or_manifest.stage}, output {output}"))
+
+
+__all__ = [
+    "BASELINES", "BaseStageConfig", "ClusterSpec", "DataStageConfig", "EvalStageConfig", "FinetuneStageConfig",
+    "PrototypesStageConfig", "ROUTED", "StageRecord", "StatsStageConfig", "load_states",
+    "read_json_output", "stage_def", "stage_task",
+]

@@ -1,0 +1,190 @@
+"""End to end (slow): the real flow on a real Prefect test harness and a real local Ray, on the tiny stream
+of examples/tiny.yaml. Asserts on the `--json` stage list of `many run` (DESIGN.md §2 caching contract):
+cold → every stage computed; rerun → every stage cached and Ray never started; one more task → exactly that
+task's stages, merges and eval row; a new τ → only the routed methods' evals; a new LPM γ → only the LPM
+merges and their evals; export → the merged adapter
+reloads with PEFT and reproduces the pipeline's predictions; the same flow against a moto S3 server."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.cli import main
+
+pytestmark = pytest.mark.slow
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+TINY = yaml.safe_load((EXAMPLES / "tiny.yaml").read_text())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def harness(tmp_path_factory: pytest.TempPathFactory):
+    from prefect.testing.utilities import prefect_test_harness
+
+    os.environ.setdefault("MANY_CACHE_DIR", str(tmp_path_factory.mktemp("many-cache")))
+    os.environ.setdefault("RAY_TMPDIR", "/tmp/ray-many-test")
+    Path(os.environ["RAY_TMPDIR"]).mkdir(parents=True, exist_ok=True)
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+def write_config(path: Path, **changes) -> Path:
+    config = {**TINY, **changes}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run(capsys, *argv: str) -> dict:
+    capsys.readouterr()
+    code = main(["run", "--json", *argv])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return json.loads(out)
+
+
+def computed(summary: dict) -> set[tuple[str, str | None, str | None]]:
+    return {(s["stage"], s["task"], s["method"]) for s in summary["stages"] if s["status"] == "computed"}
+
+
+METHODS = ["many", "many_lpm_only", "individual", "seqlora", "average", "task_arithmetic", "ties", "regmean"]
+BASELINES = ["average", "task_arithmetic", "ties", "regmean"]
+
+
+def new_task_stages(task: str) -> set[tuple[str, str | None, str | None]]:
+    """What adding `task` to a stream (not its first task) must compute, and nothing else."""
+    return (
+        {("data", task, None), ("finetune", task, None), ("prototypes", task, None), ("stats", task, None),
+         ("merge", task, "many"), ("seqlora", task, "seqlora")}
+        | {(f"merge_{m}", task, m) for m in BASELINES}
+        | {("eval", task, m) for m in METHODS}
+    )
+
+
+def test_cold_cached_incremental_tau_export_report(tmp_path: Path, capsys) -> None:
+    store = str(tmp_path / "store")
+    config = write_config(tmp_path / "tiny.yaml")
+
+    cold = run(capsys, "--config", str(config), "--store", store, "--tasks", "2")
+    assert cold["ray_started"] is True
+    assert {s["status"] for s in cold["stages"]} == {"computed"}
+    assert {s["stage"] for s in cold["stages"]} >= {"base", "data", "finetune", "prototypes", "stats", "merge", "eval"}
+    assert all(set(s) >= {"stage", "task", "key", "status", "seconds", "node"} for s in cold["stages"])
+    report = cold["report"]
+    assert report["tasks"] == ["style-cls", "chart-qa"]
+    assert set(report["methods"]) == set(METHODS)
+    for row in report["methods"].values():
+        assert row["matrix"][0][1] is None and all(v is not None for v in row["matrix"][1])
+        assert set(row) == {"matrix", "MFT", "MFN", "MAA", "BWT"}
+
+    cached = run(capsys, "--config", str(config), "--store", store, "--tasks", "2")
+    assert cached["ray_started"] is False
+    assert {s["status"] for s in cached["stages"]} == {"cached"}
+    assert [s["key"] for s in cached["stages"]] == [s["key"] for s in cold["stages"]]
+    assert cached["report"] == cold["report"]
+
+    grown = run(capsys, "--config", str(config), "--store", store)  # all three tasks
+    assert computed(grown) == new_task_stages("icon-qa")
+    for method, row in grown["report"]["methods"].items():
+        assert row["matrix"][:2] == [r[:2] + [None] for r in cold["report"]["methods"][method]["matrix"]]
+
+    retuned = run(capsys, "--config", str(write_config(tmp_path / "tau.yaml", cpm={"tau": 0.05})), "--store", store)
+    assert computed(retuned) == {("eval", task, "many") for task in ["style-cls", "chart-qa", "icon-qa"]}
+
+    reridged = run(capsys, "--config", str(write_config(tmp_path / "gamma.yaml", lpm={"gamma": 1e-3})), "--store", store)
+    tasks = ["style-cls", "chart-qa", "icon-qa"]
+    assert computed(reridged) == {("merge", t, "many") for t in tasks} | {
+        ("eval", t, m) for t in tasks for m in ("many", "many_lpm_only")}
+
+    capsys.readouterr()
+    assert main(["report", "--store", store, "--json", "--out", str(tmp_path / "report")]) == 0
+    assert json.loads(capsys.readouterr().out) == reridged["report"]
+    assert (tmp_path / "report" / "matrices.png").stat().st_size > 0
+    assert main(["ls", "--store", store]) == 0
+    assert main(["gc", "--store", store, "--dry-run"]) == 0
+
+    out = tmp_path / "export"
+    assert main(["export", "--store", store, "--out", str(out)]) == 0
+    check_export(out, store, reridged)
+
+
+def check_export(out: Path, store_url: str, summary: dict) -> None:
+    """The exported merged adapter + averaged projector on the exported base reproduce many_lpm_only's predictions."""
+    import pyarrow.parquet as pq
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from many.config import BaseConfig, EvalConfig
+    from many.data import MiniUcitConfig, make_task
+    from many.evaluate import generate_answers
+    from many.model.load import load_base
+    from many.training import projector_of
+    from tasks.store import Store
+
+    tasks = summary["tasks"]
+    for task in tasks:
+        assert (out / "tasks" / task / "adapter" / "adapter_config.json").is_file()
+        assert (out / "tasks" / task / "projector.safetensors").is_file()
+        assert (out / "tasks" / task / "gram.safetensors").is_file()
+    merge = json.loads((out / "merged" / "merge.json").read_text())
+    assert merge["method"] == "many" and merge["tasks"] == tasks and merge["a"] == 1.0
+    assert merge["tau"] is not None and all(g > 0 for g in merge["gamma"].values())
+    assert pq.read_table(out / "prototypes.parquet").num_rows == sum(40 + 1 for _ in tasks)
+    adapter_config = json.loads((out / "merged" / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["r"] == 8 * len(tasks)  # rank Σ r_i
+
+    base, processor = load_base(out / "base", BaseConfig(device="cpu"))
+    model = PeftModel.from_pretrained(base, str(out / "merged" / "adapter")).merge_and_unload()
+    projectors = load_file(str(out / "merged" / "projectors.safetensors"))
+    keys = {k.split(".", 1)[1] for k in projectors}
+    average = {k: torch.stack([projectors[f"{t}.{k}"] for t in tasks]).double().mean(0).float() for k in keys}
+    projector_of(model).load_state_dict(average)
+
+    store = Store.open(store_url)
+    entry = next(s for s in summary["stages"] if (s["stage"], s["task"], s["method"]) == ("eval", tasks[-1], "many_lpm_only"))
+    manifest = store.read_manifest("eval", entry["key"])
+    expected = pq.read_table(store.materialize(manifest.outputs["predictions"], context="test")).to_pylist()
+    data = MiniUcitConfig(**TINY["data"]["mini_ucit"])
+    for task in tasks:
+        samples = make_task(task, data).test
+        answers = generate_answers(model, processor, samples, EvalConfig(**TINY["eval"]))
+        assert answers == [r["prediction"] for r in expected if r["task"] == task]
+
+
+def test_same_flow_against_s3(tmp_path: Path, capsys, monkeypatch) -> None:
+    boto3 = pytest.importorskip("boto3")
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}.items():
+            monkeypatch.setenv(key, value)
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="many-e2e")
+        config = write_config(tmp_path / "s3.yaml", methods=["many", "many_cpm_only", "individual"],
+                              tasks=["style-cls", "chart-qa"])
+        cold = run(capsys, "--config", str(config), "--store", "s3://many-e2e/run")
+        assert {s["status"] for s in cold["stages"]} == {"computed"}
+        again = run(capsys, "--config", str(config), "--store", "s3://many-e2e/run")
+        assert {s["status"] for s in again["stages"]} == {"cached"} and again["ray_started"] is False
+        assert again["report"] == cold["report"]
+    finally:
+        server.stop()
+
+
+def test_gpu_stage_on_a_cpu_cluster_fails_fast_with_exit_1(tmp_path: Path, capsys) -> None:
+    config = write_config(tmp_path / "gpu.yaml", tasks=["style-cls"], methods=["individual"],
+                          resources={"finetune": {"num_gpus": 1}})
+    capsys.readouterr()
+    assert main(["run", "--config", str(config), "--store", str(tmp_path / "store")]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == ("many: failed (ClusterError): stage finetune asks for 1 GPU(s) but the Ray cluster has 0; "
+                    "set resources.finetune.num_gpus: 0 to run it on CPU")
+    assert not list((tmp_path / "store" / "stages").glob("finetune/*.json"))
