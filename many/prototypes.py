@@ -1,8 +1,11 @@
 """Visual prototypes for CPM routing (DESIGN.md §1 "CPM", §2 prototypes[t]).
 
-f(x) is the frozen vision tower's pooled feature: CLIP's `pooler_output`, the post-layer-norm CLS token
-(one D-vector per image, independent of the projector and of `vision_feature_select_strategy`). The tower
-is frozen in every task, so the base model's tower gives every task's features. Task i's prototype is
+f(x) is the frozen vision tower's pooled feature: the mean over the patch tokens that LLaVA hands to the
+projector (hidden state at `vision_feature_layer`, CLS dropped under the "default" strategy). Not CLIP's
+`pooler_output` (the CLS token): LLaVA drops CLS, so a tower trained through LLaVA — like the embedded tiny
+one — never trains it. Measured on the tiny base (benchmarks, 6 mini-UCIT tasks): argmax routing by the CLS
+feature sent 0% of style-cls images to their task, by the patch mean 52–100% per task. The tower is frozen
+in every task, so the base model's tower gives every task's features. Task i's prototype is
 
     μ_i = normalize(mean_j normalize(f(x_j)))        (many.cpm.prototype)
 
@@ -35,12 +38,20 @@ def llava(model: LlavaForConditionalGeneration | PeftModel) -> LlavaForCondition
 
 
 def pooled_features(model: LlavaForConditionalGeneration | PeftModel, pixel_values: Tensor) -> Tensor:
-    """f(x) (B, D) float32 for a batch of processed images (B, 3, H, W); no grad."""
-    tower = llava(model).model.vision_tower
+    """f(x) (B, D) float32 for a batch of processed images (B, 3, H, W): mean of the projector's input tokens."""
+    inner = llava(model)
+    tower, config = inner.model.vision_tower, inner.config
     parameter = next(tower.parameters())
     with torch.no_grad():
-        out = tower(pixel_values.to(device=parameter.device, dtype=parameter.dtype), return_dict=True)
-    return out.pooler_output.float()  # (B, D)
+        out = tower(
+            pixel_values.to(device=parameter.device, dtype=parameter.dtype), output_hidden_states=True, return_dict=True
+        )
+    layers = config.vision_feature_layer
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    hidden = torch.cat([out.hidden_states[k] for k in layers], dim=-1)  # (B, 1 + P, D·len(layers))
+    if config.vision_feature_select_strategy == "default":
+        hidden = hidden[:, 1:]  # drop CLS, as LLaVA does
+    return hidden.mean(dim=1).float()  # (B, D)
 
 
 def image_features(

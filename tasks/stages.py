@@ -40,14 +40,14 @@ VERSIONS = {
     "base": "1",
     "finetune": "1",
     "seqlora": "1",
-    "prototypes": "1",
+    "prototypes": "2",  # 2: f(x) = mean of the projector's input tokens, not the CLS pooler output
     "stats": "1",
     "merge": "1",
     "merge_average": "1",
     "merge_task_arithmetic": "1",
     "merge_ties": "1",
     "merge_regmean": "1",
-    "eval": "1",
+    "eval": "2",  # 2: CPM routes with the patch-mean feature
 }
 OUTPUTS = {
     "data": ("task",),

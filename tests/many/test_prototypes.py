@@ -11,14 +11,15 @@ from many.prototypes import image_features, prototype_table, read_prototypes, wr
 from tests.conftest import FIXTURE_MODEL, make_samples
 
 
-def test_features_are_the_clip_pooler_output_in_sample_order(tiny_base):
+def test_features_are_the_mean_projector_input_in_sample_order(tiny_base):
     model, processor = tiny_base
     samples = make_samples(5, seed=3)
     features = image_features(model, processor, samples, batch_size=2)
     assert features.shape == (5, FIXTURE_MODEL.vision_hidden) and features.dtype == torch.float32
     pixels = processor.image_processor([decode_image(s) for s in samples], return_tensors="pt")["pixel_values"]
     with torch.no_grad():
-        expected = model.model.vision_tower(pixels).pooler_output
+        hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
+        expected = hidden[model.config.vision_feature_layer][:, 1:].mean(dim=1)  # the tokens the projector reads
     torch.testing.assert_close(features, expected)
 
 
