@@ -1,7 +1,10 @@
-"""`many serve` (DESIGN.md §5): a Prefect deployment that reruns the continual update on a schedule.
+"""Scheduled continual updates (DESIGN.md §5 `many serve`): a Prefect deployment that reruns the stream.
 
-The deployment's parameter is the config as plain JSON (deployments store parameters in the Prefect API);
-each scheduled run validates it and calls `continual_update`, so only new tasks' stages compute.
+The deployment's parameters are the config file's path and the store URL (deployments keep parameters in
+the Prefect API as JSON). Each scheduled run loads the config, reads the task stream — a growing directory
+or S3 prefix when the config has a `task_source` (flows/stream.py) — and calls `continual_update`: the stage
+cache makes it compute only the stages of tasks that appeared since the last run. deploy/prefect.yaml
+declares the same deployment for `prefect deploy`.
 """
 
 from __future__ import annotations
@@ -11,16 +14,27 @@ from typing import Any
 from prefect import flow
 from prefect.deployments.runner import RunnerDeployment
 
-from flows.config import parse_config
+from flows.config import RunConfig, load_config
 from flows.pipeline import continual_update
+from flows.stream import with_stream
+
+
+def run_config(config_path: str | None, store_url: str | None = None) -> RunConfig:
+    """The run's config: the file (None: built-in mini-UCIT), the store URL override, the stream read now."""
+    config = load_config(config_path)
+    if store_url:
+        config = config.model_copy(update={"store": config.store.model_copy(update={"url": store_url})})
+    return with_stream(config)
 
 
 @flow(name="scheduled-update", persist_result=False)
-def scheduled_update(config: dict[str, Any]) -> dict[str, Any]:
-    """Validate the config and run the stream; the run summary lands in the store as usual."""
-    return continual_update(parse_config(config, "deployment parameter 'config'"))
+def scheduled_update(config_path: str | None = None, store_url: str | None = None) -> dict[str, Any]:
+    """One scheduled run: the stream as it is now through the cached pipeline; returns the run summary."""
+    return continual_update(run_config(config_path, store_url))
 
 
-def deployment(config: dict[str, Any], cron: str, name: str = "many") -> RunnerDeployment:
-    """The deployment `many serve` serves: `scheduled_update(config)` on the cron schedule."""
-    return scheduled_update.to_deployment(name=name, cron=cron, parameters={"config": config})
+def deployment(config_path: str | None, store_url: str | None, cron: str, name: str = "many") -> RunnerDeployment:
+    """The deployment `many serve` serves: `scheduled_update(config_path, store_url)` on the cron schedule."""
+    return scheduled_update.to_deployment(
+        name=name, cron=cron, parameters={"config_path": config_path, "store_url": store_url}
+    )
