@@ -1,11 +1,11 @@
 """The `many` command line (DESIGN.md §5).
 
-    many run    [--config FILE] [--store URL] [--tasks N] [--json]
+    many run    [--config FILE] [--store URL] [--tasks N] [--json] [--repair]
     many report [--store URL] [--json] [--out DIR]
     many ls     [--store URL] [--json]
     many export [--store URL] --out DIR
     many gc     [--store URL] [--dry-run]
-    many serve  [--config FILE] [--store URL] --cron "…"
+    many serve  [--config FILE] [--store URL] [--name NAME] --cron "…"
 
 Errors: one line on stderr, exit 2 for bad input (config, URL, task kind, data), 1 for runtime failures;
 `--debug` shows the traceback.
@@ -62,10 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", help="YAML run config (default: built-in mini-UCIT, all methods)")
     run.add_argument("--tasks", type=int, help="only the first N tasks of the stream")
     run.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    run.add_argument("--repair", action="store_true",
+                     help="re-hash every cached stage's blobs and recompute the stages whose blobs are missing or corrupt")
     store_option(run)
     report = commands.add_parser("report", help="table and plots of the latest run, from cached stages only")
     report.add_argument("--json", action="store_true")
-    report.add_argument("--out", help="write report.json, report.md and plots to this directory")
+    report.add_argument("--out", help="write report.json/.md/.html, heatmap_<method>.png and forgetting.png to this directory")
     store_option(report)
     ls = commands.add_parser("ls", help="list cached stages")
     ls.add_argument("--json", action="store_true")
@@ -78,19 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--min-age-seconds", type=float, default=3600.0, help="spare files younger than this")
     store_option(gc)
     serve = commands.add_parser("serve", help="a Prefect deployment running `many run` on a cron schedule")
-    serve.add_argument("--config")
-    serve.add_argument("--cron", required=True)
+    serve.add_argument("--config", help="YAML run config, re-read at every run (a task_source in it makes the stream grow)")
+    serve.add_argument("--cron", required=True, help='schedule, e.g. "0 * * * *" (hourly, UTC)')
+    serve.add_argument("--name", default="many", help="deployment name (default many)")
     store_option(serve)
     return parser
 
 
 def _config(args: argparse.Namespace):
-    from flows.config import load_config
+    """The config file with --store applied and the tasks of its task_source (if any) read now."""
+    from flows.serve import run_config
 
-    config = load_config(args.config)
-    if getattr(args, "store", None):
-        config = config.model_copy(update={"store": config.store.model_copy(update={"url": args.store})})
-    return config.first(getattr(args, "tasks", None))
+    return run_config(args.config, getattr(args, "store", None)).first(getattr(args, "tasks", None))
 
 
 def _store(url: str | None):
@@ -121,7 +122,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.json:
         print(f"many: {len(config.tasks)} tasks × {len(config.methods)} methods into {spec.url}", file=sys.stderr)
     started = time.monotonic()
-    summary = continual_update(config, progress=True)
+    summary = continual_update(config, progress=True, repair=args.repair)
     if args.json:
         print(json.dumps({k: summary[k] for k in ("run_id", "stages", "report", "ray_started", "tasks", "methods")}, indent=2))
     else:
@@ -133,12 +134,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from flows.report import report_from_run, text_table, write_report
+    from flows.report import report_from_run, text_table
+    from many.report import render
 
     store = _store(args.store)
     report = report_from_run(store, _latest(store))
     if args.out:
-        for path in write_report(report, Path(args.out)):
+        for path in render(report, Path(args.out)).values():
             print(f"wrote {path}", file=sys.stderr)
     print(json.dumps(report, indent=2) if args.json else text_table(report))
     return 0
@@ -198,13 +200,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from flows.serve import deployment
 
-    config = _config(args)
+    from flows.config import load_config
+
+    load_config(args.config)  # a bad file is exit 2 now, not at the first scheduled run; the stream is read per run
     try:
         Cron(args.cron)
     except Exception as error:  # croniter's several error types
         raise UsageError(f"bad --cron {args.cron!r}: {error}") from None
-    print(f"serving deployment 'scheduled-update/many' on cron {args.cron!r} (Ctrl-C stops)", file=sys.stderr)
-    serve(deployment(config.model_dump(mode="json"), args.cron), print_starting_message=False)
+    config_path = str(Path(args.config).resolve()) if args.config else None
+    print(f"serving deployment 'scheduled-update/{args.name}' on cron {args.cron!r} (Ctrl-C stops)", file=sys.stderr)
+    serve(deployment(config_path, args.store, args.cron, args.name), print_starting_message=False)
     return 0
 
 

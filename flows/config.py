@@ -3,7 +3,11 @@
 Every section is the sub-config of the stages that read it, and goes unchanged into their cache keys
 (DESIGN.md §2). A typo is an error (`extra="forbid"`); `load_config` turns any problem into one
 `ConfigError` line naming the file and the key. With no file, `RunConfig()` is the built-in mini-UCIT
-default: the six UCIT-like tasks, the tiny LLaVA and every method.
+default: the six UCIT-like tasks, the tiny LLaVA and every method except the two seed systems CRAM and
+Fwd-Prompt, which are opt-in (`methods: [..., cram, fwd_prompt]`): each trains once more per task (an expert:
+~1.1×, the prompts: ~1.3× the time of that task's finetune), so together they more than double the cold run's
+training time. Both train with the run's budget — `cram.finetune` defaults to the `finetune` section, and
+`fwd_prompt` to its steps, batch_size and seed — unless their section sets its own.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from many.merging.average import AverageConfig
 from many.merging.regmean import RegMeanConfig
 from many.merging.task_arithmetic import TaskArithmeticConfig
 from many.merging.ties import TiesConfig
+from many.methods.cram import CramConfig
+from many.methods.fwd_prompt import FwdPromptConfig
 
 # The methods of one run (DESIGN.md §1 "Comparison methods"); a stage graph per method in flows/pipeline.py.
 METHODS = (
@@ -40,9 +46,12 @@ METHODS = (
     "task_arithmetic",
     "ties",
     "regmean",
+    "cram",  # task-isolated adaptive-rank LoRA experts, centroid routing (many.methods.cram; opt-in)
+    "fwd_prompt",  # prompt tuning with projected gradients, a chain like SeqLoRA (many.methods.fwd_prompt; opt-in)
 )
 Method = Literal[
-    "many", "many_lpm_only", "many_cpm_only", "individual", "seqlora", "average", "task_arithmetic", "ties", "regmean"
+    "many", "many_lpm_only", "many_cpm_only", "individual", "seqlora", "average", "task_arithmetic", "ties", "regmean",
+    "cram", "fwd_prompt",
 ]
 DEFAULT_METHODS: tuple[Method, ...] = (
     "many", "many_lpm_only", "individual", "seqlora", "average", "task_arithmetic", "ties", "regmean",
@@ -100,6 +109,16 @@ class StoreConfig(Frozen):
     profile: str | None = None
 
 
+class TaskSourceConfig(Frozen):
+    """A growing task stream (flows/stream.py): a directory or S3 prefix of task specs, one YAML per task,
+    in the order of its `manifest.yaml` when present, else by file name. Replaces `tasks` at each run."""
+
+    url: str  # a path, file://…, or s3://bucket/prefix
+    endpoint_url: str | None = None  # S3-compatible server; default: the AWS chain / AWS_ENDPOINT_URL
+    region: str | None = None
+    profile: str | None = None
+
+
 class RayConfig(Frozen):
     address: str | None = None  # join an existing cluster ("auto", "ray://host:10001"); None: start a local one
     num_cpus: PositiveInt | None = None  # size of a local cluster (None: every core)
@@ -112,7 +131,8 @@ class Resources(Frozen):
 
 
 class ResourcesConfig(Frozen):
-    """Ray resources per stage kind; `num_gpus > 0` runs that stage on a GPU (`cuda`), else on CPU."""
+    """Ray resources per stage kind. `num_gpus > 0` places the stage on a node with GPUs and runs it on CUDA
+    when that worker has CUDA (`torch.cuda.is_available()`), else on its CPU; `num_gpus: 0` runs on CPU."""
 
     data: Resources = Resources()
     base: Resources = Resources()
@@ -134,6 +154,7 @@ class MergingConfig(Frozen):
 
 class RunConfig(Frozen):
     tasks: tuple[TaskSpec, ...] = tuple(TaskSpec(name=k, kind=k) for k in UCIT_ORDER)
+    task_source: TaskSourceConfig | None = None  # read the tasks from a growing source instead (not with `tasks`)
     methods: tuple[Method, ...] = DEFAULT_METHODS
     data: DataConfig = DataConfig()
     base: BaseConfig = BaseConfig()
@@ -142,11 +163,32 @@ class RunConfig(Frozen):
     lpm: LPMConfig = LPMConfig()
     cpm: CPMConfig = CPMConfig()
     merging: MergingConfig = MergingConfig()
+    cram: CramConfig = CramConfig()
+    fwd_prompt: FwdPromptConfig = FwdPromptConfig()
     eval: EvalConfig = EvalConfig()
     store: StoreConfig = StoreConfig()
     ray: RayConfig = RayConfig()
     resources: ResourcesConfig = ResourcesConfig()
     retries: int = Field(2, ge=0)  # Prefect retries of a stage after a transient (non-input) failure
+
+    @model_validator(mode="before")
+    @classmethod
+    def _same_training_budget(cls, data: Any) -> Any:
+        """cram.finetune and fwd_prompt's steps/batch_size/seed default to the finetune section (module doc)."""
+        if not isinstance(data, dict) or "finetune" not in data:
+            return data
+        finetune = data["finetune"]
+        given = finetune.model_dump(exclude_unset=True) if isinstance(finetune, FinetuneConfig) else finetune
+        if not isinstance(given, dict):
+            return data  # not a mapping: the finetune field's own validation names the problem
+        data = dict(data)
+        cram, fwd_prompt = data.get("cram", {}), data.get("fwd_prompt", {})
+        if isinstance(cram, dict) and "finetune" not in cram:
+            data["cram"] = {**cram, "finetune": finetune}
+        if isinstance(fwd_prompt, dict):
+            inherited = {k: given[k] for k in ("steps", "batch_size", "seed") if k in given}
+            data["fwd_prompt"] = {**inherited, **fwd_prompt}
+        return data
 
     @field_validator("tasks")
     @classmethod
@@ -165,6 +207,12 @@ class RunConfig(Frozen):
         if not methods:
             raise ValueError("no methods; list at least one of " + ", ".join(METHODS))
         return tuple(dict.fromkeys(methods))
+
+    @model_validator(mode="after")
+    def _tasks_or_source(self) -> RunConfig:
+        if self.task_source is not None and "tasks" in self.model_fields_set:
+            raise ValueError("give either tasks or task_source (a directory or S3 prefix of task specs), not both")
+        return self
 
     @model_validator(mode="after")
     def _tiny_base_needs_mini_ucit(self) -> RunConfig:

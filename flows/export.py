@@ -17,8 +17,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from tasks.stages import load_states, read_json_output
-from tasks.store import Manifest, Store, StoreError
+from tasks.stages import read_json_output, state_gammas
+from tasks.store import Manifest, Store, StoreError, validate_name
 
 
 def _manifest(store: Store, entry: dict[str, Any]) -> Manifest:
@@ -46,7 +46,8 @@ def export(store: Store, summary: dict[str, Any], out_dir: Path) -> list[Path]:
     import pyarrow.parquet as pq
     from safetensors.torch import load_file, save_file
 
-    tasks: list[str] = summary["tasks"]
+    # Task names become paths under out_dir; a run summary is read from the store, so never trust them.
+    tasks: list[str] = [validate_name("task", task) for task in summary["tasks"]]
     by_stage: dict[tuple[str, str | None, str | None], dict[str, Any]] = {
         (e["stage"], e.get("task"), e.get("method")): e for e in summary["stages"]
     }
@@ -77,9 +78,7 @@ def export(store: Store, summary: dict[str, Any], out_dir: Path) -> list[Path]:
     merge = find("merge", tasks[-1], "many")
     if merge is not None:
         _copy(store, merge, "adapter", merged_dir / "adapter")
-        state_file = _copy(store, merge, "state", merged_dir / ".state.safetensors")
-        gammas = {module: state.gamma for module, state in load_states(state_file).items()}
-        state_file.unlink()
+        gammas = state_gammas(store.materialize(merge.outputs["state"], context="export: merge state"))
         tau = None
         evaluation = find("eval", tasks[-1], "many")
         if evaluation is not None:

@@ -1,8 +1,9 @@
 """The `continual_update` flow (DESIGN.md §2, §4): the whole stream as one recipe of cached stages.
 
 All finetunes depend only on the base, so they are submitted at once and run as parallel as the Ray
-cluster allows; the RLS merge is a chain that follows as its inputs complete; every method's evaluation
-of row t is a stage of its own. Each stage first looks its cache key up in the store, so a rerun with
+cluster allows; the RLS merge is a chain that follows as its inputs complete, as do the SeqLoRA, CRAM and
+Fwd-Prompt chains (each link trains from the previous ones); every method's evaluation of row t is a stage
+of its own. Each stage first looks its cache key up in the store, so a rerun with
 nothing new computes nothing and never starts Ray; adding a task computes only that task's stages, its
 merges and row t of every method's matrix.
 """
@@ -20,16 +21,19 @@ from prefect.futures import PrefectFuture, wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.config import RunConfig
-from flows.report import build_report, markdown_table, write_report
+from flows.report import build_report
 from tasks.runtime import StoreSpec, ray_started, shutdown_ray
 from tasks.stages import (
     BASELINES,
     ROUTED,
+    SYSTEMS,
     BaseStageConfig,
     ClusterSpec,
+    CramStageConfig,
     DataStageConfig,
     EvalStageConfig,
     FinetuneStageConfig,
+    FwdPromptStageConfig,
     PrototypesStageConfig,
     StageRecord,
     StatsStageConfig,
@@ -74,8 +78,11 @@ Submit = Callable[..., PrefectFuture]
 
 
 @flow(name="continual-update", task_runner=ThreadPoolTaskRunner(max_workers=64), persist_result=False, validate_parameters=False)
-def continual_update(config: RunConfig, run_id: str | None = None, progress: bool = False) -> dict[str, Any]:
-    """Run the configured stream through every configured method; return the run summary (DESIGN.md §5)."""
+def continual_update(config: RunConfig, run_id: str | None = None, progress: bool = False, repair: bool = False) -> dict[str, Any]:
+    """Run the configured stream through every configured method; return the run summary (DESIGN.md §5).
+
+    With `repair`, every cached stage's blobs are re-hashed and a stage with a missing or corrupt blob (or an
+    unreadable manifest) is recomputed (`tasks.stage.run_stage(repair=True)`)."""
     run_id = run_id or new_run_id()
     store = store_spec(config)
     cluster = ClusterSpec(config.ray.address, config.ray.num_cpus, config.ray.object_store_mb, progress)
@@ -88,14 +95,15 @@ def continual_update(config: RunConfig, run_id: str | None = None, progress: boo
         label = stage + (f"[{task}]" if task else "") + (f"[{method}]" if method else "")
         future = stage_task.with_options(task_run_name=label, retries=config.retries, retry_delay_seconds=2).submit(
             stage, cfg, upstream, store=store, cluster=cluster, num_cpus=resources.num_cpus,
-            num_gpus=resources.num_gpus, resource_group=group, task_name=task, method=method,
+            num_gpus=resources.num_gpus, resource_group=group, task_name=task, method=method, repair=repair,
         )
         submitted.append(future)
         return future
 
     per_task = _task_stages(config, submit)
     merged = _merge_stages(config, submit, per_task)
-    evals = _eval_stages(config, submit, per_task, merged)
+    systems = _system_stages(config, submit, per_task)
+    evals = _eval_stages(config, submit, per_task, merged, systems)
     try:
         wait(submitted)
         records = _results(submitted)
@@ -119,17 +127,21 @@ def continual_update(config: RunConfig, run_id: str | None = None, progress: boo
 
 
 def _task_stages(config: RunConfig, submit: Submit) -> dict[str, Any]:
-    """base, and per task: data, finetune (all at once: they need only the base), prototypes, stats."""
+    """base, and per task: data, finetune (all at once: they need only the base), prototypes, stats.
+
+    Only the stages some configured method reads: CRAM and Fwd-Prompt alone need no finetune[t]; the
+    prototypes serve CPM routing and CRAM's centroids."""
     names, dtype, methods = [t.name for t in config.tasks], config.base.dtype, set(config.methods)
     base = submit("base", _base_config(config), {}, "base")
     data = [submit("data", _data_config(config, t), {}, "data", name) for t, name in enumerate(names)]
-    finetune = [
-        submit("finetune", FinetuneStageConfig(finetune=config.finetune, dtype=dtype),
-               {"base": (base, "model"), "data": (data[t], "task")}, "finetune", name)
-        for t, name in enumerate(names)
-    ]
-    prototypes = stats = None
-    if methods & set(ROUTED):
+    finetune = prototypes = stats = None
+    if methods - set(SYSTEMS):
+        finetune = [
+            submit("finetune", FinetuneStageConfig(finetune=config.finetune, dtype=dtype),
+                   {"base": (base, "model"), "data": (data[t], "task")}, "finetune", name)
+            for t, name in enumerate(names)
+        ]
+    if methods & {*ROUTED, "cram"}:
         prototypes = [
             submit("prototypes", PrototypesStageConfig(batch_size=config.eval.batch_size, dtype=dtype),
                    {"base": (base, "model"), "data": (data[t], "task")}, "prototypes", name)
@@ -181,19 +193,48 @@ def _merge_stages(config: RunConfig, submit: Submit, per_task: dict[str, Any]) -
     return merged
 
 
+def _system_stages(config: RunConfig, submit: Submit, per_task: dict[str, Any]) -> dict[str, list[PrefectFuture]]:
+    """The seed systems' chains (DESIGN.md §1): cram[t] reads the experts of cram[<t] (its rank and penalty
+    depend on them), fwd_prompt[t] continues the prompts and core of fwd_prompt[t−1]."""
+    names, dtype, methods = [t.name for t in config.tasks], config.base.dtype, set(config.methods)
+    base, data = per_task["base"], per_task["data"]
+    chains: dict[str, list[PrefectFuture]] = {}
+    if "cram" in methods:
+        experts: list[PrefectFuture] = []
+        for t, name in enumerate(names):
+            upstream = {"base": (base, "model"), "data": (data[t], "task")} | _indexed("expert", experts, "expert")
+            experts.append(submit("cram", CramStageConfig(cram=config.cram, dtype=dtype), upstream, "finetune", name, "cram"))
+        chains["cram"] = experts
+    if "fwd_prompt" in methods:
+        states: list[PrefectFuture] = []
+        for t, name in enumerate(names):
+            upstream = {"base": (base, "model"), "data": (data[t], "task")}
+            if t:
+                upstream["previous"] = (states[t - 1], "state")
+            states.append(submit("fwd_prompt", FwdPromptStageConfig(fwd_prompt=config.fwd_prompt, dtype=dtype), upstream,
+                                 "finetune", name, "fwd_prompt"))
+        chains["fwd_prompt"] = states
+    return chains
+
+
 def _eval_stages(
-    config: RunConfig, submit: Submit, per_task: dict[str, Any], merged: dict[str, list[tuple[PrefectFuture, str]]]
+    config: RunConfig, submit: Submit, per_task: dict[str, Any], merged: dict[str, list[tuple[PrefectFuture, str]]],
+    systems: dict[str, list[PrefectFuture]],
 ) -> list[tuple[str, int, PrefectFuture]]:
     """eval[t][method]: the method's model after task t on the test split of every task ≤ t (row t of A)."""
     evals = []
     for method in config.methods:
         for t, name in enumerate(spec.name for spec in config.tasks):
             upstream = {"base": (per_task["base"], "model")} | _indexed("data", per_task["data"][: t + 1], "task")
-            if method != "seqlora":
+            if method not in ("seqlora", *SYSTEMS):
                 upstream |= _indexed("finetune", per_task["finetune"][: t + 1], "task")
-            if method in ROUTED:
+            if method in ROUTED or method == "cram":
                 upstream |= _indexed("prototypes", per_task["prototypes"][: t + 1], "prototypes")
-            if method != "individual":
+            if method == "cram":
+                upstream |= _indexed("expert", systems["cram"][: t + 1], "expert")
+            elif method == "fwd_prompt":
+                upstream["merged"] = (systems["fwd_prompt"][t], "state")
+            elif method != "individual":
                 upstream["merged"] = merged[method][t]
             cfg = EvalStageConfig(method=method, eval=config.eval, cpm=config.cpm if method in ROUTED else None,
                                   dtype=config.base.dtype)
@@ -217,16 +258,22 @@ def _results(futures: list[PrefectFuture]) -> list[StageRecord]:
 
 
 def _publish_artifacts(report: dict[str, Any]) -> None:
-    """The accuracy-matrix table (markdown) and the report images (PNG as data URLs) as Prefect artifacts."""
+    """The summary table and accuracy matrices (markdown) and every report image (PNG as a data URL: the
+    heatmap per method and the forgetting curves, from many.report.render) as Prefect artifacts."""
     import base64
     import tempfile
     from pathlib import Path
 
     from prefect.artifacts import create_image_artifact, create_markdown_artifact
 
-    create_markdown_artifact(markdown=markdown_table(report), key="accuracy-matrix", description="MAny run report")
+    from many.report import markdown_table, matrix_markdown, render
+
+    matrices = [f"**{m}** — A[t][j] after learning tasks ≤ t\n\n{matrix_markdown(report, m)}" for m in report["methods"]]
+    create_markdown_artifact(markdown="\n".join([markdown_table(report), *matrices]), key="accuracy-matrix",
+                             description="MAny run report")
     with tempfile.TemporaryDirectory(prefix="many-report-") as scratch:
-        for path in write_report(report, Path(scratch)):
+        for path in render(report, Path(scratch)).values():
             if path.suffix == ".png":
                 url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
-                create_image_artifact(image_url=url, key=f"report-{path.stem}", description=f"MAny {path.stem}")
+                key = "report-" + "".join(c if c.isalnum() else "-" for c in path.stem.lower())
+                create_image_artifact(image_url=url, key=key, description=f"MAny {path.stem}")

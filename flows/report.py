@@ -1,38 +1,46 @@
-"""The report (DESIGN.md §1 "Metrics", §5 `report --json`): per method the accuracy matrix A[t][j] (percent,
-task j after learning tasks ≤ t; null above the diagonal) and MFT / MFN / MAA / BWT — built from the eval
-stages' score blobs only, so `many report` needs nothing but the store."""
+"""The pipeline side of the report (DESIGN.md §1 "Metrics", §5 `report --json`): collect every method's accuracy
+matrix A[t][j] (percent, task j after learning tasks ≤ t) from the eval stages' score blobs in the store, so
+`many report` needs nothing but cached stages. The report JSON, markdown, heatmaps, forgetting curves and HTML
+page come from `many.report`; this module adds only the store access and the terminal table.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from many.metrics import summarize
+from many.report import METRICS, build_report as report_of_matrices
 from tasks.stages import StageRecord, read_json_output
 from tasks.store import Manifest, Store, StoreError
 
-SUMMARY_KEYS = ("MFT", "MFN", "MAA", "BWT")
+EXTRA_FIELDS = ("trainable_parameters",)  # scalars of an eval's scores.json that the report shows per method
 
 
 def build_report(
     store: Store, tasks: Sequence[str], methods: Sequence[str], evals: Sequence[tuple[str, int, StageRecord | Manifest]]
 ) -> dict[str, Any]:
-    """{"tasks": [...], "methods": {method: {"matrix", "MFT", "MFN", "MAA", "BWT"}}} from eval outputs."""
+    """{"tasks": [...], "methods": {method: {"matrix", "MFT", "MFN", "MAA", "BWT", **extras}}} from eval outputs.
+
+    Extras: the scalar fields of EXTRA_FIELDS that a method's last-row eval wrote (CRAM's and Fwd-Prompt's
+    trainable_parameters after the whole stream), shown beside the accuracy columns."""
     T = len(tasks)
     matrices: dict[str, list[list[float | None]]] = {m: [[None] * T for _ in range(T)] for m in methods}
+    extras: dict[str, dict[str, Any]] = {}
     for method, t, record in evals:
         scores = read_json_output(store, record, "scores")
         if scores["tasks"] != list(tasks[: t + 1]):
             raise StoreError(f"eval of {method} at row {t} scored tasks {scores['tasks']}, expected {list(tasks[: t + 1])}")
         matrices[method][t][: t + 1] = [float(s) for s in scores["scores"]]
-    report: dict[str, Any] = {"tasks": list(tasks), "methods": {}}
-    for method in methods:
-        matrix = matrices[method]
-        complete = all(matrix[t][j] is not None for t in range(T) for j in range(t + 1))
-        summary = summarize(matrix) if complete else dict.fromkeys(SUMMARY_KEYS)
-        report["methods"][method] = {"matrix": matrix, **summary}
-    return report
+        if t == T - 1 and any(k in scores for k in EXTRA_FIELDS):
+            extras[method] = {k: scores[k] for k in EXTRA_FIELDS if k in scores}
+    for method, matrix in matrices.items():
+        missing = [t for t in range(T) if matrix[t][t] is None]
+        if missing:
+            raise StoreError(
+                f"report: no eval of {method} after task(s) {[tasks[t] for t in missing]} in store {store.url}; "
+                f"rerun `many run` to complete the stream"
+            )
+    return report_of_matrices(tasks, matrices, extras)
 
 
 def report_from_run(store: Store, summary: dict[str, Any]) -> dict[str, Any]:
@@ -62,68 +70,13 @@ def text_table(report: dict[str, Any]) -> str:
     """The comparison table printed at the end of `many run` and by `many report`."""
     tasks = report["tasks"]
     width = max([len(m) for m in report["methods"]] + [8])
-    head = f"{'method':<{width}}  " + "  ".join(f"{k:>6}" for k in SUMMARY_KEYS) + "   last row (" + ", ".join(tasks) + ")"
+    extras = [k for k in EXTRA_FIELDS if any(k in row for row in report["methods"].values())]
+    head = (f"{'method':<{width}}  " + "  ".join(f"{k:>6}" for k in METRICS) + "".join(f"  {k}" for k in extras)
+            + "   last row (" + ", ".join(tasks) + ")")
     lines = [head, "-" * len(head)]
     for method, row in report["methods"].items():
         last = row["matrix"][-1] if row["matrix"] else []
-        values = "  ".join(f"{_number(row[k], k == 'BWT'):>6}" for k in SUMMARY_KEYS)
+        values = "  ".join(f"{_number(row[k], k == 'BWT'):>6}" for k in METRICS)
+        values += "".join(f"  {'–' if row.get(k) is None else f'{row[k]:,}':>{len(k)}}" for k in extras)
         lines.append(f"{method:<{width}}  {values}   " + " ".join(_number(v) for v in last))
     return "\n".join(lines)
-
-
-def markdown_table(report: dict[str, Any]) -> str:
-    """Summary table plus one accuracy matrix per method, in markdown (the Prefect artifact)."""
-    tasks = report["tasks"]
-    out = ["| method | MFT | MFN (Last) | MAA | BWT |", "|---|---|---|---|---|"]
-    for method, row in report["methods"].items():
-        out.append(f"| {method} | " + " | ".join(_number(row[k], k == "BWT") for k in SUMMARY_KEYS) + " |")
-    for method, row in report["methods"].items():
-        out += ["", f"**{method}** — A[t][j] after learning tasks ≤ t", "",
-                "| after \\ on | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
-        for t, values in enumerate(row["matrix"]):
-            out.append(f"| {tasks[t]} | " + " | ".join(_number(v) for v in values) + " |")
-    return "\n".join(out)
-
-
-def write_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
-    """report.json, report.md, and a heat map of every method's matrix (matrices.png) under `out_dir`."""
-    import json
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = [out_dir / "report.json", out_dir / "report.md", out_dir / "matrices.png", out_dir / "summary.png"]
-    written[0].write_text(json.dumps(report, indent=2))
-    written[1].write_text(markdown_table(report) + "\n")
-    methods = list(report["methods"])
-    tasks = report["tasks"]
-    columns = min(4, len(methods))
-    rows = -(-len(methods) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.0 * rows), squeeze=False)
-    for ax in axes.flat[len(methods):]:
-        ax.axis("off")
-    for ax, method in zip(axes.flat, methods):
-        matrix = np.array([[np.nan if v is None else v for v in row] for row in report["methods"][method]["matrix"]], dtype=float)
-        ax.imshow(matrix, vmin=0, vmax=100, cmap="viridis")
-        ax.set_title(method, fontsize=9)
-        ax.set_xticks(range(len(tasks)), tasks, rotation=90, fontsize=6)
-        ax.set_yticks(range(len(tasks)), tasks, fontsize=6)
-        for (t, j), value in np.ndenumerate(matrix):
-            if not np.isnan(value):
-                ax.text(j, t, f"{value:.0f}", ha="center", va="center", fontsize=6, color="white")
-    fig.tight_layout()
-    fig.savefig(written[2], dpi=120)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(methods), 3.0))
-    values = [report["methods"][m]["MFN"] or 0.0 for m in methods]
-    ax.bar(range(len(methods)), values)
-    ax.set_xticks(range(len(methods)), methods, rotation=45, ha="right", fontsize=7)
-    ax.set_ylabel("MFN (Last), %")
-    fig.tight_layout()
-    fig.savefig(written[3], dpi=120)
-    plt.close(fig)
-    return written

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
 import sys
 import warnings
@@ -285,9 +286,16 @@ def finetune(
 
 
 def save_task(model: PeftModel, out_dir: Path) -> Path:
-    """Write `out_dir/adapter/` (PEFT, safetensors) and `out_dir/projector.safetensors`."""
+    """Write `out_dir/adapter/` (PEFT, safetensors) and `out_dir/projector.safetensors`.
+
+    The files hold no local path: PEFT records where the base was loaded from (`base_model_name_or_path`,
+    and a README model card), which would make equal adapters differ by machine and cache directory —
+    and so every downstream cache key (DESIGN.md §2)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir / ADAPTER_DIR), safe_serialization=True)
+    (out_dir / ADAPTER_DIR / "README.md").unlink(missing_ok=True)
+    config_path = out_dir / ADAPTER_DIR / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "base_model_name_or_path": None}, indent=2, sort_keys=True))
     state = {k: v.detach().cpu().contiguous() for k, v in projector_of(model).state_dict().items()}
     save_file(state, str(out_dir / PROJECTOR_FILE))
     return out_dir

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,7 +101,10 @@ def shutdown_ray() -> None:
 
 
 def check_resources(stage: str, num_cpus: float, num_gpus: float) -> None:
-    """Fail fast when the cluster can never grant a stage's request (Ray would queue it forever)."""
+    """Fail fast when the cluster can never grant a stage's request (Ray would queue it forever).
+
+    Counts the resources of the nodes up now: an autoscaling cluster must keep its GPU group's
+    `min_workers` ≥ 1 for GPU stages to pass (deploy/README.md)."""
     import ray
 
     total = ray.cluster_resources()
@@ -117,5 +121,11 @@ def check_resources(stage: str, num_cpus: float, num_gpus: float) -> None:
 
 
 def node_name() -> str:
-    """The host a stage ran on, as recorded in manifests and the run summary."""
+    """The node a stage ran on, as recorded in manifests and the run summary: the host name, and inside a
+    Ray worker also the Ray node id's first 12 hex digits (several Ray nodes may share one host)."""
+    is_initialized = getattr(sys.modules.get("ray"), "is_initialized", None)  # None too while a thread imports ray
+    if is_initialized is not None and is_initialized():
+        import ray
+
+        return f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:12]}"
     return socket.gethostname()

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import socket
 import tempfile
 import time
@@ -98,8 +100,22 @@ def lookup(store: Store, stage: Stage, config: Config, inputs: Mapping[str, Blob
     return store.read_manifest(stage.name, cache_key(stage, config, inputs))
 
 
-def _intact(store: Store, manifest: Manifest) -> bool:
+def intact(store: Store, manifest: Manifest) -> bool:
+    """Whether every output blob of `manifest` exists and hashes to its digest (reads every byte)."""
     return not any(store.verify(ref) for ref in manifest.outputs.values())
+
+
+FAULT_AFTER_BLOBS = "MANY_FAULT_AFTER_BLOBS"
+
+
+def _crash_point(stage: str, key: str) -> None:
+    """Test hook, off unless `MANY_FAULT_AFTER_BLOBS=<stage name or cache key>`: kill -9 the whole `many run`
+    after that stage's blobs are stored and before its manifest — the crash window timing cannot hit
+    (tests/reliability/test_kill.py). Only for a `many run` started as a session leader (`setsid`): it kills
+    the session leader's process group (the driver, Ray's raylet and GCS), then its own (a Ray worker has one)."""
+    if os.environ.get(FAULT_AFTER_BLOBS) in (stage, key):
+        os.killpg(os.getsid(0), signal.SIGKILL)
+        os.killpg(os.getpgid(0), signal.SIGKILL)
 
 
 def run_stage(
@@ -131,7 +147,7 @@ def run_stage(
         cached = None
         broken = True
     else:
-        broken = cached is not None and repair and not _intact(store, cached)
+        broken = cached is not None and repair and not intact(store, cached)
     if cached is not None and not broken:
         return StageResult("cached", cached)
 
@@ -149,6 +165,7 @@ def run_stage(
             got = sorted(produced) if isinstance(produced, Mapping) else repr(produced)
             raise StoreError(f"stage {stage.name!r} returned outputs {got}, expected {sorted(stage.outputs)}: fix its compute function")
         outputs = {name: store.put(Path(produced[name]), verify_existing=broken) for name in stage.outputs}
+    _crash_point(stage.name, key)
     manifest = Manifest(
         stage=stage.name,
         key=key,

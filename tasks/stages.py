@@ -5,7 +5,9 @@ and the one Prefect task that runs any of them through the store's cache.
     base ────┼─► finetune[t] ─► stats[t] ─┐
              ├─► prototypes[t]            ├─► merge[t] = RLS(merge[t−1], finetune[t], stats[t])
              │                            │   merge_<baseline>[t] = batch merge of finetune[≤t] (+ stats)
-             └─► seqlora[t] = finetune from seqlora[t−1]
+             ├─► seqlora[t] = finetune from seqlora[t−1]
+             ├─► cram[t] = expert t, its rank and penalty from the experts of cram[<t]
+             └─► fwd_prompt[t] = prompts + core after task t, from fwd_prompt[t−1]
     eval[t][method]: base + the method's merged artifacts at t + test data[≤t] → predictions + row t of A
 
 A stage's cache key is its sub-config plus the digests of its inputs (`tasks.stage.cache_key`). The Prefect
@@ -30,24 +32,28 @@ from pydantic import BaseModel, PositiveInt
 
 from many.config import BaseConfig, CPMConfig, EvalConfig, FinetuneConfig, Frozen, LPMConfig, StatsConfig
 from many.data import Metric, MiniUcitConfig
+from many.methods.cram import CramConfig
+from many.methods.fwd_prompt import FwdPromptConfig
 from tasks.runtime import ClusterError, StoreSpec, check_resources, ensure_ray, node_name
-from tasks.stage import Stage, lookup, run_stage
+from tasks.stage import Stage, intact, lookup, run_stage
 from tasks.store import BlobRef, CorruptArtifact, Manifest, Store, StoreError
 
 # Bump a stage's version when its code would produce different results: its cache keys change.
 VERSIONS = {
     "data": "1",
     "base": "1",
-    "finetune": "1",
-    "seqlora": "1",
+    "finetune": "2",  # 2: the adapter files hold no local path (identical bytes on every machine)
+    "seqlora": "2",
     "prototypes": "2",  # 2: f(x) = mean of the projector's input tokens, not the CLS pooler output
     "stats": "1",
-    "merge": "1",
+    "merge": "2",  # 2: state is a directory of per-layer files, merged layer by layer
     "merge_average": "1",
     "merge_task_arithmetic": "1",
     "merge_ties": "1",
     "merge_regmean": "1",
     "eval": "2",  # 2: CPM routes with the patch-mean feature
+    "cram": "1",
+    "fwd_prompt": "1",
 }
 OUTPUTS = {
     "data": ("task",),
@@ -58,6 +64,8 @@ OUTPUTS = {
     "stats": ("grams",),
     "merge": ("state", "adapter"),
     "eval": ("predictions", "scores"),
+    "cram": ("expert",),
+    "fwd_prompt": ("state",),
 }
 BASELINES = ("average", "task_arithmetic", "ties", "regmean")
 for _name in BASELINES:
@@ -102,8 +110,19 @@ class StatsStageConfig(Frozen):
     dtype: str = "float32"
 
 
+class CramStageConfig(Frozen):
+    cram: CramConfig
+    dtype: str = "float32"
+
+
+class FwdPromptStageConfig(Frozen):
+    fwd_prompt: FwdPromptConfig
+    dtype: str = "float32"
+
+
 EvalMethod = Literal[
-    "many", "many_lpm_only", "many_cpm_only", "individual", "seqlora", "average", "task_arithmetic", "ties", "regmean"
+    "many", "many_lpm_only", "many_cpm_only", "individual", "seqlora", "average", "task_arithmetic", "ties", "regmean",
+    "cram", "fwd_prompt",
 ]
 
 
@@ -117,6 +136,7 @@ class EvalStageConfig(Frozen):
 
 
 ROUTED = ("many", "many_cpm_only")
+SYSTEMS = ("cram", "fwd_prompt")  # seed systems with stage chains of their own: they read no finetune[t]
 
 
 def stage_def(name: str, inputs: Mapping[str, Any]) -> Stage:
@@ -216,50 +236,90 @@ def compute_stats(inputs: Mapping[str, Path], workdir: Path, *, config: StatsSta
     return {"grams": path}
 
 
-STATE_SEPARATOR = "::"  # state file keys: "<PEFT module name>::<C|R|B|AG|gamma|tasks>"
+STATE_SUFFIX = ".safetensors"  # merge state: a directory with one file "<PEFT module name>.safetensors" per layer
 
 
-def save_states(states: Mapping[str, Any], path: Path) -> Path:
+def save_state(state: Any, path: Path) -> Path:
+    """One layer's RLS state (many.lpm.LayerState) as a safetensors file."""
     from safetensors.torch import save_file
 
     from many.lpm import state_tensors
 
-    tensors = {f"{module}{STATE_SEPARATOR}{k}": v for module, state in states.items() for k, v in state_tensors(state).items()}
-    save_file(tensors, str(path))
+    save_file(state_tensors(state), str(path))
     return path
 
 
-def load_states(path: Path) -> dict[str, Any]:
+def load_state(path: Path, module: str) -> Any:
     from safetensors.torch import load_file
 
     from many.lpm import state_from_tensors
 
-    grouped: dict[str, dict[str, Any]] = {}
-    for key, tensor in load_file(str(path)).items():
-        module, _, part = key.rpartition(STATE_SEPARATOR)
-        grouped.setdefault(module, {})[part] = tensor
-    return {module: state_from_tensors(tensors, module) for module, tensors in grouped.items()}
+    return state_from_tensors(load_file(str(path)), module)
+
+
+def state_modules(state_dir: Path) -> dict[str, Path]:
+    """{PEFT module name: its state file} of a merge state directory."""
+    return {p.name.removesuffix(STATE_SUFFIX): p for p in sorted(Path(state_dir).glob(f"*{STATE_SUFFIX}"))}
+
+
+def state_gammas(state_dir: Path) -> dict[str, float]:
+    """Each layer's ridge γ, read without loading the layers' matrices (for `many export`)."""
+    from safetensors import safe_open
+
+    gammas = {}
+    for module, path in state_modules(state_dir).items():
+        with safe_open(str(path), framework="pt") as f:
+            gammas[module] = float(f.get_tensor("gamma").item())
+    return gammas
+
+
+def _check_merge_layers(loras: Mapping[str, Any], grams: set[str], previous: set[str] | None) -> None:
+    """The checks of many.lpm.absorb_model, on layer names only (nothing is loaded yet)."""
+    if not loras:
+        raise ValueError("LPM: the task has no LoRA layers")
+    no_gram = sorted(set(loras) - grams)
+    if no_gram:
+        raise ValueError(f"LPM: missing Grams for layers {no_gram}")
+    if previous is not None and previous != set(loras):
+        raise ValueError(
+            f"LPM: the task's LoRA layers and the merge state differ: missing states for {sorted(set(loras) - previous)}, "
+            f"missing LoRAs for {sorted(previous - set(loras))}"
+        )
 
 
 def compute_merge(inputs: Mapping[str, Path], workdir: Path, *, config: LPMConfig, device: str) -> dict[str, Path]:
-    """merge[t]: fold task t into the RLS state of tasks < t and export the merge as a rank-Σr PEFT adapter."""
+    """merge[t]: fold task t into the RLS state of tasks < t and export the merge as a rank-Σr PEFT adapter.
+
+    Streamed one LoRA layer at a time (issue #8, a 7B model's states do not fit in RAM together): read that
+    layer's Gram from the Grams file and its previous state file, absorb, export, write its new state file,
+    free. Peak memory is one layer's state plus the thin exported factors, whatever the model's depth.
+    """
+    import torch
+    from safetensors import safe_open
+
     from many.adapters import lora_factors, read_adapter_config, write_lora_adapter
-    from many.lpm import absorb_model, export_lora, truncate
-    from many.stats import load_grams
+    from many.lpm import absorb, export_lora, truncate
 
     adapter_dir = inputs["finetune"] / "adapter"
-    previous = load_states(inputs["previous"]) if "previous" in inputs else None
-    states = absorb_model(previous, lora_factors(adapter_dir), load_grams(inputs["grams"]), config)
+    loras = lora_factors(adapter_dir)
+    previous = state_modules(inputs["previous"]) if "previous" in inputs else None
+    state_dir = workdir / "state"
+    state_dir.mkdir()
     factors = {}
-    for module, state in states.items():
-        B, A = export_lora(state, module)
-        if config.rank is not None:
-            B, A, _ = truncate(B, A, config.rank, module)
-        factors[module] = (B, A)
-    state_path = save_states(states, workdir / "state.safetensors")
-    adapter_config = read_adapter_config(adapter_dir)
-    write_lora_adapter(factors, adapter_config, workdir / "adapter")
-    return {"state": state_path, "adapter": workdir / "adapter"}
+    with safe_open(str(inputs["grams"]), framework="pt") as grams:
+        _check_merge_layers(loras, set(grams.keys()), None if previous is None else set(previous))
+        for module, (B, A, scale) in loras.items():
+            before = None if previous is None else load_state(previous[module], module)
+            state = absorb(before, B, A, scale, grams.get_tensor(module).to(torch.float64), config, module)
+            del before
+            merged_B, merged_A = export_lora(state, module)
+            if config.rank is not None:
+                merged_B, merged_A, _ = truncate(merged_B, merged_A, config.rank, module)
+            factors[module] = (merged_B.float(), merged_A.float())
+            save_state(state, state_dir / f"{module}{STATE_SUFFIX}")
+            del state
+    write_lora_adapter(factors, read_adapter_config(adapter_dir), workdir / "adapter")
+    return {"state": state_dir, "adapter": workdir / "adapter"}
 
 
 def compute_batch_merge(inputs: Mapping[str, Path], workdir: Path, *, config: Frozen, method: str, device: str) -> dict[str, Path]:
@@ -290,16 +350,91 @@ def _average_projector(task_dirs: list[Path]) -> dict[str, Any]:
     return {k: sum(s[k].double() for s in states).div(len(states)).to(states[0][k].dtype) for k in states[0]}
 
 
-def compute_eval(inputs: Mapping[str, Path], workdir: Path, *, config: EvalStageConfig, device: str) -> dict[str, Path]:
-    """Row t of the method's accuracy matrix: its model at t scored on the test split of every task ≤ t."""
+def compute_cram(inputs: Mapping[str, Path], workdir: Path, *, config: CramStageConfig, device: str) -> dict[str, Path]:
+    """cram[t]: task t's isolated expert from the base; its rank and orthogonality penalty read the experts of
+    tasks < t (inputs expert_0 … expert_{t−1}), which stay untouched."""
+    from many.data import read_task
+    from many.methods.cram import save_expert, train_expert
+
+    model, processor = _load_base(inputs["base"], config.dtype, device)
+    task = read_task(inputs["data"])
+    expert, allocation = train_expert(model, processor, task.train, config.cram, _indexed(inputs, "expert"), progress=False)
+    save_expert(expert, allocation, workdir / "expert")
+    return {"expert": workdir / "expert"}
+
+
+def compute_fwd_prompt(inputs: Mapping[str, Path], workdir: Path, *, config: FwdPromptStageConfig, device: str) -> dict[str, Path]:
+    """fwd_prompt[t]: the prompts and core after task t, continuing `previous` (fwd_prompt[t−1]); no samples kept."""
+    from many.data import read_task
+    from many.methods.fwd_prompt import load_state, save_state, train_task
+
+    model, processor = _load_base(inputs["base"], config.dtype, device)
+    task = read_task(inputs["data"])
+    previous = load_state(inputs["previous"]) if "previous" in inputs else None
+    state = train_task(model, processor, task.train, previous, config.fwd_prompt, progress=False)
+    save_state(state, workdir / "state")
+    return {"state": workdir / "state"}
+
+
+EvalFields = dict[str, Any]  # method-specific fields of the scores JSON, next to method/tasks/scores/tau
+
+
+def _eval_cram(inputs: Mapping[str, Path], base_model: Any, processor: Any, tasks: list[Any], cfg: EvalConfig) -> tuple[list[Any], EvalFields]:
+    """CRAM at t: each test image answered by the expert of its nearest task centroid — the CPM prototypes[≤t]."""
+    from many.methods.cram import evaluate_cram, load_expert, trainable_parameters
+    from many.prototypes import read_prototypes
+
+    experts = [load_expert(path) for path in _indexed(inputs, "expert")]
+    _, centroids, _ = read_prototypes(_indexed(inputs, "prototypes"))
+    results = [evaluate_cram(base_model, processor, task, experts, centroids, cfg) for task in tasks]
+    per_task = [trainable_parameters(expert)["total"] for expert in experts]
+    return results, {"trainable_parameters": sum(per_task), "parameters_per_task": per_task,
+                     "ranks": [expert.allocation.rank for expert in experts]}
+
+
+def _eval_fwd_prompt(inputs: Mapping[str, Path], base_model: Any, processor: Any, tasks: list[Any], cfg: EvalConfig) -> tuple[list[Any], EvalFields]:
+    """Fwd-Prompt at t: the base with the prompts of fwd_prompt[t] in front of every test prompt."""
+    from many.evaluate import evaluate
+    from many.methods.fwd_prompt import load_state, prompted_model, prompted_samples
+
+    state = load_state(inputs["merged"])
+    model, prompted = prompted_model(base_model, processor, state)
+    n = state.prompts.shape[0]
+    results = [evaluate(model, prompted, replace(task, test=prompted_samples(task.test, n)), cfg) for task in tasks]
+    # the prompts (n, d) are the only trained tensor; the core basis is computed, not trained
+    return results, {"trainable_parameters": state.prompts.numel(), "core_dims": state.core.shape[1]}
+
+
+SYSTEM_EVALS = {"cram": _eval_cram, "fwd_prompt": _eval_fwd_prompt}
+
+
+def _write_eval(workdir: Path, method: str, results: list[Any], fields: EvalFields) -> dict[str, Path]:
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    from many.evaluate import predictions_table
+
+    predictions = workdir / "predictions.parquet"
+    pq.write_table(pa.concat_tables([predictions_table(r) for r in results]), predictions)
+    scores = workdir / "scores.json"
+    scores.write_text(json.dumps({
+        "method": method, "tasks": [r.task for r in results], "scores": [r.score for r in results], **fields,
+    }, sort_keys=True))
+    return {"predictions": predictions, "scores": scores}
+
+
+def compute_eval(inputs: Mapping[str, Path], workdir: Path, *, config: EvalStageConfig, device: str) -> dict[str, Path]:
+    """Row t of the method's accuracy matrix: its model at t scored on the test split of every task ≤ t.
+
+    scores.json: {"method", "tasks", "scores" (percent), "tau"} and, for CRAM and Fwd-Prompt, the parameters they
+    trained: "trainable_parameters" (held after task t) and CRAM's "parameters_per_task" and "ranks" per expert.
+    """
     from safetensors.torch import load_file
 
     from many import cpm
     from many.adapters import lora_factors
     from many.data import read_task
-    from many.evaluate import Assembly, assemble, evaluate, lora_deltas, predictions_table
+    from many.evaluate import Assembly, assemble, evaluate, lora_deltas
     from many.prototypes import read_prototypes
     from many.training import projector_state
 
@@ -308,6 +443,9 @@ def compute_eval(inputs: Mapping[str, Path], workdir: Path, *, config: EvalStage
     task_dirs = _indexed(inputs, "finetune")
     method = config.method
     tau = None
+    if method in SYSTEM_EVALS:  # trained their own way (no finetune inputs), so evaluated their own way
+        results, fields = SYSTEM_EVALS[method](inputs, base_model, processor, tasks, config.eval)
+        return _write_eval(workdir, method, results, {"tau": None, **fields})
 
     def routed(deltas: Mapping[str, Any]) -> Assembly:
         nonlocal tau
@@ -341,13 +479,7 @@ def compute_eval(inputs: Mapping[str, Path], workdir: Path, *, config: EvalStage
         if assembly is not built:
             model, built = assemble(base_model, assembly), assembly
         results.append(evaluate(model, processor, task, config.eval, routing=assembly.router))
-    predictions = workdir / "predictions.parquet"
-    pq.write_table(pa.concat_tables([predictions_table(r) for r in results]), predictions)
-    scores = workdir / "scores.json"
-    scores.write_text(json.dumps({
-        "method": method, "tasks": [r.task for r in results], "scores": [r.score for r in results], "tau": tau,
-    }, sort_keys=True))
-    return {"predictions": predictions, "scores": scores}
+    return _write_eval(workdir, method, results, {"tau": tau})
 
 
 def _compute(name: str) -> Callable[..., dict[str, Path]]:
@@ -365,6 +497,8 @@ def _compute(name: str) -> Callable[..., dict[str, Path]]:
         "stats": compute_stats,
         "merge": compute_merge,
         "eval": compute_eval,
+        "cram": compute_cram,
+        "fwd_prompt": compute_fwd_prompt,
     }[name]
 
 
@@ -391,7 +525,9 @@ class StageRecord:
         }
 
 
-def execute(spec: StoreSpec, name: str, config: BaseModel, inputs: Mapping[str, BlobRef], num_cpus: float, device: str) -> tuple[str, str, float, str]:
+def execute(
+    spec: StoreSpec, name: str, config: BaseModel, inputs: Mapping[str, BlobRef], num_cpus: float, device: str, repair: bool = False,
+) -> tuple[str, str, float, str]:
     """Body of the Ray remote function: run the stage through the cache on this worker.
 
     Small values go in (the sub-config, blob references) and plain ones come back: (status, manifest JSON,
@@ -406,7 +542,7 @@ def execute(spec: StoreSpec, name: str, config: BaseModel, inputs: Mapping[str, 
     node = node_name()
     result = run_stage(
         store, stage_def(name, inputs), config, inputs,
-        lambda local, workdir: compute(local, workdir, config=config, device=device), host=node,
+        lambda local, workdir: compute(local, workdir, config=config, device=device), host=node, repair=repair,
     )
     return result.status, result.manifest.model_dump_json(), time.monotonic() - started, node
 
@@ -468,19 +604,30 @@ def stage_task(
     resource_group: str | None = None,
     task_name: str | None = None,
     method: str | None = None,
+    repair: bool = False,
 ) -> StageRecord:
     """Return the stage's cached manifest, or compute it on Ray with the given resources.
 
     `upstream` maps input name → (upstream StageRecord, its output name); Prefect resolves futures in it.
+    With `repair`, a cached stage counts only if its manifest reads and its output blobs re-hash intact.
     """
     started = time.monotonic()
     inputs = _resolve(upstream)
     definition = stage_def(stage, inputs)
-    cached = lookup(store.open(), definition, config, inputs)
+    try:
+        cached = lookup(store.open(), definition, config, inputs)
+    except CorruptArtifact:
+        if not repair:
+            raise
+        cached = None  # run_stage(repair=True) replaces the unreadable manifest
+    if cached is not None and repair and not intact(store.open(), cached):
+        cached = None
     if cached is not None:
         record = StageRecord(stage, task_name, method, cached.key, "cached", time.monotonic() - started, node_name(), cached.outputs)
     else:
-        record = _compute_on_ray(stage, config, inputs, store, cluster, num_cpus, num_gpus, resource_group or stage, task_name, method)
+        record = _compute_on_ray(
+            stage, config, inputs, store, cluster, num_cpus, num_gpus, resource_group or stage, task_name, method, repair
+        )
     if cluster.progress:
         _print_progress(stage, task_name, method, record.status, f"{record.seconds:7.1f}s  {record.node}")
     return record
@@ -488,7 +635,7 @@ def stage_task(
 
 def _compute_on_ray(
     stage: str, config: BaseModel, inputs: dict[str, BlobRef], store: StoreSpec, cluster: ClusterSpec,
-    num_cpus: float, num_gpus: float, group: str, task_name: str | None, method: str | None,
+    num_cpus: float, num_gpus: float, group: str, task_name: str | None, method: str | None, repair: bool = False,
 ) -> StageRecord:
     global _remote_execute
     import ray
@@ -497,11 +644,12 @@ def _compute_on_ray(
     check_resources(group, num_cpus, num_gpus)
     if _remote_execute is None:
         _remote_execute = ray.remote(execute)
-    device = "cuda" if num_gpus > 0 else "cpu"
+    # "auto": CUDA if the worker Ray placed us on has it, else CPU (a GPU resource on a CUDA-less node).
+    device = "auto" if num_gpus > 0 else "cpu"
     if cluster.progress:
         _print_progress(stage, task_name, method, "running", f"on {num_cpus:g} CPU(s), {num_gpus:g} GPU(s)")
     ref = _remote_execute.options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0).remote(
-        store, stage, config, inputs, num_cpus, device
+        store, stage, config, inputs, num_cpus, device, repair
     )
     try:
         status, manifest_json, seconds, node = ray.get(ref)
@@ -521,7 +669,7 @@ def read_json_output(store: Store, record_or_manifest: StageRecord | Manifest, o
 
 
 __all__ = [
-    "BASELINES", "BaseStageConfig", "ClusterSpec", "DataStageConfig", "EvalStageConfig", "FinetuneStageConfig",
-    "PrototypesStageConfig", "ROUTED", "StageRecord", "StatsStageConfig", "load_states",
+    "BASELINES", "BaseStageConfig", "ClusterSpec", "CramStageConfig", "DataStageConfig", "EvalStageConfig",
+    "FinetuneStageConfig", "FwdPromptStageConfig", "PrototypesStageConfig", "ROUTED", "SYSTEMS", "StageRecord", "StatsStageConfig", "load_state", "state_gammas",
     "read_json_output", "stage_def", "stage_task",
 ]

@@ -29,4 +29,9 @@ class CorruptArtifact(StoreError):
     def __init__(self, subject: str, context: str, problem: str) -> None:
         self.subject = subject
         self.context = context
+        self.problem = problem
         super().__init__(f"corrupt artifact: {subject} ({context}) {problem}; recompute the stage with --repair")
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, str]]:
+        """Rebuild from the three parts: a stage's error crosses from its Ray worker to the driver."""
+        return type(self), (self.subject, self.context, self.problem)

@@ -105,11 +105,3 @@ def test_ls_and_gc_on_an_empty_store(tmp_path: Path, capsys) -> None:
     assert main(["gc", "--store", str(tmp_path / "s"), "--dry-run"]) == 0
     assert "would delete 0 orphan files" in capsys.readouterr().err
 
-
-def test_serve_builds_a_cron_deployment_of_the_config() -> None:
-    from flows.serve import deployment
-
-    config = RunConfig().first(2).model_dump(mode="json")
-    built = deployment(config, "0 3 * * *")
-    assert built.name == "many" and built.schedules[0].schedule.cron == "0 3 * * *"
-    assert parse_config(built.parameters["config"]) == RunConfig().first(2)

@@ -1,4 +1,5 @@
-"""Fast tests of the report: the accuracy matrix from eval score blobs, UCIT metrics, tables and plots."""
+"""Fast tests of the pipeline report: the accuracy matrix from eval score blobs, UCIT metrics, tables and the
+rendered files (many.report.render) that `many report --out` writes."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.report import build_report, markdown_table, text_table, write_report
+from flows.report import build_report, text_table
+from many.report import markdown_table, render
 from tasks.stages import StageRecord
 from tasks.store import Store, StoreError
 
@@ -19,26 +21,33 @@ def eval_record(store: Store, method: str, tasks: list[str], scores: list[float]
 
 def test_matrix_and_metrics_from_eval_rows(tmp_path: Path) -> None:
     store = Store.open(str(tmp_path / "store"))
-    tasks = ["a", "b"]
-    evals = [
-        ("many", 0, eval_record(store, "many", ["a"], [80.0])),
-        ("many", 1, eval_record(store, "many", ["a", "b"], [60.0, 90.0])),
-    ]
-    report = build_report(store, tasks, ["many"], evals)
-    row = report["methods"]["many"]
-    assert report["tasks"] == tasks
-    assert row["matrix"] == [[80.0, None], [60.0, 90.0]]
-    assert row["MFT"] == pytest.approx(85.0) and row["MFN"] == pytest.approx(75.0)
-    assert row["MAA"] == pytest.approx((80.0 + 75.0) / 2) and row["BWT"] == pytest.approx(-20.0)
-    assert "many" in text_table(report) and "| many | 85.0 | 75.0 | 77.5 | -20.0 |" in markdown_table(report)
-    written = write_report(report, tmp_path / "out")
-    assert json.loads((tmp_path / "out" / "report.json").read_text()) == report
-    assert all(p.stat().st_size > 0 for p in written)
+    tasks = ["a", "b", "c"]
+    rows = {"many": [[80.0], [70.0, 90.0], [60.0, 85.0, 100.0]], "seqlora": [[80.0], [10.0, 95.0], [0.0, 5.0, 99.0]]}
+    evals = [(m, t, eval_record(store, m, tasks[: t + 1], row)) for m, matrix in rows.items() for t, row in enumerate(matrix)]
+    report = build_report(store, tasks, list(rows), evals)
+    assert set(report) == {"tasks", "methods"} and report["tasks"] == tasks
+    many = report["methods"]["many"]
+    assert set(many) == {"matrix", "MFT", "MFN", "MAA", "BWT"}
+    assert many["matrix"] == [[80.0, None, None], [70.0, 90.0, None], [60.0, 85.0, 100.0]]
+    assert many["MFT"] == pytest.approx(90.0) and many["MFN"] == pytest.approx(245.0 / 3)
+    assert many["MAA"] == pytest.approx((80.0 + 80.0 + 245.0 / 3) / 3)
+    assert many["BWT"] == pytest.approx(((60.0 - 80.0) + (85.0 - 90.0)) / 2)
+    assert report["methods"]["seqlora"]["BWT"] == pytest.approx(((0.0 - 80.0) + (5.0 - 95.0)) / 2)
+    table = text_table(report)
+    assert "many" in table and "-12.5" in table and "-85.0" in table
+    assert "| many | 60.0 | 85.0 | 100.0 | 90.0 | **81.7** | 80.6 | -12.5 |" in markdown_table(report)
+
+    written = render(report, tmp_path / "out")
+    assert json.loads(written["report.json"].read_text()) == report
+    assert {"report.md", "report.html", "forgetting.png", "heatmap_many.png", "heatmap_seqlora.png"} <= set(written)
+    assert all(p.stat().st_size > 0 for p in written.values())
+    assert written["forgetting.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "data:image/png;base64," in written["report.html"].read_text()
 
 
-def test_incomplete_rows_give_no_metrics_and_a_wrong_row_is_an_error(tmp_path: Path) -> None:
+def test_a_missing_or_wrong_row_is_an_error(tmp_path: Path) -> None:
     store = Store.open(str(tmp_path / "store"))
-    report = build_report(store, ["a", "b"], ["many"], [("many", 0, eval_record(store, "many", ["a"], [50.0]))])
-    assert report["methods"]["many"]["MFN"] is None
+    with pytest.raises(StoreError, match="no eval of many after task\\(s\\) \\['b'\\]"):
+        build_report(store, ["a", "b"], ["many"], [("many", 0, eval_record(store, "many", ["a"], [50.0]))])
     with pytest.raises(StoreError, match="expected \\['a', 'b'\\]"):
         build_report(store, ["a", "b"], ["many"], [("many", 1, eval_record(store, "many", ["b"], [50.0]))])

@@ -6,8 +6,13 @@ from __future__ import annotations
 import http.client
 import logging
 import os
+import random
+import socket
+import struct
 import threading
+import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -23,6 +28,7 @@ from tasks.store import Store
 FAKE_KEY_ID = "AKIAMANYTESTKEY4242"
 FAKE_SECRET = "many-fake-secret-never-store-me"
 REGION = "eu-west-3"
+STALL_SECONDS = 1.0  # a stalled request of FaultyS3.fail_randomly: slow, well under the store's read timeout
 
 
 @pytest.fixture(scope="session")
@@ -112,12 +118,18 @@ def blob_rel(digest: str) -> str:
 
 class FaultyS3:
     """An HTTP proxy in front of moto that answers the next `n` requests with an injected S3 error
-    (503 SlowDown-style outage, or 403 AccessDenied) and forwards everything else; counts requests."""
+    (503 SlowDown-style outage, or 403 AccessDenied) and forwards everything else; counts requests.
+
+    `fail_randomly` instead injects a fault into a fraction of all requests: a 500/503, a connection reset
+    before forwarding, a "lost answer" (forwarded to S3, then the connection reset: the write happened but
+    the client never hears so), or a stall; `injected` counts them by kind."""
 
     def __init__(self, upstream: str) -> None:
         self.upstream = urlsplit(upstream).netloc
         self.requests = 0
+        self.injected: Counter[str] = Counter()
         self._faults: list[tuple[int, str]] = []
+        self._random: tuple[float, tuple[str, ...], random.Random] | None = None
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
@@ -126,6 +138,22 @@ class FaultyS3:
     def fail_next(self, n: int, status: int, code: str) -> None:
         with self._lock:
             self._faults = [(status, code)] * n
+
+    def fail_randomly(self, fraction: float, kinds: tuple[str, ...] = ("500", "503", "reset", "lost", "stall"), seed: int = 0) -> None:
+        with self._lock:
+            self._random = (fraction, kinds, random.Random(seed)) if fraction > 0 else None
+
+    def _draw(self) -> tuple[int, str] | str | None:
+        if self._faults:
+            return self._faults.pop(0)
+        if self._random is None:
+            return None
+        fraction, kinds, rng = self._random
+        if rng.random() >= fraction:
+            return None
+        kind = rng.choice(kinds)
+        self.injected[kind] += 1
+        return (int(kind), "InternalError" if kind == "500" else "SlowDown") if kind.isdigit() else kind
 
     def faults_left(self) -> int:
         with self._lock:
@@ -148,8 +176,12 @@ class FaultyS3:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 with proxy._lock:
                     proxy.requests += 1
-                    fault = proxy._faults.pop(0) if proxy._faults else None
-                if fault:
+                    fault = proxy._draw()
+                if fault == "stall":
+                    time.sleep(STALL_SECONDS)
+                elif fault == "reset":
+                    return self.reset()
+                if isinstance(fault, tuple):
                     error = f"<Error><Code>{fault[1]}</Code><Message>injected</Message></Error>".encode()
                     self.send_response(fault[0])
                     self.send_header("Content-Length", str(len(error)))
@@ -162,6 +194,9 @@ class FaultyS3:
                 upstream.request(self.command, self.path, body=body, headers=headers)
                 response = upstream.getresponse()
                 data = response.read()
+                upstream.close()
+                if fault == "lost":
+                    return self.reset()
                 self.send_response(response.status)
                 for name, value in response.getheaders():
                     if name.lower() not in ("connection", "transfer-encoding", "server", "date", "content-length"):
@@ -171,7 +206,11 @@ class FaultyS3:
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
-                upstream.close()
+
+            def reset(self) -> None:
+                """Drop the connection with a TCP RST, as a crashed load balancer would."""
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.close_connection = True
 
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = forward
 

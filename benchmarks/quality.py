@@ -1,0 +1,158 @@
+"""Quality of every method on the mini-UCIT stream through the real pipeline (issue #8, DESIGN.md §1 "Metrics").
+
+For each seed s and task order (UCIT order, and its reverse) one `flows.pipeline.continual_update` run with
+base.seed = finetune.seed = data.mini_ucit.seed = s, all into ONE store, so whatever two runs share is computed
+once (a seed's base, data, finetunes, statistics and prototypes serve both orders; only the order-dependent merges,
+SeqLoRA chain and eval rows are recomputed). The reports are aggregated per order and method as mean ± std
+over seeds of Last (MFN), MFT, MAA and BWT, and checked against issue #8's goals, stated here and never tuned
+to a method:
+
+    MAny Last ≥ SeqLoRA Last + 15     MAny Last > every merge baseline's Last
+    MAny Last ≥ individual Last − 3   MAny BWT ≥ −2
+
+Default: the embedded mini-UCIT defaults, 6 tasks, 3 seeds, both orders (~25 min per seed and order on two
+cores, cold). `--smoke`: examples/tiny.yaml, 2 tasks, 1 seed (a minute or two).
+
+    python -m benchmarks.quality [--smoke] [--seeds N] [--orders ucit,reverse] [--tasks N] [--store URL] [--json PATH]
+                                 [--plots DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.incremental import EXAMPLES, _environment
+
+ORDERS = ("ucit", "reverse")
+SUMMARY = (("Last", "MFN"), ("MFT", "MFT"), ("MAA", "MAA"), ("BWT", "BWT"))
+MERGE_BASELINES = ("average", "task_arithmetic", "ties", "regmean")
+
+
+def seeded(config: Any, seed: int, order: str, tasks: int, store: str) -> Any:
+    """`config` for one replicate: every seed set to `seed`, the first `tasks` tasks in `order`, into `store`."""
+    stream = config.tasks[:tasks]
+    return config.model_copy(update={
+        "tasks": stream if order == "ucit" else tuple(reversed(stream)),
+        "base": config.base.model_copy(update={"seed": seed}),
+        "finetune": config.finetune.model_copy(update={"seed": seed}),
+        "data": config.data.model_copy(update={"mini_ucit": config.data.mini_ucit.model_copy(update={"seed": seed})}),
+        "store": config.store.model_copy(update={"url": store}),
+    })
+
+
+def aggregate(reports: list[dict[str, Any]]) -> dict[str, dict[str, tuple[float, float]]]:
+    """{method: {metric: (mean, std)}} over the replicates' reports (std 0 for one replicate)."""
+    out: dict[str, dict[str, tuple[float, float]]] = {}
+    for method in reports[0]["methods"]:
+        out[method] = {}
+        for label, key in SUMMARY:
+            values = [r["methods"][method][key] for r in reports]
+            out[method][label] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+    return out
+
+
+def goals(table: dict[str, dict[str, tuple[float, float]]]) -> list[tuple[str, str, bool]]:
+    """Issue #8's goals on the mean values: (goal, measured, met); goals whose methods did not run are skipped."""
+    if "many" not in table:
+        return []
+    last = {m: row["Last"][0] for m, row in table.items()}
+    many = last["many"]
+    rows = []
+    if "seqlora" in last:
+        rows.append(("MAny Last ≥ SeqLoRA Last + 15", f"{many - last['seqlora']:+.1f}", many >= last["seqlora"] + 15))
+    merges = [m for m in MERGE_BASELINES if m in last]
+    if merges:
+        best = max(merges, key=last.__getitem__)
+        rows.append((f"MAny Last > best merge baseline ({best})", f"{many - last[best]:+.1f}", many > last[best]))
+    if "individual" in last:
+        rows.append(("MAny Last ≥ individual Last − 3", f"{many - last['individual']:+.1f}", many >= last["individual"] - 3))
+    bwt = table["many"]["BWT"][0]
+    rows.append(("MAny BWT ≥ −2", f"{bwt:+.1f}", bwt >= -2))
+    return rows
+
+
+def markdown(order: str, tasks: list[str], n_seeds: int, table: dict[str, dict[str, tuple[float, float]]]) -> str:
+    lines = [f"**{order} order** ({' → '.join(tasks)}), mean ± std over {n_seeds} seed(s)", "",
+             "| method | " + " | ".join(label for label, _ in SUMMARY) + " |", "|---|" + "---:|" * len(SUMMARY)]
+    for method, row in table.items():
+        cells = [f"{mean:+.1f} ± {std:.1f}" if label == "BWT" else f"{mean:.1f} ± {std:.1f}" for label, (mean, std) in row.items()]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    checks = goals(table)
+    if checks:
+        lines += ["", "| goal (issue #8) | measured | met |", "|---|---:|---|"]
+        lines += [f"| {goal} | {value} | {'yes' if met else 'no'} |" for goal, value, met in checks]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="examples/tiny.yaml, 2 tasks, 1 seed")
+    parser.add_argument("--seeds", type=int, help="replicates, seeds 0..N-1 (default 3, smoke 1)")
+    parser.add_argument("--orders", default=",".join(ORDERS), help="comma-separated subset of: " + ", ".join(ORDERS))
+    parser.add_argument("--tasks", type=int, help="first N tasks of the UCIT order (default all, smoke 2)")
+    parser.add_argument("--store", help="store URL shared by every run (default: a fresh temporary directory)")
+    parser.add_argument("--json", type=Path, help="also write every report and the aggregate here")
+    parser.add_argument("--plots", type=Path, help="render each run's report (many.report.render) to DIR/<order>-seed<s>/")
+    args = parser.parse_args(argv)
+    orders = [o for o in args.orders.split(",") if o]
+    if not orders or any(o not in ORDERS for o in orders):
+        parser.error(f"--orders {args.orders!r}: choose a comma-separated subset of {', '.join(ORDERS)}")
+    seeds = args.seeds or (1 if args.smoke else 3)
+    if seeds < 1:
+        parser.error(f"--seeds {seeds}: need at least one seed")
+
+    scratch = Path(tempfile.mkdtemp(prefix="many-quality-"))
+    _environment(scratch)
+    from flows.config import RunConfig, load_config
+    from flows.pipeline import continual_update
+    from many.report import render
+
+    config = load_config(EXAMPLES / "tiny.yaml") if args.smoke else RunConfig()
+    n_tasks = args.tasks or (2 if args.smoke else len(config.tasks))
+    if not 1 <= n_tasks <= len(config.tasks):
+        parser.error(f"--tasks {n_tasks}: the stream has {len(config.tasks)} tasks; choose 1..{len(config.tasks)}")
+    store = args.store or str(scratch / "store")
+
+    reports: dict[str, list[dict[str, Any]]] = {o: [] for o in orders}
+    timings = []
+    for seed in range(seeds):
+        for order in orders:
+            cfg = seeded(config, seed, order, n_tasks, store)
+            print(f"  seed {seed}, {order} order: {len(cfg.tasks)} tasks × {len(cfg.methods)} methods …", file=sys.stderr, flush=True)
+            start = time.perf_counter()
+            summary = continual_update(cfg)
+            computed = sum(s["status"] == "computed" for s in summary["stages"])
+            timings.append((seed, order, computed, len(summary["stages"]), time.perf_counter() - start))
+            reports[order].append(summary["report"])
+            if args.plots:
+                render(summary["report"], args.plots / f"{order}-seed{seed}")
+
+    stream = "examples/tiny.yaml" if args.smoke else "embedded mini-UCIT defaults"
+    print(f"Stream: {stream}, {n_tasks} tasks, seeds 0..{seeds - 1}, one store for every run.\n")
+    tables = {}
+    for order in orders:
+        tables[order] = aggregate(reports[order])
+        print(markdown(order, reports[order][0]["tasks"], seeds, tables[order]) + "\n")
+    if args.plots:
+        print(f"Plots: {args.plots}/<order>-seed<s>/report.html, heatmap_<method>.png, forgetting.png\n")
+    print("| seed | order | stages computed | seconds |\n|---|---|---:|---:|")
+    for seed, order, computed, total, seconds in timings:
+        print(f"| {seed} | {order} | {computed} / {total} | {seconds:.0f} |")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "stream": stream, "tasks": n_tasks, "seeds": seeds, "reports": reports,
+            "aggregate": {o: {m: {k: list(v) for k, v in row.items()} for m, row in t.items()} for o, t in tables.items()},
+            "seconds": [{"seed": s, "order": o, "computed": c, "seconds": x} for s, o, c, _, x in timings],
+        }, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Synthetic merge streams (issue #8 perf): random LoRAs and Grams of a given model shape pushed through the real
+`merge` stage (tasks.stages.compute_merge under tasks.stage.run_stage) and the real store, no training.
+
+A task is a PEFT adapter dir (write_lora_adapter) and a Grams file (save_grams, float32, one entry per LoRA
+module as the stats stage writes it), both put into the store as the finetune and stats stages would. Grams are
+XᵀX/N of N random tokens plus a small diagonal, so they are symmetric positive definite like real ones; layers
+fed by the same input (q/k/v, gate/up) share one Gram, as in a Llama block.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import torch
+
+from many.adapters import write_lora_adapter
+from many.config import LPMConfig
+from many.stats import save_grams
+from tasks.stage import run_stage
+from tasks.stages import compute_merge, stage_def
+from tasks.store import BlobRef, Manifest, Store
+
+PREFIX = "base_model.model.model.language_model.layers"
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A Llama decoder's LoRA-targeted layers: `layers` blocks of hidden×hidden attention and hidden↔intermediate MLP."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    rank: int = 8
+
+    def modules(self) -> dict[str, tuple[int, int, str]]:
+        """{PEFT module name: (out, in, Gram group)}; modules of one group read the same input."""
+        out: dict[str, tuple[int, int, str]] = {}
+        for i in range(self.layers):
+            block = f"{PREFIX}.{i}"
+            for name in ATTENTION:
+                group = f"{block}.o" if name == "o_proj" else f"{block}.qkv"
+                out[f"{block}.self_attn.{name}"] = (self.hidden, self.hidden, group)
+            out[f"{block}.mlp.gate_proj"] = (self.intermediate, self.hidden, f"{block}.gate_up")
+            out[f"{block}.mlp.up_proj"] = (self.intermediate, self.hidden, f"{block}.gate_up")
+            out[f"{block}.mlp.down_proj"] = (self.hidden, self.intermediate, f"{block}.down")
+        return out
+
+    def gram_bytes(self, shared: bool) -> int:
+        """float32 bytes of one task's Grams: one per module (the stats stage's format) or one per input group."""
+        modules = self.modules()
+        sizes = {group if shared else name: n_in * n_in * 4 for name, (_, n_in, group) in modules.items()}
+        return sum(sizes.values())
+
+
+def adapter_config(shape: Shape) -> dict:
+    return {
+        "peft_type": "LORA", "r": shape.rank, "lora_alpha": 2 * shape.rank, "lora_dropout": 0.0, "bias": "none",
+        "target_modules": r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)",
+        "task_type": None, "base_model_name_or_path": None,
+    }
+
+
+def write_task(shape: Shape, seed: int, out: Path, tokens: int = 256) -> tuple[Path, Path]:
+    """One synthetic task: (dir holding adapter/, Grams file) under `out`."""
+    generator = torch.Generator().manual_seed(seed)
+    grams: dict[str, torch.Tensor] = {}
+    by_group: dict[str, torch.Tensor] = {}
+    factors = {}
+    for name, (n_out, n_in, group) in shape.modules().items():
+        if group not in by_group:
+            x = torch.randn(tokens, n_in, generator=generator)
+            gram = x.T @ x / tokens
+            gram.diagonal().add_(1e-2)
+            by_group[group] = gram
+        grams[name] = by_group[group]
+        factors[name] = (torch.randn(n_out, shape.rank, generator=generator) * 0.02,
+                         torch.randn(shape.rank, n_in, generator=generator) / n_in**0.5)
+    task_dir = out / f"task-{seed}"
+    write_lora_adapter(factors, adapter_config(shape), task_dir / "adapter")
+    gram_path = save_grams({k: v.clone() for k, v in grams.items()}, out / f"grams-{seed}.safetensors")
+    return task_dir, gram_path
+
+
+@contextmanager
+def peak_rss(interval: float = 0.01) -> Iterator[dict[str, int]]:
+    """Sample this process's resident set size every `interval` s; yields a dict whose "peak" is set on exit."""
+    process, result, done = psutil.Process(), {"peak": 0}, threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            result["peak"] = max(result["peak"], process.memory_info().rss)
+            done.wait(interval)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield result
+    finally:
+        done.set()
+        thread.join()
+        result["peak"] = max(result["peak"], process.memory_info().rss)
+
+
+def tree_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+@dataclass(frozen=True)
+class Step:
+    t: int
+    seconds: float
+    peak_rss: int
+    store_bytes: int
+    state_bytes: int
+    task_bytes: int
+
+
+def merge_stream(store: Store, root: Path, shape: Shape, tasks: int, scratch: Path, config: LPMConfig = LPMConfig(),
+                 report: Callable[[Step], None] = lambda step: None) -> tuple[list[Step], Manifest]:
+    """Tasks 1..`tasks` through the real merge stage into `store` (a local store at `root`), one after another;
+    per step its time, peak RSS, the store's size, the state blob's size and the task's input bytes; and the last
+    step's manifest.
+
+    The task's inputs are written and put before the timer starts; the step is run_stage (materialise inputs,
+    absorb + export, put outputs, write the manifest). Each task's local files are deleted after its put.
+    """
+    steps, previous = [], None
+    for t in range(1, tasks + 1):
+        task_dir, gram_path = write_task(shape, seed=t, out=scratch)
+        inputs: dict[str, BlobRef] = {"finetune": store.put(task_dir), "grams": store.put(gram_path)}
+        task_bytes = tree_bytes(task_dir) + gram_path.stat().st_size
+        shutil.rmtree(task_dir)
+        gram_path.unlink()
+        if previous is not None:
+            inputs["previous"] = previous
+        start = time.perf_counter()
+        with peak_rss() as peak:
+            result = run_stage(store, stage_def("merge", inputs), config, inputs,
+                               lambda local, workdir: compute_merge(local, workdir, config=config, device="cpu"))
+        seconds = time.perf_counter() - start
+        previous = result.manifest.outputs["state"]
+        step = Step(t, seconds, peak["peak"], tree_bytes(root), previous.size, task_bytes)
+        report(step)
+        steps.append(step)
+    return steps, result.manifest

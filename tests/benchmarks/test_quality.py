@@ -1,0 +1,39 @@
+"""benchmarks/quality.py's aggregation and goal checks on fixed reports (no pipeline run)."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.quality import aggregate, goals, markdown, seeded
+from flows.config import RunConfig
+from many.report import build_report
+
+TASKS = ["a", "b"]
+
+
+def report(many: float, seqlora: float, ties: float, individual: float) -> dict:
+    def diagonal(last: float) -> list[list[float | None]]:
+        return [[last, None], [last, last]]
+
+    return build_report(TASKS, {"many": [[80.0, None], [many, 80.0]], "seqlora": diagonal(seqlora),
+                                "ties": diagonal(ties), "individual": diagonal(individual)})
+
+
+def test_mean_std_and_goals() -> None:
+    table = aggregate([report(70.0, 40.0, 60.0, 80.0), report(74.0, 44.0, 80.0, 80.0)])
+    assert table["many"]["Last"] == pytest.approx((76.0, 2 ** 0.5))  # Last = mean(72, 80) = 76 ± √2
+    assert table["many"]["BWT"] == pytest.approx((-8.0, 2 * 2 ** 0.5))
+    assert table["seqlora"]["Last"] == pytest.approx((42.0, 2 * 2 ** 0.5))
+    checks = {goal: met for goal, _, met in goals(table)}
+    assert checks == {"MAny Last ≥ SeqLoRA Last + 15": True, "MAny Last > best merge baseline (ties)": True,
+                      "MAny Last ≥ individual Last − 3": False, "MAny BWT ≥ −2": False}
+    text = markdown("ucit", TASKS, 2, table)
+    assert "| many | 76.0 ± 1.4 | 80.0 ± 0.0 | 78.0 ± 0.7 | -8.0 ± 2.8 |" in text
+    assert "| MAny BWT ≥ −2 | -8.0 | no |" in text
+
+
+def test_seeded_config_sets_every_seed_and_the_order() -> None:
+    config = seeded(RunConfig(), seed=2, order="reverse", tasks=3, store="/tmp/x")
+    assert [t.name for t in config.tasks] == ["noisy-caption", "chart-qa", "style-cls"]
+    assert (config.base.seed, config.finetune.seed, config.data.mini_ucit.seed) == (2, 2, 2)
+    assert config.store.url == "/tmp/x"

@@ -1,0 +1,16 @@
+"""`make bench-smoke`: every benchmark of BENCHMARKS.md runs at its tiny size, so the scripts cannot rot."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import all as bench_all
+
+
+@pytest.mark.slow
+def test_bench_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench_all.main(["--smoke"]) == 0
+    out = capsys.readouterr().out
+    for expected in ("**ucit order**", "**reverse order**", "| goal | measured | goal | met |", "synthetic tasks",
+                     "smoke shapes", "step / bare", "store / plain", "finetune_steps_per_s"):
+        assert expected in out
