@@ -1,0 +1,219 @@
+"""Bad inputs (issue #9.5): each case names the input, the one-line message expected on stderr, the exit
+code (2: bad input; 1 where DESIGN.md §5 calls it a runtime failure), and the store listing unchanged.
+
+Config, task-name and store-URL cases fail before any flow starts (fast). Data cases (missing image,
+corrupt PNG, empty task, answerless conversation) fail in the data stage of a real flow (slow). There is
+no way to feed a user adapter into the pipeline, so NaN and shape-mismatched adapters are tested at the
+stage level: the merge stage refuses them and writes no manifest.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.cli import main
+from tasks.store import Store
+from tests.reliability.conftest import SMALL, listing, many, many_env
+
+BAD_CONFIGS = [
+    ("malformed_yaml", "tasks: [style-cls\n", "malformed YAML"),
+    ("unknown_key", {"finetune": {"stepz": 3}}, "finetune.stepz: unknown key"),
+    ("unknown_task_kind", {"tasks": ["style-cls", "poetry"]}, "unknown task kind 'poetry'"),
+    ("unknown_method", {"methods": ["many", "magic"]}, "methods.1: Input should be"),
+    ("negative_rank", {"finetune": {"lora": {"rank": -4}}}, "finetune.lora.rank: Input should be greater than 0"),
+    ("zero_rank", {"finetune": {"lora": {"rank": 0}}}, "finetune.lora.rank: Input should be greater than 0"),
+    ("dotdot_task_name", {"tasks": [{"name": "../../escape", "kind": "style-cls"}]}, "tasks.0.name: String should match pattern"),
+    ("absolute_task_name", {"tasks": [{"name": "/etc/passwd", "kind": "style-cls"}]}, "tasks.0.name: String should match pattern"),
+    ("slash_task_name", {"tasks": [{"name": "a/b", "kind": "chart-qa"}]}, "tasks.0.name: String should match pattern"),
+]
+
+
+@pytest.fixture
+def store_dir(tmp_path: Path) -> Path:
+    """A store with something in it, so "unchanged" is not trivially "still empty"."""
+    store = Store.open(str(tmp_path / "store"))
+    store.put_bytes(b'{"already": "here"}')
+    return tmp_path / "store"
+
+
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    return code, err
+
+
+@pytest.mark.parametrize(("case", "config", "message"), BAD_CONFIGS, ids=[c[0] for c in BAD_CONFIGS])
+def test_bad_config_is_one_line_exit_2_store_unchanged(
+    case: str, config: str | dict, message: str, store_dir: Path, tmp_path: Path, capsys
+) -> None:
+    path = tmp_path / f"{case}.yaml"
+    path.write_text(config if isinstance(config, str) else yaml.safe_dump({**SMALL, **config}))
+    before = listing(store_dir)
+    code, err = run_cli(["run", "--config", str(path), "--store", str(store_dir)], capsys)
+    assert (code, message in err, str(path) in err) == (2, True, True), err
+    assert listing(store_dir) == before
+
+
+def test_nonexistent_bucket_is_exit_2(s3_endpoint: str, tmp_path: Path, capsys) -> None:
+    code, err = run_cli(["run", "--store", "s3://many-no-such-bucket/x"], capsys)
+    assert code == 2 and "bucket 'many-no-such-bucket' does not exist" in err, err
+
+
+def test_store_root_that_cannot_be_created_is_exit_2(tmp_path: Path, capsys) -> None:
+    (tmp_path / "file").write_text("x")
+    code, err = run_cli(["run", "--store", str(tmp_path / "file" / "store")], capsys)
+    assert code == 2 and "cannot create store root" in err, err
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_unreachable_store_is_one_line_exit_1(tmp_path: Path, capsys, monkeypatch) -> None:
+    """A network failure is a runtime failure (DESIGN.md §5: exit 1), after bounded retries."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # discard port: connection refused
+    code, err = run_cli(["run", "--store", "s3://many-bucket/x"], capsys)
+    assert code == 1 and "cannot reach bucket 'many-bucket'" in err and "127.0.0.1" not in err, err
+
+
+# -- adapters: stage level (no pipeline input takes a user adapter) ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def task_and_grams(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A real finetune output dir (PEFT adapter + projector) and its Grams, from the shared tiny base."""
+    from many.config import FinetuneConfig, LoraConfig, StatsConfig
+    from many.model.load import load_base
+    from many.stats import collect_grams, save_grams
+    from many.training import finetune, save_task
+    from tests.conftest import FIXTURE_BASE, make_samples
+
+    out = tmp_path_factory.mktemp("adapter")
+    base_dir = tmp_path_factory.getbasetemp() / "bad-input-base"
+    if not base_dir.exists():
+        from many.model.load import save_base
+        from many.model.tiny import build_tiny_llava
+        from tests.conftest import FIXTURE_MODEL, FIXTURE_VOCAB
+
+        save_base(*build_tiny_llava(FIXTURE_MODEL, FIXTURE_VOCAB, seed=0), base_dir)
+    model, processor = load_base(base_dir, FIXTURE_BASE)
+    samples = make_samples(8)
+    tuned = finetune(model, processor, samples, FinetuneConfig(lora=LoraConfig(rank=2), steps=2, batch_size=4, warmup_steps=0),
+                     progress=False)
+    save_task(tuned, out / "task")
+    save_grams(collect_grams(tuned, processor, samples, StatsConfig(), progress=False), out / "gram.safetensors")
+    return out / "task", out / "gram.safetensors"
+
+
+def _poison_nan(tensors: dict) -> dict:
+    key = next(k for k in tensors if "lora_A" in k)
+    tensors[key][0, 0] = float("nan")
+    return tensors
+
+
+def _wrong_shape(tensors: dict) -> dict:
+    import torch
+
+    key = next(k for k in tensors if "lora_A" in k)  # input width ≠ the base layer's (= its Gram's)
+    tensors[key] = torch.ones(tensors[key].shape[0], tensors[key].shape[1] + 3)
+    return tensors
+
+
+def _rank_mismatch(tensors: dict) -> dict:
+    import torch
+
+    key = next(k for k in tensors if "lora_A" in k)
+    tensors[key] = torch.ones(tensors[key].shape[0] + 1, tensors[key].shape[1])
+    return tensors
+
+
+BAD_ADAPTERS = [
+    ("nan", _poison_nan, "non-finite values (NaN/inf)"),
+    ("rank_mismatch", _rank_mismatch, "rank mismatch"),
+    ("shape_not_the_base", _wrong_shape, "LPM"),
+]
+
+
+@pytest.mark.parametrize(("case", "damage", "message"), BAD_ADAPTERS, ids=[c[0] for c in BAD_ADAPTERS])
+def test_bad_adapter_is_refused_by_the_merge_stage_and_no_manifest_is_written(
+    case: str, damage, message: str, task_and_grams: tuple[Path, Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from many.config import LPMConfig
+    from tasks.stage import run_stage
+    from tasks.stages import compute_merge, stage_def
+
+    task_dir, grams = task_and_grams
+    bad = tmp_path / "task"
+    shutil.copytree(task_dir, bad)
+    weights = bad / "adapter" / "adapter_model.safetensors"
+    save_file(damage(load_file(str(weights))), str(weights))
+    store = Store.open(str(tmp_path / "store"), cache_dir=tmp_path / "cache")
+    inputs = {"finetune": store.put(bad), "grams": store.put(grams)}
+    before = listing(tmp_path / "store")
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")) as error:
+        run_stage(store, stage_def("merge", inputs), LPMConfig(), inputs,
+                  lambda local, workdir: compute_merge(local, workdir, config=LPMConfig(), device="cpu"))
+    assert "\n" not in str(error.value)
+    assert listing(tmp_path / "store") == before
+
+
+# -- data: the data stage of a real flow (slow) ----------------------------------------------------------
+
+
+def _png() -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _record(i: int, answer: str | None = "red", image: str = "ok.png") -> dict:
+    turns = [{"from": "human", "value": "<image>\nwhat colour is the shape?"}]
+    if answer is not None:
+        turns.append({"from": "gpt", "value": answer})
+    return {"id": f"r{i}", "image": image, "conversations": turns}
+
+
+BAD_DATA = [
+    ("missing_image", [_record(0), _record(1, image="absent.png")], "image file not found"),
+    ("corrupt_png", [_record(0), _record(1, image="corrupt.png")], "corrupt image"),
+    ("empty_dataset", [], "empty task"),
+    ("answerless_conversation", [_record(0), _record(1, answer=None)], "has no gpt answer"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("case", "records", "message"), BAD_DATA, ids=[c[0] for c in BAD_DATA])
+def test_bad_data_fails_in_the_data_stage_with_exit_2(
+    case: str, records: list, message: str, tiny_base_dir: Path, tmp_path: Path
+) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "ok.png").write_bytes(_png())
+    (images / "corrupt.png").write_bytes(_png()[:40] + b"\x00garbage")
+    (tmp_path / "bad.json").write_text(json.dumps(records))
+    (tmp_path / "good.json").write_text(json.dumps([_record(0), _record(1)]))
+    task = {"name": "vqa", "train_json": str(tmp_path / "bad.json"), "test_json": str(tmp_path / "good.json"),
+            "image_root": str(images)}
+    config = {"tasks": [task], "methods": ["individual"], "base": {"kind": "hf", "hf_id": str(tiny_base_dir)},
+              "finetune": SMALL["finetune"], "ray": SMALL["ray"], "retries": 0}
+    path = tmp_path / "bad-data.yaml"
+    path.write_text(yaml.safe_dump(config))
+    store_dir = tmp_path / "store"
+    outcome = many(["run", "--json", "--config", str(path), "--store", str(store_dir)], many_env(tmp_path))
+    assert outcome.code == 2 and outcome.last_line.startswith("many: error: ") and message in outcome.last_line, outcome.err
+    assert "Traceback" not in outcome.err
+    stages = {p.parent.name for p in (store_dir / "stages").glob("*/*.json")}
+    assert stages <= {"base"} and not (store_dir / "runs").exists()  # base may finish beside the failed data stage
