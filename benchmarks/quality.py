@@ -33,12 +33,15 @@ from benchmarks.incremental import EXAMPLES, _environment
 ORDERS = ("ucit", "reverse")
 SUMMARY = (("Last", "MFN"), ("MFT", "MFT"), ("MAA", "MAA"), ("BWT", "BWT"))
 MERGE_BASELINES = ("average", "task_arithmetic", "ties", "regmean")
+SYSTEMS = ("cram", "fwd_prompt")  # the other continual-learning systems (issue #10): opt-in in a run, always here
 
 
 def seeded(config: Any, seed: int, order: str, tasks: int, store: str) -> Any:
-    """`config` for one replicate: every seed set to `seed`, the first `tasks` tasks in `order`, into `store`."""
+    """`config` for one replicate: every seed set to `seed`, the first `tasks` tasks in `order`, into `store`,
+    with CRAM and Fwd-Prompt added to the config's methods."""
     stream = config.tasks[:tasks]
     return config.model_copy(update={
+        "methods": tuple(dict.fromkeys((*config.methods, *SYSTEMS))),
         "tasks": stream if order == "ucit" else tuple(reversed(stream)),
         "base": config.base.model_copy(update={"seed": seed}),
         "finetune": config.finetune.model_copy(update={"seed": seed}),
@@ -55,6 +58,9 @@ def aggregate(reports: list[dict[str, Any]]) -> dict[str, dict[str, tuple[float,
         for label, key in SUMMARY:
             values = [r["methods"][method][key] for r in reports]
             out[method][label] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+        params = [r["methods"][method].get("trainable_parameters") for r in reports]
+        if all(p is not None for p in params):  # CRAM / Fwd-Prompt report their trainable-parameter counts
+            out[method]["params"] = (statistics.fmean(params), statistics.stdev(params) if len(params) > 1 else 0.0)
     return out
 
 
@@ -80,10 +86,13 @@ def goals(table: dict[str, dict[str, tuple[float, float]]]) -> list[tuple[str, s
 
 def markdown(order: str, tasks: list[str], n_seeds: int, table: dict[str, dict[str, tuple[float, float]]]) -> str:
     lines = [f"**{order} order** ({' → '.join(tasks)}), mean ± std over {n_seeds} seed(s)", "",
-             "| method | " + " | ".join(label for label, _ in SUMMARY) + " |", "|---|" + "---:|" * len(SUMMARY)]
+             "| method | " + " | ".join(label for label, _ in SUMMARY) + " | trainable parameters |",
+             "|---|" + "---:|" * (len(SUMMARY) + 1)]
     for method, row in table.items():
-        cells = [f"{mean:+.1f} ± {std:.1f}" if label == "BWT" else f"{mean:.1f} ± {std:.1f}" for label, (mean, std) in row.items()]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        cells = [f"{mean:+.1f} ± {std:.1f}" if label == "BWT" else f"{mean:.1f} ± {std:.1f}"
+                 for label, (mean, std) in row.items() if label != "params"]
+        params = f"{row['params'][0]:,.0f}" if "params" in row else ""
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {params} |")
     checks = goals(table)
     if checks:
         lines += ["", "| goal (issue #8) | measured | met |", "|---|---:|---|"]
