@@ -31,7 +31,6 @@ BENCHMARKS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("benchmarks.merge_cost", "LPM merge cost vs a bare solve (issue: foundation)", ()),
     ("benchmarks.store_overhead", "Store overhead vs a plain fsspec copy (issue: store)", ()),
     ("benchmarks.train_overhead", "Training-loop overhead vs a bare PyTorch loop (issue: model/training)", ()),
-    ("benchmarks.cluster", "Tiny pipeline: 1 node vs a simulated 3-node cluster (issue #7)", ()),
 )
 HEADING = re.compile(r"^## ", re.MULTILINE)
 
