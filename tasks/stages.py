@@ -475,10 +475,10 @@ def compute_eval(inputs: Mapping[str, Path], workdir: Path, *, config: EvalStage
         assemblies = [assembly] * len(tasks)
 
     results, model, built = [], None, None
-    for task, assembly in zip(tasks, assemblies, strict=True):
+    for task_data, assembly in zip(tasks, assemblies, strict=True):
         if assembly is not built:
             model, built = assemble(base_model, assembly), assembly
-        results.append(evaluate(model, processor, task, config.eval, routing=assembly.router))
+        results.append(evaluate(model, processor, task_data, config.eval, routing=assembly.router))
     return _write_eval(workdir, method, results, {"tau": tau})
 
 

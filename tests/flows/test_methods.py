@@ -10,11 +10,9 @@ the report with both rows and their trainable-parameter counts.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
-import yaml
 
 from flows.cli import main
 from flows.config import DEFAULT_METHODS, ConfigError, parse_config
@@ -24,9 +22,9 @@ from many.methods.fwd_prompt import FwdPromptConfig
 from tasks.stage import cache_key
 from tasks.stages import CramStageConfig, FwdPromptStageConfig, stage_def
 from tasks.store import BlobRef
+from tests.flows import e2e
+from tests.flows.e2e import TINY, computed, run
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-TINY = yaml.safe_load((EXAMPLES / "tiny.yaml").read_text())
 SYSTEMS = ["cram", "fwd_prompt"]
 
 
@@ -91,32 +89,8 @@ def test_a_chain_link_is_keyed_by_its_config_and_every_earlier_link() -> None:
 # -- slow: the tiny stream end to end --------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory: pytest.TempPathFactory):
-    from prefect.testing.utilities import prefect_test_harness
-
-    os.environ.setdefault("MANY_CACHE_DIR", str(tmp_path_factory.mktemp("many-cache")))
-    os.environ.setdefault("RAY_TMPDIR", "/tmp/ray-many-test")
-    Path(os.environ["RAY_TMPDIR"]).mkdir(parents=True, exist_ok=True)
-    with prefect_test_harness(server_startup_timeout=90):
-        yield
-
-
 def write_config(path: Path, **changes) -> Path:
-    path.write_text(yaml.safe_dump({**TINY, "methods": SYSTEMS, **changes}))
-    return path
-
-
-def run(capsys, *argv: str) -> dict:
-    capsys.readouterr()
-    code = main(["run", "--json", *argv])
-    out, err = capsys.readouterr()
-    assert code == 0, err
-    return json.loads(out)
-
-
-def computed(summary: dict) -> set[tuple[str, str | None, str | None]]:
-    return {(s["stage"], s["task"], s["method"]) for s in summary["stages"] if s["status"] == "computed"}
+    return e2e.write_config(path, **{"methods": SYSTEMS, **changes})
 
 
 def eval_scores(store_url: str, summary: dict, task: str, method: str) -> dict:

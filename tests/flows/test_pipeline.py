@@ -8,46 +8,14 @@ reloads with PEFT and reproduces the pipeline's predictions; the same flow again
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
-import yaml
 
 from flows.cli import main
+from tests.flows.e2e import TINY, computed, run, write_config
 
-pytestmark = pytest.mark.slow
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-TINY = yaml.safe_load((EXAMPLES / "tiny.yaml").read_text())
-
-
-@pytest.fixture(scope="module", autouse=True)
-def harness(tmp_path_factory: pytest.TempPathFactory):
-    from prefect.testing.utilities import prefect_test_harness
-
-    os.environ.setdefault("MANY_CACHE_DIR", str(tmp_path_factory.mktemp("many-cache")))
-    os.environ.setdefault("RAY_TMPDIR", "/tmp/ray-many-test")
-    Path(os.environ["RAY_TMPDIR"]).mkdir(parents=True, exist_ok=True)
-    with prefect_test_harness(server_startup_timeout=90):
-        yield
-
-
-def write_config(path: Path, **changes) -> Path:
-    config = {**TINY, **changes}
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def run(capsys, *argv: str) -> dict:
-    capsys.readouterr()
-    code = main(["run", "--json", *argv])
-    out, err = capsys.readouterr()
-    assert code == 0, err
-    return json.loads(out)
-
-
-def computed(summary: dict) -> set[tuple[str, str | None, str | None]]:
-    return {(s["stage"], s["task"], s["method"]) for s in summary["stages"] if s["status"] == "computed"}
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("harness")]
 
 
 METHODS = ["many", "many_lpm_only", "individual", "seqlora", "average", "task_arithmetic", "ties", "regmean"]
