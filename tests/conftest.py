@@ -76,3 +76,15 @@ def tiny_base(tiny_base_dir: Path):
     from many.model.load import load_base
 
     return load_base(tiny_base_dir, FIXTURE_BASE)
+
+
+@pytest.fixture(scope="session")
+def pretrained_base_dir(tiny_base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The fixture model briefly pretrained on shape answers: a random output head caps what a LoRA can learn."""
+    from many.model.load import load_base, save_base
+    from many.model.pretrain import pretrain
+
+    model, processor = load_base(tiny_base_dir, FIXTURE_BASE)
+    cfg = FIXTURE_BASE.model_copy(update={"pretrain_steps": 30, "pretrain_batch_size": 8, "pretrain_lr": 1e-2})
+    trained = pretrain(model, processor, make_samples(32, "shape", seed=5), cfg, progress=False)
+    return save_base(trained, processor, tmp_path_factory.mktemp("pretrained-base"))

@@ -37,7 +37,6 @@ from many.methods.cram import (
 from many.methods.cram.rank import targeted_linears
 from many.model.chat import encode_for_training
 from many.model.load import load_base
-from many.model.pretrain import pretrain
 from many.prototypes import image_features
 from many.training import encode_dataset, prepare, projector_of, seeded
 from tests.conftest import FIXTURE_BASE, make_samples
@@ -83,11 +82,10 @@ def _overlap(model, bases) -> float:
 
 
 @pytest.fixture(scope="module")
-def base(tiny_base_dir):
-    """The fixture model briefly pretrained on shape answers (as in test_training)."""
-    model, processor = load_base(tiny_base_dir, FIXTURE_BASE)
-    cfg = FIXTURE_BASE.model_copy(update={"pretrain_steps": 30, "pretrain_batch_size": 8, "pretrain_lr": 1e-2})
-    return pretrain(model, processor, make_samples(32, "shape", seed=5), cfg, progress=False), processor
+def base(pretrained_base_dir):
+    """The session's briefly pretrained fixture model (tests/conftest.py), frozen as `pretrain` returns it."""
+    model, processor = load_base(pretrained_base_dir, FIXTURE_BASE)
+    return model.requires_grad_(False), processor
 
 
 @pytest.fixture(scope="module")

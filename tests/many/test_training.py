@@ -15,7 +15,6 @@ from many.adapters import lora_factors, write_lora_adapter
 from many.config import FinetuneConfig, LoraConfig
 from many.model.chat import encode_for_training
 from many.model.load import load_base
-from many.model.pretrain import pretrain
 from many.training import (
     batch_indices,
     encode_dataset,
@@ -43,11 +42,10 @@ def forward_logits(model, processor, samples) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def base(tiny_base_dir):
-    """The fixture model briefly pretrained on shape answers: a random output head caps what a LoRA can learn."""
-    model, processor = load_base(tiny_base_dir, FIXTURE_BASE)
-    cfg = FIXTURE_BASE.model_copy(update={"pretrain_steps": 30, "pretrain_batch_size": 8, "pretrain_lr": 1e-2})
-    return pretrain(model, processor, make_samples(32, "shape", seed=5), cfg, progress=False), processor
+def base(pretrained_base_dir):
+    """The session's briefly pretrained fixture model (tests/conftest.py), frozen as `pretrain` returns it."""
+    model, processor = load_base(pretrained_base_dir, FIXTURE_BASE)
+    return model.requires_grad_(False), processor
 
 
 @pytest.fixture(scope="module")
