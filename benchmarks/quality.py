@@ -14,7 +14,7 @@ Default: the embedded mini-UCIT defaults, 6 tasks, 3 seeds, both orders (~25 min
 cores, cold). `--smoke`: examples/tiny.yaml, 2 tasks, 1 seed (a minute or two).
 
     python -m benchmarks.quality [--smoke] [--seeds N] [--orders ucit,reverse] [--tasks N] [--store URL] [--json PATH]
-                                 [--plots DIR]
+                                 [--no-systems] [--plots DIR]
 """
 
 from __future__ import annotations
@@ -36,12 +36,12 @@ MERGE_BASELINES = ("average", "task_arithmetic", "ties", "regmean")
 SYSTEMS = ("cram", "fwd_prompt")  # the other continual-learning systems (issue #10): opt-in in a run, always here
 
 
-def seeded(config: Any, seed: int, order: str, tasks: int, store: str) -> Any:
+def seeded(config: Any, seed: int, order: str, tasks: int, store: str, systems: bool = True) -> Any:
     """`config` for one replicate: every seed set to `seed`, the first `tasks` tasks in `order`, into `store`,
-    with CRAM and Fwd-Prompt added to the config's methods."""
+    with CRAM and Fwd-Prompt added to the config's methods unless `systems` is False."""
     stream = config.tasks[:tasks]
     return config.model_copy(update={
-        "methods": tuple(dict.fromkeys((*config.methods, *SYSTEMS))),
+        "methods": tuple(dict.fromkeys((*config.methods, *(SYSTEMS if systems else ())))),
         "tasks": stream if order == "ucit" else tuple(reversed(stream)),
         "base": config.base.model_copy(update={"seed": seed}),
         "finetune": config.finetune.model_copy(update={"seed": seed}),
@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", type=int, help="first N tasks of the UCIT order (default all, smoke 2)")
     parser.add_argument("--store", help="store URL shared by every run (default: a fresh temporary directory)")
     parser.add_argument("--json", type=Path, help="also write every report and the aggregate here")
+    parser.add_argument("--no-systems", action="store_true",
+                        help="leave out CRAM and Fwd-Prompt (each costs about one more finetune per task)")
     parser.add_argument("--plots", type=Path, help="render each run's report (many.report.render) to DIR/<order>-seed<s>/")
     args = parser.parse_args(argv)
     orders = [o for o in args.orders.split(",") if o]
@@ -133,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     timings = []
     for seed in range(seeds):
         for order in orders:
-            cfg = seeded(config, seed, order, n_tasks, store)
+            cfg = seeded(config, seed, order, n_tasks, store, systems=not args.no_systems)
             print(f"  seed {seed}, {order} order: {len(cfg.tasks)} tasks × {len(cfg.methods)} methods …", file=sys.stderr, flush=True)
             start = time.perf_counter()
             summary = continual_update(cfg)
