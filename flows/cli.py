@@ -114,10 +114,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = _config(args)
     spec = config.store
-    from tasks.store import Store
+    from tasks.store import BadStoreURL, Store, StoreUnreachable
 
-    Store.open(spec.url, endpoint_url=spec.endpoint_url, region=spec.region, profile=spec.profile)  # bad URL: exit 2 now
+    try:  # a bad URL, a missing bucket or an endpoint that does not answer: exit 2 before anything runs
+        Store.open(spec.url, endpoint_url=spec.endpoint_url, region=spec.region, profile=spec.profile)
+    except StoreUnreachable as error:
+        raise BadStoreURL(str(error)) from None
     from flows.pipeline import continual_update
+    from flows.preflight import preflight
+
+    preflight(config)  # GPUs, user adapters: exit 2 before Prefect starts (the flow checks again for other callers)
 
     if not args.json:
         print(f"many: {len(config.tasks)} tasks × {len(config.methods)} methods into {spec.url}", file=sys.stderr)

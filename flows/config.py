@@ -65,7 +65,7 @@ class ConfigError(ValueError):
 class TaskSpec(Frozen):
     """One task of the stream: a mini-UCIT task kind, or LLaVA conversation JSON + an image folder.
 
-    In YAML a bare string is a mini-UCIT kind (`- chart-qa`). Paths may be local or `s3://…`.
+    In YAML a bare string is a mini-UCIT kind (`- chart-qa`). Data paths may be local or `s3://…`.
     """
 
     name: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
@@ -74,6 +74,10 @@ class TaskSpec(Frozen):
     test_json: str | None = None
     image_root: str | None = None
     metric: Metric = "exact_match"  # for JSON tasks; a mini-UCIT kind knows its own
+    # This task's own fine-tune, trained elsewhere: a local directory in many.training.save_task's layout
+    # (adapter/ with a PEFT LoRA, projector.safetensors). Its finetune stage is replaced by a check against the
+    # base; the data still feeds the Grams, the prototypes and the evaluation.
+    adapter: str | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -94,6 +98,8 @@ class TaskSpec(Frozen):
                 raise ValueError(f"task {self.name!r}: unknown task kind {self.kind!r}; known: {', '.join(TASK_KINDS)}")
         elif any(f is None for f in json_fields):
             raise ValueError(f"task {self.name!r}: needs a mini-UCIT kind, or all of train_json, test_json and image_root")
+        if self.adapter is not None and "://" in self.adapter:
+            raise ValueError(f"task {self.name!r}: adapter {self.adapter!r} must be a local directory")
         return self
 
 

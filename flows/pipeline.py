@@ -21,12 +21,14 @@ from prefect.futures import PrefectFuture, wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.config import RunConfig
+from flows.preflight import preflight
 from flows.report import build_report
-from tasks.runtime import StoreSpec, ray_started, shutdown_ray
+from tasks.runtime import StoreSpec, node_name, ray_started, shutdown_ray
 from tasks.stages import (
     BASELINES,
     ROUTED,
     SYSTEMS,
+    AdapterStageConfig,
     BaseStageConfig,
     ClusterSpec,
     CramStageConfig,
@@ -83,6 +85,7 @@ def continual_update(config: RunConfig, run_id: str | None = None, progress: boo
 
     With `repair`, every cached stage's blobs are re-hashed and a stage with a missing or corrupt blob (or an
     unreadable manifest) is recomputed (`tasks.stage.run_stage(repair=True)`)."""
+    preflight(config)
     run_id = run_id or new_run_id()
     store = store_spec(config)
     cluster = ClusterSpec(config.ray.address, config.ray.num_cpus, config.ray.object_store_mb, progress)
@@ -100,7 +103,7 @@ def continual_update(config: RunConfig, run_id: str | None = None, progress: boo
         submitted.append(future)
         return future
 
-    per_task = _task_stages(config, submit)
+    per_task = _task_stages(config, submit, _upload_adapters(config, store))
     merged = _merge_stages(config, submit, per_task)
     systems = _system_stages(config, submit, per_task)
     evals = _eval_stages(config, submit, per_task, merged, systems)
@@ -126,8 +129,28 @@ def continual_update(config: RunConfig, run_id: str | None = None, progress: boo
     return summary
 
 
-def _task_stages(config: RunConfig, submit: Submit) -> dict[str, Any]:
+def _upload_adapters(config: RunConfig, store: StoreSpec) -> dict[str, StageRecord]:
+    """The user's own task adapters (`tasks[i].adapter`, checked by preflight), put into the store: as the
+    output "task" of a pseudo-record, the upstream of that task's adapter stage."""
+    import tempfile
+    from pathlib import Path
+
+    from many.adapters import copy_task_dir
+
+    uploads = {}
+    for spec in config.tasks:
+        if spec.adapter is not None:
+            with tempfile.TemporaryDirectory(prefix="many-adapter-") as scratch:
+                ref = store.open().put(copy_task_dir(Path(spec.adapter), Path(scratch) / "task"))
+            uploads[spec.name] = StageRecord("upload", spec.name, None, ref.digest, "cached", 0.0, node_name(), {"task": ref})
+    return uploads
+
+
+def _task_stages(config: RunConfig, submit: Submit, uploads: dict[str, StageRecord]) -> dict[str, Any]:
     """base, and per task: data, finetune (all at once: they need only the base), prototypes, stats.
+
+    A task with its own adapter (`uploads`) gets an adapter stage, which checks it against the base, instead
+    of a finetune.
 
     Only the stages some configured method reads: CRAM and Fwd-Prompt alone need no finetune[t]; the
     prototypes serve CPM routing and CRAM's centroids."""
@@ -137,6 +160,8 @@ def _task_stages(config: RunConfig, submit: Submit) -> dict[str, Any]:
     finetune = prototypes = stats = None
     if methods - set(SYSTEMS):
         finetune = [
+            submit("adapter", AdapterStageConfig(), {"base": (base, "model"), "task": (uploads[name], "task")}, "finetune", name)
+            if name in uploads else
             submit("finetune", FinetuneStageConfig(finetune=config.finetune, dtype=dtype),
                    {"base": (base, "model"), "data": (data[t], "task")}, "finetune", name)
             for t, name in enumerate(names)

@@ -84,6 +84,52 @@ def lora_factors(adapter_dir: Path) -> dict[str, tuple[Tensor, Tensor, float]]:
     return factors
 
 
+def check_task_dir(
+    task_dir: Path, linears: Mapping[str, tuple[int, int]], projector: Mapping[str, tuple[int, ...]]
+) -> None:
+    """A task directory in `many.training.save_task`'s layout (adapter/ + projector.safetensors) that fits a base.
+
+    `linears`: the base's {PEFT module name: (out, in)}; `projector`: its projector's {key: shape}
+    (many.model.shapes). Every LoRA module must wrap one of those layers with B (out, r) and A (r, in), ranks as
+    in adapter_config.json, the projector must have exactly the base's keys and shapes, every value finite.
+    """
+    from many.training import ADAPTER_DIR, PROJECTOR_FILE
+
+    task_dir = Path(task_dir)
+    if not task_dir.is_dir():
+        raise FileNotFoundError(f"no directory {task_dir}; give one holding {ADAPTER_DIR}/ (PEFT LoRA) and {PROJECTOR_FILE}")
+    for module, (B, A, _) in lora_factors(task_dir / ADAPTER_DIR).items():
+        if module not in linears:
+            raise ValueError(f"LoRA module {module!r} is not a linear layer of the base; was it trained on another model?")
+        if (B.shape[0], A.shape[1]) != linears[module]:
+            out, inp = linears[module]
+            raise ValueError(f"LoRA module {module!r} is {B.shape[0]}×{A.shape[1]} (out×in) but the base layer is {out}×{inp}")
+    path = task_dir / PROJECTOR_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {PROJECTOR_FILE} in {task_dir}: the task's vision projector is part of its adapter")
+    weights = load_file(str(path))
+    if set(weights) != set(projector):
+        raise ValueError(f"{PROJECTOR_FILE} holds {sorted(weights)} but the base's projector has {sorted(projector)}")
+    for key, value in weights.items():
+        if tuple(value.shape) != tuple(projector[key]):
+            raise ValueError(f"{PROJECTOR_FILE}: {key} is {tuple(value.shape)} but the base's is {tuple(projector[key])}")
+        if not torch.isfinite(value).all():
+            raise ValueError(f"{PROJECTOR_FILE}: {key} has non-finite values (NaN/inf)")
+
+
+def copy_task_dir(src: Path, dest: Path) -> Path:
+    """The files of a task directory a run reads — adapter config and weights, projector — into `dest`, with the
+    adapter's `base_model_name_or_path` cleared (a local path would make equal adapters differ by machine)."""
+    from many.training import ADAPTER_DIR, PROJECTOR_FILE
+
+    (dest / ADAPTER_DIR).mkdir(parents=True)
+    config = json.loads((Path(src) / ADAPTER_DIR / CONFIG_FILE).read_text())
+    (dest / ADAPTER_DIR / CONFIG_FILE).write_text(json.dumps({**config, "base_model_name_or_path": None}, indent=2, sort_keys=True))
+    for name in (f"{ADAPTER_DIR}/{WEIGHTS_FILE}", PROJECTOR_FILE):
+        (dest / name).write_bytes((Path(src) / name).read_bytes())
+    return dest
+
+
 def write_lora_adapter(
     factors: Mapping[str, tuple[Tensor, Tensor]], base_adapter_config: Mapping, out_dir: Path
 ) -> Path:

@@ -44,6 +44,7 @@ VERSIONS = {
     "base": "1",
     "finetune": "2",  # 2: the adapter files hold no local path (identical bytes on every machine)
     "seqlora": "2",
+    "adapter": "1",
     "prototypes": "2",  # 2: f(x) = mean of the projector's input tokens, not the CLS pooler output
     "stats": "1",
     "merge": "2",  # 2: state is a directory of per-layer files, merged layer by layer
@@ -59,6 +60,7 @@ OUTPUTS = {
     "data": ("task",),
     "base": ("model",),
     "finetune": ("task",),
+    "adapter": ("task",),
     "seqlora": ("task",),
     "prototypes": ("prototypes",),
     "stats": ("grams",),
@@ -98,6 +100,10 @@ class BaseStageConfig(Frozen):
 class FinetuneStageConfig(Frozen):
     finetune: FinetuneConfig
     dtype: str = "float32"
+
+
+class AdapterStageConfig(Frozen):
+    """adapter[t] reads nothing but its inputs: the base and the user's task directory."""
 
 
 class PrototypesStageConfig(Frozen):
@@ -204,6 +210,20 @@ def compute_finetune(
     task = read_task(inputs["data"])
     trained = finetune(model, processor, task.train, config.finetune, init_dir=inputs.get("previous"), progress=False)
     save_task(trained, workdir / "task")
+    return {"task": workdir / "task"}
+
+
+def compute_adapter(inputs: Mapping[str, Path], workdir: Path, *, config: AdapterStageConfig, device: str) -> dict[str, Path]:
+    """adapter[t]: a task fine-tuned elsewhere (`tasks[i].adapter`) in place of finetune[t], checked against the
+    base it will be merged into (flows/preflight.py checked it against the configured architecture already)."""
+    import shutil
+
+    from many.adapters import check_task_dir
+    from many.model.shapes import base_shapes
+
+    shapes = base_shapes(BaseConfig(kind="hf", hf_id=str(inputs["base"])))
+    check_task_dir(inputs["task"], shapes.linears, shapes.projector)
+    shutil.copytree(inputs["task"], workdir / "task")
     return {"task": workdir / "task"}
 
 
@@ -493,6 +513,7 @@ def _compute(name: str) -> Callable[..., dict[str, Path]]:
         "base": compute_base,
         "finetune": compute_finetune,
         "seqlora": compute_finetune,
+        "adapter": compute_adapter,
         "prototypes": compute_prototypes,
         "stats": compute_stats,
         "merge": compute_merge,
@@ -517,26 +538,29 @@ class StageRecord:
     seconds: float
     node: str
     outputs: Mapping[str, BlobRef] = field(default_factory=dict)
+    s3_retries: int = 0  # S3 requests its worker retried after a transient failure (tasks.store.backend)
 
     def summary(self) -> dict[str, Any]:
         return {
             "stage": self.stage, "task": self.task, "method": self.method, "key": self.key,
-            "status": self.status, "seconds": round(self.seconds, 3), "node": self.node,
+            "status": self.status, "seconds": round(self.seconds, 3), "node": self.node, "s3_retries": self.s3_retries,
         }
 
 
 def execute(
     spec: StoreSpec, name: str, config: BaseModel, inputs: Mapping[str, BlobRef], num_cpus: float, device: str, repair: bool = False,
-) -> tuple[str, str, float, str]:
+) -> tuple[str, str, float, str, int]:
     """Body of the Ray remote function: run the stage through the cache on this worker.
 
     Small values go in (the sub-config, blob references) and plain ones come back: (status, manifest JSON,
-    seconds, node). Tensors never cross processes; workers read and write the store themselves.
+    seconds, node, S3 retries). Tensors never cross processes; workers read and write the store themselves.
     """
     import torch
 
+    from tasks.store.backend import retries_seen
+
     torch.set_num_threads(max(1, int(num_cpus)))
-    started = time.monotonic()
+    started, retries_before = time.monotonic(), retries_seen()
     store = spec.open()
     compute = _compute(name)
     node = node_name()
@@ -544,7 +568,7 @@ def execute(
         store, stage_def(name, inputs), config, inputs,
         lambda local, workdir: compute(local, workdir, config=config, device=device), host=node, repair=repair,
     )
-    return result.status, result.manifest.model_dump_json(), time.monotonic() - started, node
+    return result.status, result.manifest.model_dump_json(), time.monotonic() - started, node, retries_seen() - retries_before
 
 
 _remote_execute = None
@@ -629,7 +653,8 @@ def stage_task(
             stage, config, inputs, store, cluster, num_cpus, num_gpus, resource_group or stage, task_name, method, repair
         )
     if cluster.progress:
-        _print_progress(stage, task_name, method, record.status, f"{record.seconds:7.1f}s  {record.node}")
+        retried = f"  ({record.s3_retries} S3 retries)" if record.s3_retries else ""
+        _print_progress(stage, task_name, method, record.status, f"{record.seconds:7.1f}s  {record.node}{retried}")
     return record
 
 
@@ -652,14 +677,14 @@ def _compute_on_ray(
         store, stage, config, inputs, num_cpus, device, repair
     )
     try:
-        status, manifest_json, seconds, node = ray.get(ref)
+        status, manifest_json, seconds, node, s3_retries = ray.get(ref)
     except ray.exceptions.RayTaskError as error:
         cause = error.cause if isinstance(getattr(error, "cause", None), BaseException) else None
         if cause is not None:
             raise cause from None
         raise
     manifest = Manifest.model_validate_json(manifest_json)
-    return StageRecord(stage, task_name, method, manifest.key, status, seconds, node, manifest.outputs)
+    return StageRecord(stage, task_name, method, manifest.key, status, seconds, node, manifest.outputs, s3_retries)
 
 
 def read_json_output(store: Store, record_or_manifest: StageRecord | Manifest, output: str) -> Any:
@@ -669,7 +694,7 @@ def read_json_output(store: Store, record_or_manifest: StageRecord | Manifest, o
 
 
 __all__ = [
-    "BASELINES", "BaseStageConfig", "ClusterSpec", "CramStageConfig", "DataStageConfig", "EvalStageConfig",
+    "AdapterStageConfig", "BASELINES", "BaseStageConfig", "ClusterSpec", "CramStageConfig", "DataStageConfig", "EvalStageConfig",
     "FinetuneStageConfig", "FwdPromptStageConfig", "PrototypesStageConfig", "ROUTED", "SYSTEMS", "StageRecord", "StatsStageConfig", "load_state", "state_gammas",
     "read_json_output", "stage_def", "stage_task",
 ]

@@ -1,4 +1,5 @@
-"""Shared fixtures: one tiny multimodal model (built from config in a second) and tiny samples."""
+"""Shared fixtures: one tiny multimodal model (built from config in a second), tiny samples, the moto S3
+server of tests/s3.py, and a Prefect test harness for the end-to-end modules."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from PIL import Image
 
 from many.config import BaseConfig, TinyModelConfig
 from many.data.schema import Sample
+from tests.s3 import faulty_s3, new_bucket, s3_endpoint  # noqa: F401 - fixtures for every test directory
 
 torch.set_num_threads(1)  # the suite shares 2 cores; tiny tensors gain nothing from more threads
 
@@ -88,3 +90,16 @@ def pretrained_base_dir(tiny_base_dir: Path, tmp_path_factory: pytest.TempPathFa
     cfg = FIXTURE_BASE.model_copy(update={"pretrain_steps": 30, "pretrain_batch_size": 8, "pretrain_lr": 1e-2})
     trained = pretrain(model, processor, make_samples(32, "shape", seed=5), cfg, progress=False)
     return save_base(trained, processor, tmp_path_factory.mktemp("pretrained-base"))
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory: pytest.TempPathFactory):
+    """A Prefect test harness (its own temporary server and database) for one test module, and private caches
+    for Ray and the store."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    os.environ.setdefault("MANY_CACHE_DIR", str(tmp_path_factory.mktemp("many-cache")))
+    os.environ.setdefault("RAY_TMPDIR", "/tmp/ray-many-test")
+    Path(os.environ["RAY_TMPDIR"]).mkdir(parents=True, exist_ok=True)
+    with prefect_test_harness(server_startup_timeout=90):
+        yield

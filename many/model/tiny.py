@@ -49,15 +49,12 @@ def build_tokenizer(vocabulary: Sequence[str]) -> PreTrainedTokenizerFast:
     )
 
 
-def build_tiny_llava(
-    cfg: TinyModelConfig, vocabulary: Sequence[str], seed: int = 0
-) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """A randomly initialised tiny LLaVA and its processor.
+def tiny_llava_config(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:
+    """The tiny LLaVA's architecture for `tokenizer`'s vocabulary.
 
     Image tokens per image = (image_size / patch_size)² : the "default" feature strategy drops CLS.
     `vision_feature_layer=-1` because with so few vision layers the usual −2 would skip one (DESIGN.md §8).
     """
-    tokenizer = build_tokenizer(vocabulary)
     num_patches = (cfg.image_size // cfg.patch_size) ** 2
     vision = CLIPVisionConfig(
         hidden_size=cfg.vision_hidden,
@@ -91,6 +88,15 @@ def build_tiny_llava(
         tie_word_embeddings=False,
     )
     config.pad_token_id = tokenizer.pad_token_id
+    return config
+
+
+def build_tiny_llava(
+    cfg: TinyModelConfig, vocabulary: Sequence[str], seed: int = 0
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """A randomly initialised tiny LLaVA (`tiny_llava_config`) and its processor."""
+    tokenizer = build_tokenizer(vocabulary)
+    config = tiny_llava_config(cfg, tokenizer)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -15,8 +15,10 @@ writes and logs.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import threading
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -28,7 +30,7 @@ from botocore.exceptions import BotoCoreError, NoCredentialsError, ProfileNotFou
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
-from tasks.store.errors import BadStoreURL, StoreError
+from tasks.store.errors import BadStoreURL, StoreError, StoreUnreachable
 
 DEFAULT_URL = "./many-store"
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -37,9 +39,38 @@ _URL = re.compile(r"\w+://[^\s\"']+")
 # botocore retries 5xx, throttling and connection errors with jittered exponential backoff, bounded;
 # 4xx other than throttling (403 AccessDenied, 404 NoSuchBucket) are never retried. s3fs wraps each call
 # in its own loop (also for a body cut mid-stream); 2 rounds of 4 attempts bound an outage to ~10 s.
-S3_RETRIES = {"max_attempts": 4, "mode": "standard"}
+S3_ATTEMPTS = 4  # per request, the first included
 S3FS_ROUNDS = 2
 S3_TIMEOUTS_SECONDS = {"connect_timeout": 5, "read_timeout": 60}
+_RETRYABLE_STATUS = {429, 500, 502, 503, 504}
+log = logging.getLogger("many.store")
+_retries = 0
+_retries_lock = threading.Lock()
+
+
+def retries_seen() -> int:
+    """S3 requests this process has retried so far (botocore's attempts after a transient failure)."""
+    return _retries
+
+
+def _count_retry(attempts: int, operation: Any, response: Any = None, caught_exception: Any = None, **_: Any) -> None:
+    """botocore `needs-retry` hook: count and log an attempt that botocore's standard mode will retry.
+
+    Standard mode retries connection errors, 5xx answers and throttling until `max_attempts`; this hook mirrors
+    that rule to tell a retried attempt from a final one (it returns None, so botocore's decision stands)."""
+    global _retries
+    if attempts >= S3_ATTEMPTS:
+        return
+    if caught_exception is not None:
+        why = type(caught_exception).__name__
+    else:
+        status = (response[1] if response else {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if status not in _RETRYABLE_STATUS:
+            return
+        why = f"HTTP {status}"
+    with _retries_lock:
+        _retries += 1
+    log.info("S3 %s attempt %d of %d failed (%s); retrying", operation.name, attempts, S3_ATTEMPTS, why)
 
 
 class Backend(Protocol):
@@ -168,13 +199,14 @@ def _open_s3(url: str, *, endpoint_url: str | None, region: str | None, profile:
         endpoint_url=endpoint,
         profile=profile,
         client_kwargs={"region_name": region} if region else None,
-        config_kwargs={"retries": S3_RETRIES, **S3_TIMEOUTS_SECONDS},
+        config_kwargs={"retries": {"total_max_attempts": S3_ATTEMPTS, "mode": "standard"}, **S3_TIMEOUTS_SECONDS},
         skip_instance_cache=True,  # a store must not share a client (and its credentials) with another
         use_listings_cache=False,  # other writers change the bucket under us; never answer from a stale listing
     )
     fs.retries = S3FS_ROUNDS
     clean_url = f"s3://{root}"
     try:
+        fs.s3.meta.events.register("needs-retry.s3", _count_retry)  # creates the client (no request yet)
         fs.call_s3("head_bucket", Bucket=bucket)
     except FileNotFoundError:
         raise BadStoreURL(f"bucket {bucket!r} does not exist (store {clean_url}): create it or fix --store") from None
@@ -188,8 +220,11 @@ def _open_s3(url: str, *, endpoint_url: str | None, region: str | None, profile:
         raise StoreError(
             f"no AWS credentials found for store {clean_url}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile, or a role"
         ) from None
-    except (OSError, BotoCoreError) as error:
-        raise StoreError(f"cannot reach bucket {bucket!r} (store {clean_url}): {one_line(error)}") from None
+    except (OSError, BotoCoreError) as error:  # after the bounded retries: a wrong endpoint or no network
+        raise StoreUnreachable(
+            f"cannot reach bucket {bucket!r} (store {clean_url}): {one_line(error)}; check store.endpoint_url / "
+            "AWS_ENDPOINT_URL and the network"
+        ) from None
     return S3Backend(fs, root, clean_url)
 
 

@@ -1,5 +1,5 @@
 """Helpers of the end-to-end tests: the tiny stream of examples/tiny.yaml and `many run --json` called
-in-process (the Prefect test harness fixture is in conftest.py)."""
+in-process (the Prefect test harness fixture is in tests/conftest.py)."""
 
 from __future__ import annotations
 

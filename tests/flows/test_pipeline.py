@@ -147,12 +147,40 @@ def test_same_flow_against_s3(tmp_path: Path, capsys, monkeypatch) -> None:
         server.stop()
 
 
-def test_gpu_stage_on_a_cpu_cluster_fails_fast_with_exit_1(tmp_path: Path, capsys) -> None:
+def test_gpu_stage_on_a_joined_cpu_cluster_fails_fast_with_exit_1(tmp_path: Path, capsys) -> None:
+    """On a joined cluster (`ray.address`) nodes may still come, so preflight leaves GPUs to the per-stage check:
+    a runtime failure (exit 1) at the first GPU stage, not a wait forever. (A local cluster: tests/reliability.)"""
+    import ray
+
     config = write_config(tmp_path / "gpu.yaml", tasks=["style-cls"], methods=["individual"],
-                          resources={"finetune": {"num_gpus": 1}})
-    capsys.readouterr()
-    assert main(["run", "--config", str(config), "--store", str(tmp_path / "store")]) == 1
+                          resources={"finetune": {"num_gpus": 1}}, ray={"address": "auto"})
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False)  # the cluster "auto" joins: used as it is
+    try:
+        capsys.readouterr()
+        assert main(["run", "--config", str(config), "--store", str(tmp_path / "store")]) == 1
+    finally:
+        ray.shutdown()
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last == ("many: failed (ClusterError): stage finetune asks for 1 GPU(s) but the Ray cluster has 0; "
                     "set resources.finetune.num_gpus: 0 to run it on CPU")
     assert not list((tmp_path / "store" / "stages").glob("finetune/*.json"))
+
+def test_a_task_adapter_trained_elsewhere_replaces_its_finetune_with_the_same_results(tmp_path: Path, capsys) -> None:
+    """`tasks[i].adapter`: a task directory fine-tuned elsewhere (here: by a first run, then copied out of its
+    store) enters a fresh store through the adapter stage instead of a finetune, and gives the same report."""
+    from tasks.store import Store
+
+    trained = run(capsys, "--config", str(write_config(tmp_path / "a.yaml", tasks=["style-cls"], methods=["individual"])),
+                  "--store", str(tmp_path / "a"))
+    store = Store.open(str(tmp_path / "a"), cache_dir=tmp_path / "cache")
+    finetune = next(s for s in trained["stages"] if s["stage"] == "finetune")
+    task_dir = store.materialize(store.read_manifest("finetune", finetune["key"]).outputs["task"], context="test")
+
+    tasks = [{"name": "style-cls", "kind": "style-cls", "adapter": str(task_dir)}]
+    config = write_config(tmp_path / "b.yaml", tasks=tasks, methods=["individual"])
+    given = run(capsys, "--config", str(config), "--store", str(tmp_path / "b"))
+    stages = {s["stage"]: s["status"] for s in given["stages"]}
+    assert "finetune" not in stages and stages["adapter"] == "computed", stages
+    assert given["report"] == trained["report"]
+    again = run(capsys, "--config", str(config), "--store", str(tmp_path / "b"))
+    assert {s["status"] for s in again["stages"]} == {"cached"}

@@ -25,9 +25,9 @@ def test_stage_inputs_follow_the_wiring_and_change_the_key() -> None:
 
 
 def test_record_summary_has_the_json_fields() -> None:
-    record = StageRecord("eval", "chart-qa", "many", "k" * 64, "cached", 0.01234, "node-1", {"scores": REF})
+    record = StageRecord("eval", "chart-qa", "many", "k" * 64, "computed", 0.01234, "node-1", {"scores": REF}, 3)
     assert record.summary() == {"stage": "eval", "task": "chart-qa", "method": "many", "key": "k" * 64,
-                                "status": "cached", "seconds": 0.012, "node": "node-1"}
+                                "status": "computed", "seconds": 0.012, "node": "node-1", "s3_retries": 3}
 
 
 class _Failed:

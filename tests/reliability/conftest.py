@@ -1,6 +1,6 @@
 """Fixtures and helpers of the reliability suite (issue #9): `many run` as a real subprocess in its own
-session (so a SIGKILL takes the driver, Ray and its workers down together), store inspection, and the S3
-fixtures of tests/tasks (moto over HTTP and the fault-injecting proxy), shared rather than copied."""
+session (so a SIGKILL takes the driver, Ray and its workers down together), and store inspection. The S3
+fixtures (moto over HTTP, the fault-injecting proxy) are the shared ones of tests/conftest.py."""
 
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ import pytest
 import yaml
 
 from tasks.store import Manifest, Store
-from tests.tasks.conftest import FaultyS3, faulty_s3, new_bucket, s3_endpoint  # noqa: F401 - shared fixtures
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())

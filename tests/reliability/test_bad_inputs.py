@@ -2,9 +2,9 @@
 code (2: bad input; 1 where DESIGN.md §5 calls it a runtime failure), and the store listing unchanged.
 
 Config, task-name and store-URL cases fail before any flow starts (fast). Data cases (missing image,
-corrupt PNG, empty task, answerless conversation) fail in the data stage of a real flow (slow). There is
-no way to feed a user adapter into the pipeline, so NaN and shape-mismatched adapters are tested at the
-stage level: the merge stage refuses them and writes no manifest.
+corrupt PNG, empty task, answerless conversation) fail in the data stage of a real flow (slow). A task's own
+adapter (`tasks[i].adapter`) with NaNs or shapes that do not fit the base is refused before anything runs;
+the merge stage refuses such factors too (defence in depth) and writes no manifest.
 """
 
 from __future__ import annotations
@@ -73,17 +73,31 @@ def test_store_root_that_cannot_be_created_is_exit_2(tmp_path: Path, capsys) -> 
     assert (tmp_path / "file").read_text() == "x"
 
 
-def test_unreachable_store_is_one_line_exit_1(tmp_path: Path, capsys, monkeypatch) -> None:
-    """A network failure is a runtime failure (DESIGN.md §5: exit 1), after bounded retries."""
+def test_unreachable_store_is_one_line_exit_2(tmp_path: Path, capsys, monkeypatch) -> None:
+    """An endpoint that does not answer when `many run` opens its store (after the bounded retries) is a bad
+    --store / endpoint: exit 2 before anything runs. The same failure inside a run is a runtime one (exit 1)."""
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # discard port: connection refused
     code, err = run_cli(["run", "--store", "s3://many-bucket/x"], capsys)
-    assert code == 1 and "cannot reach bucket 'many-bucket'" in err and "127.0.0.1" not in err, err
+    assert code == 2 and "cannot reach bucket 'many-bucket'" in err and "check store.endpoint_url" in err, err
+    assert "127.0.0.1" not in err, err
 
 
-# -- adapters: stage level (no pipeline input takes a user adapter) ---------------------------------------
+def test_gpu_requested_with_none_present_is_exit_2_before_anything_runs(store_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setattr("flows.preflight.local_gpus", lambda: 0)  # the same answer on a GPU machine
+    path = tmp_path / "gpu.yaml"
+    path.write_text(yaml.safe_dump({**SMALL, "resources": {"finetune": {"num_gpus": 1}}}))
+    before = listing(store_dir)
+    code, err = run_cli(["run", "--config", str(path), "--store", str(store_dir)], capsys)
+    assert code == 2 and err == (
+        "many: error: resources.finetune.num_gpus is 1 but this machine has 0 GPU(s) for the local Ray cluster; "
+        "set resources.finetune.num_gpus: 0 to run it on CPU, or ray.address to join a GPU cluster"), err
+    assert listing(store_dir) == before
+
+
+# -- adapters: a task's own adapter (`tasks[i].adapter`), refused by preflight; the merge stage refuses too ----
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +153,49 @@ BAD_ADAPTERS = [
     ("rank_mismatch", _rank_mismatch, "rank mismatch"),
     ("shape_not_the_base", _wrong_shape, "LPM"),
 ]
+
+
+def _projector_nan(task_dir: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path = task_dir / "projector.safetensors"
+    weights = load_file(str(path))
+    weights["linear_1.weight"][0, 0] = float("nan")
+    save_file(weights, str(path))
+
+
+def _damage_adapter(damage):
+    def apply(task_dir: Path) -> None:
+        from safetensors.torch import load_file, save_file
+
+        weights = task_dir / "adapter" / "adapter_model.safetensors"
+        save_file(damage(load_file(str(weights))), str(weights))
+    return apply
+
+
+BAD_TASK_DIRS = [
+    *[(case, _damage_adapter(damage), message) for case, damage, message in BAD_ADAPTERS[:2]],
+    ("shape_not_the_base", _damage_adapter(_wrong_shape), "(out×in) but the base layer is 32×64"),
+    ("projector_nan", _projector_nan, "linear_1.weight has non-finite values"),
+    ("no_projector", lambda d: (d / "projector.safetensors").unlink(), "no projector.safetensors in"),
+]
+
+
+@pytest.mark.parametrize(("case", "damage", "message"), BAD_TASK_DIRS, ids=[c[0] for c in BAD_TASK_DIRS])
+def test_bad_user_adapter_is_one_line_exit_2_store_unchanged(
+    case: str, damage, message: str, task_and_grams: tuple[Path, Path], store_dir: Path, tmp_path: Path, capsys
+) -> None:
+    import shutil
+
+    bad = tmp_path / "task"
+    shutil.copytree(task_and_grams[0], bad)
+    damage(bad)
+    path = tmp_path / f"{case}.yaml"
+    path.write_text(yaml.safe_dump({**SMALL, "tasks": [{"name": "mine", "kind": "style-cls", "adapter": str(bad)}]}))
+    before = listing(store_dir)
+    code, err = run_cli(["run", "--config", str(path), "--store", str(store_dir)], capsys)
+    assert code == 2 and err.startswith(f"many: error: task 'mine': adapter {bad}: ") and message in err, err
+    assert listing(store_dir) == before
 
 
 @pytest.mark.parametrize(("case", "damage", "message"), BAD_ADAPTERS, ids=[c[0] for c in BAD_ADAPTERS])

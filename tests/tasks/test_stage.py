@@ -13,7 +13,7 @@ import pytest
 from many.config import LPMConfig
 from tasks.stage import Stage, cache_key, lookup, run_stage
 from tasks.store import BadName, BlobRef, CorruptArtifact, Store, StoreError
-from tests.tasks.conftest import blob_rel, overwrite
+from tests.s3 import blob_rel, overwrite
 
 ROOT = Path(__file__).resolve().parents[2]
 MERGE = Stage(name="merge", version="3", inputs=("previous", "adapter"), outputs=("state", "merged"))

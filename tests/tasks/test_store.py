@@ -23,7 +23,7 @@ from tasks.store import (
     Store,
     StoreError,
 )
-from tests.tasks.conftest import FAKE_KEY_ID, FAKE_SECRET, REGION, FaultyS3, blob_rel, overwrite, stored_objects
+from tests.s3 import FAKE_KEY_ID, FAKE_SECRET, REGION, FaultyS3, blob_rel, overwrite, stored_objects
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -349,13 +349,21 @@ def test_bad_run_summaries_are_rejected(store: Store, run_id: str, summary: dict
         store.write_run(run_id, summary)
 
 
-def test_transient_s3_faults_are_retried(new_bucket: str, faulty_s3: FaultyS3) -> None:
+def test_transient_s3_faults_are_retried_counted_and_logged(new_bucket: str, faulty_s3: FaultyS3, caplog) -> None:
+    from tasks.store.backend import retries_seen
+
     store = Store.open(f"s3://{new_bucket}/p", endpoint_url=faulty_s3.endpoint)
+    before = retries_seen()
     faulty_s3.fail_next(2, 503, "ServiceUnavailable")
-    ref = store.put_bytes(b"survives an outage")
-    faulty_s3.fail_next(2, 500, "InternalError")
-    assert store.get_bytes(ref.digest, context="t") == b"survives an outage"
+    with caplog.at_level("INFO", logger="many.store"):
+        ref = store.put_bytes(b"survives an outage")
+        faulty_s3.fail_next(2, 500, "InternalError")
+        assert store.get_bytes(ref.digest, context="t") == b"survives an outage"
     assert faulty_s3.faults_left() == 0
+    assert retries_seen() - before == 4
+    retried = [r.getMessage() for r in caplog.records if r.name == "many.store"]
+    assert len(retried) == 4 and "attempt 1 of 4 failed (HTTP 503); retrying" in retried[0], retried
+    assert "failed (HTTP 500); retrying" in retried[-1], retried
 
 
 def test_access_denied_fails_fast_with_one_line(new_bucket: str, faulty_s3: FaultyS3) -> None:

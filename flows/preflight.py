@@ -1,0 +1,69 @@
+"""Checks of a run config that need no stage, done in the driver before anything is written (DESIGN.md §5).
+
+A bad input found here is a `PreflightError` (a ValueError: exit 2) and leaves the store exactly as it was;
+found later, inside a stage, the same problem would cost the stages before it and litter the store.
+
+- resources: a stage asking for more GPUs (or CPUs) than a *local* Ray cluster can ever have would wait
+  forever; on a joined cluster (`ray.address`) nodes may still come, so `tasks.runtime.check_resources`
+  decides per stage instead.
+- user adapters (`tasks[i].adapter`): every LoRA module and the projector must exist in the base with the
+  same shapes, ranks must agree, every value must be finite.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from flows.config import RunConfig
+
+
+class PreflightError(ValueError):
+    """The config asks for something this machine or this base cannot do; the message says what to change."""
+
+
+def local_gpus() -> int:
+    """GPUs a local Ray cluster would find: the CUDA devices torch sees (both honour CUDA_VISIBLE_DEVICES)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check_resources(config: RunConfig, gpus: int | None = None, cpus: int | None = None) -> None:
+    """Every stage group's request fits the local cluster `many run` would start (no-op with `ray.address`)."""
+    if config.ray.address:
+        return
+    gpus = local_gpus() if gpus is None else gpus
+    cpus = cpus or config.ray.num_cpus or os.cpu_count() or 1
+    for group, request in config.resources:
+        if request.num_gpus > gpus:
+            raise PreflightError(
+                f"resources.{group}.num_gpus is {request.num_gpus:g} but this machine has {gpus} GPU(s) for the local "
+                f"Ray cluster; set resources.{group}.num_gpus: 0 to run it on CPU, or ray.address to join a GPU cluster"
+            )
+        if request.num_cpus > cpus:
+            raise PreflightError(
+                f"resources.{group}.num_cpus is {request.num_cpus:g} but the local Ray cluster has {cpus} CPU(s); "
+                f"lower it or raise ray.num_cpus"
+            )
+
+
+def check_adapters(config: RunConfig) -> None:
+    """Each task's own adapter (`tasks[i].adapter`) fits the configured base; see many.adapters.check_task_dir."""
+    given = [t for t in config.tasks if t.adapter is not None]
+    if not given:
+        return
+    from many.adapters import check_task_dir
+    from many.model.shapes import base_shapes
+
+    shapes = base_shapes(config.base)
+    for task in given:
+        try:
+            check_task_dir(Path(task.adapter), shapes.linears, shapes.projector)
+        except (OSError, ValueError) as error:
+            raise PreflightError(f"task {task.name!r}: adapter {task.adapter}: {' '.join(str(error).split())}") from None
+
+
+def preflight(config: RunConfig) -> None:
+    check_resources(config)
+    check_adapters(config)
