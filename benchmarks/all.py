@@ -2,7 +2,8 @@
 
 Each benchmark module exposes `main(argv)` and prints its own markdown; this script captures that output
 verbatim under a heading naming the exact command, so every number in BENCHMARKS.md comes from a rerunnable
-script. `--smoke` runs the tiny sizes only and writes nothing (the test suite uses it so scripts cannot rot).
+script; hand-written commentary on a section lives in docs/benchmarks/notes/<name>.md and is appended under
+it. `--smoke` runs the tiny sizes only and writes nothing (the test suite uses it so scripts cannot rot).
 `--only NAME…` reruns just those benchmarks and replaces their sections of an existing BENCHMARKS.md, keeping
 the others (the full quality run takes hours on two cores: run it alone); `--args NAME="…"` overrides a
 benchmark's arguments, e.g. `--only quality --args quality="--seeds 1 --orders ucit"`.
@@ -31,7 +32,10 @@ BENCHMARKS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("benchmarks.merge_cost", "LPM merge cost vs a bare solve (issue: foundation)", ()),
     ("benchmarks.store_overhead", "Store overhead vs a plain fsspec copy (issue: store)", ()),
     ("benchmarks.train_overhead", "Training-loop overhead vs a bare PyTorch loop (issue: model/training)", ()),
+    ("benchmarks.cluster", "Tiny pipeline: 1 node vs a simulated 3-node cluster (issue #7)", ()),
+    ("benchmarks.reliability", "Reliability suite: faults, bad inputs, security (issue #9)", ()),
 )
+NOTES = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "notes"  # <name>.md: commentary kept under a section
 HEADING = re.compile(r"^## ", re.MULTILINE)
 
 
@@ -83,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         output, seconds = run(module, bench_argv)
         print(output)
         command = f"python -m {module} {shlex.join(bench_argv)}".rstrip()
-        sections[short(module)] = f"## {title}\n\n`{command}` ({seconds:.0f} s)\n\n{output.strip()}\n"
+        notes = NOTES / f"{short(module)}.md"
+        commentary = f"\n{notes.read_text().strip()}\n" if notes.exists() else ""
+        sections[short(module)] = f"## {title}\n\n`{command}` ({seconds:.0f} s)\n\n{output.strip()}\n{commentary}"
     if args.smoke:
         return 0
     kept = sections_of(args.out.read_text()) if args.only and args.out.exists() else {}

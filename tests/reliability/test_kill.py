@@ -100,9 +100,8 @@ def test_kill_9_at_stage_boundaries_and_at_random_times_then_resume(
         return rng.uniform(0.5, 6.0) if landed < RANDOM_KILLS else None
 
     at_random, summary = kill_and_resume(f"file://{tmp_path / 'b' / 'store'}", tmp_path / "b", reference_summary, next_random)
-    record_property("kills", {"boundaries": at_boundaries, "random": at_random})
-    print(f"kill -9: {at_boundaries} at stage boundaries ({', '.join(hit_kinds)}), "
-          f"{at_random} at random times")
+    record_property("figure", f"kill -9: {at_boundaries} at stage boundaries ({', '.join(hit_kinds)}), "
+                              f"{at_random} at random times")  # benchmarks/reliability.py
     assert at_boundaries + at_random >= KILLS_NEEDED
     assert final_adapter_digest(reference_store, reference_summary) == final_adapter_digest(
         f"file://{tmp_path / 'b' / 'store'}", summary)

@@ -33,7 +33,7 @@ def secrets_in(root: Path) -> list[str]:
 
 
 def test_transient_faults_are_retried_permanent_ones_fail_cleanly_and_no_secret_leaks(
-    reference: tuple[str, dict], new_bucket: str, faulty_s3: FaultyS3, s3_endpoint: str, tmp_path: Path
+    reference: tuple[str, dict], new_bucket: str, faulty_s3: FaultyS3, s3_endpoint: str, tmp_path: Path, record_property
 ) -> None:
     reference_store, reference_summary = reference
     url = f"s3://{new_bucket}/many"
@@ -48,7 +48,8 @@ def test_transient_faults_are_retried_permanent_ones_fail_cleanly_and_no_secret_
     assert sum(injected.values()) >= 10 and set(injected) == {"500", "503", "reset", "lost", "stall"}, injected
     retried = sum(s["s3_retries"] for s in outcome.summary["stages"])
     assert retried > 0 and "S3 retries)" in outcome.err, retried  # counted per stage, shown on the progress line
-    print(f"S3 faults injected into {faulty_s3.requests} requests: {injected}; stage workers retried {retried}")
+    record_property("figure", f"S3 faults injected into {faulty_s3.requests} requests: {dict(sorted(injected.items()))}; "
+                              f"the stages' workers retried {retried} requests")  # benchmarks/reliability.py
 
     store = Store.open(url, endpoint_url=s3_endpoint, cache_dir=tmp_path / "verify")
     for entry in outcome.summary["stages"]:
