@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.incremental import EXAMPLES, _environment
+from benchmarks.common import EXAMPLES, quiet_environment
 
 NODE_ARGS = {"num_cpus": 1, "object_store_memory": 80 * 2**20}
 CPU_SLOTS = 3
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     scratch = Path(tempfile.mkdtemp(prefix="many-bench-cluster-"))
-    _environment(scratch)
+    quiet_environment(scratch)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # workers inherit it: no thread oversubscription of 3 slots
     from prefect import flow
     from ray.cluster_utils import Cluster

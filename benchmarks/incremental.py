@@ -18,31 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-
-
-def _environment(scratch: Path) -> None:
-    defaults = {
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
-        "PREFECT_LOGGING_LEVEL": "WARNING",
-        "PREFECT_SERVER_LOGGING_LEVEL": "CRITICAL",
-        "PREFECT_HOME": str(scratch / "prefect"),
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_AUTH_MODE": "disabled",
-        "RAY_TMPDIR": "/tmp/ray-bench",
-        "MANY_CACHE_DIR": str(scratch / "cache"),
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    for key, value in defaults.items():
-        os.environ.setdefault(key, value)
-    Path(os.environ["RAY_TMPDIR"]).mkdir(parents=True, exist_ok=True)
+from benchmarks.common import EXAMPLES, quiet_environment
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     scratch = Path(tempfile.mkdtemp(prefix="many-bench-"))
-    _environment(scratch)
+    quiet_environment(scratch)
     from prefect import flow
 
     from flows.config import RunConfig, load_config

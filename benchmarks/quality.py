@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.incremental import EXAMPLES, _environment
+from benchmarks.common import EXAMPLES, quiet_environment
 
 ORDERS = ("ucit", "reverse")
 SUMMARY = (("Last", "MFN"), ("MFT", "MFT"), ("MAA", "MAA"), ("BWT", "BWT"))
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--seeds {seeds}: need at least one seed")
 
     scratch = Path(tempfile.mkdtemp(prefix="many-quality-"))
-    _environment(scratch)
+    quiet_environment(scratch)
     from flows.config import RunConfig, load_config
     from flows.pipeline import continual_update
     from many.report import render

@@ -1,0 +1,27 @@
+"""What the pipeline benchmarks share: the examples directory and a quiet, offline, per-run environment."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def quiet_environment(scratch: Path) -> None:
+    """Offline Prefect/Ray settings, Prefect home and store cache under `scratch`; values already set win."""
+    defaults = {
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+        "PREFECT_SERVER_LOGGING_LEVEL": "CRITICAL",
+        "PREFECT_HOME": str(scratch / "prefect"),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_TMPDIR": "/tmp/ray-bench",
+        "MANY_CACHE_DIR": str(scratch / "cache"),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+    Path(os.environ["RAY_TMPDIR"]).mkdir(parents=True, exist_ok=True)
