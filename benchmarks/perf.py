@@ -8,12 +8,14 @@ stream, and a LLaVA-1.5-7B-shaped merge step — all through the real stages and
           shapes through the real `merge` stage (benchmarks.synthetic.merge_stream): time, peak RSS, store
           size and state size per step vs t.
   7b      synthetic tasks at LLaVA-1.5-7B shapes (hidden 4096, MLP 11008, r=8 on q/k/v/o/gate/up/down) through the
-          same stage, on `--7b-layers` of the 32 decoder blocks (default 2: the stage streams layer by layer, so
-          peak memory does not grow with the blocks, but one task's state is ~3.4 GB per block on disk); per
-          step: time, peak RSS, bytes stored, extrapolated linearly to 32 blocks.
+          same stage as the pipeline runs it: a 1-CPU Ray task on a local Ray of `--7b-cpus` CPUs, which fans the
+          input groups (q/k/v, o, gate/up, down of each block) out as 1-CPU Ray tasks on its node. On `--7b-layers`
+          of the 32 decoder blocks (default 2: peak memory is concurrent groups × one group, whatever the blocks;
+          time and bytes scale with the blocks); per step: time, peak RSS of the whole process tree (the driver,
+          Ray's processes and its workers), bytes stored, extrapolated linearly to 32 blocks.
 
     python -m benchmarks.perf [--smoke] [--parts ratios,stream,7b] [--tasks N] [--7b-layers L] [--7b-tasks T]
-                              [--tiny-pipeline] [--json PATH]
+                              [--7b-cpus N] [--7b-state-dtype float64|float32] [--tiny-pipeline] [--json PATH]
 """
 
 from __future__ import annotations
@@ -23,13 +25,15 @@ import contextlib
 import importlib
 import io
 import json
+import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.synthetic import Shape, Step, merge_stream, peak_rss
+from benchmarks.synthetic import Shape, Step, merge_stream, rss
+from many.config import LPMConfig
 
 PARTS = ("ratios", "stream", "7b")
 GiB = 2**30
@@ -67,7 +71,8 @@ def ratios(smoke: bool, tiny_pipeline: bool, scratch: Path) -> tuple[list[tuple[
     return rows, {"incremental": incremental, "merge_cost": merge, "train_overhead": train, "store_overhead": store}
 
 
-def run_stream(shape: Shape, tasks: int, scratch: Path, label: str) -> list[Step]:
+def run_stream(shape: Shape, tasks: int, scratch: Path, label: str, config: LPMConfig = LPMConfig(),
+               on_ray: bool = False) -> list[Step]:
     from tasks.store import Store
 
     root = scratch / f"store-{label}"
@@ -77,10 +82,29 @@ def run_stream(shape: Shape, tasks: int, scratch: Path, label: str) -> list[Step
         print(f"  {label}: t={step.t} {step.seconds:.1f} s, peak RSS {step.peak_rss / GiB:.2f} GiB", file=sys.stderr, flush=True)
 
     try:
-        return merge_stream(store, root, shape, tasks, scratch / f"inputs-{label}", report=progress)[0]
+        return merge_stream(store, root, shape, tasks, scratch / f"inputs-{label}", config, progress, on_ray)[0]
     finally:
         shutil.rmtree(root, ignore_errors=True)
         shutil.rmtree(scratch / f"cache-{label}", ignore_errors=True)
+
+
+def run_7b(shape: Shape, tasks: int, cpus: int, config: LPMConfig, scratch: Path) -> tuple[list[Step], int]:
+    """The 7B-shaped steps on a local Ray of `cpus` CPUs (started here, stopped after); and the process tree's RSS
+    with Ray up and idle, before the first step."""
+    from tasks.runtime import ensure_ray, shutdown_ray
+
+    saved = os.environ.get("MANY_CACHE_DIR")
+    os.environ["MANY_CACHE_DIR"] = str(scratch / "cache-7b")  # the workers' materialised inputs, removed after
+    try:
+        ensure_ray(None, cpus, 200)
+        baseline = rss(tree=True)
+        return run_stream(shape, tasks, scratch, "7b", config, on_ray=True), baseline
+    finally:
+        shutdown_ray()
+        if saved is None:
+            os.environ.pop("MANY_CACHE_DIR", None)
+        else:
+            os.environ["MANY_CACHE_DIR"] = saved
 
 
 def print_stream(shape: Shape, steps: list[Step]) -> None:
@@ -94,29 +118,34 @@ def print_stream(shape: Shape, steps: list[Step]) -> None:
             print(f"| {s.t} | {s.seconds:.2f} | {s.peak_rss / 2**20:.0f} | {s.state_bytes / MB:.2f} | {s.store_bytes / MB:.1f} |")
     first, last = steps[min(1, len(steps) - 1)], steps[-1]
     print(f"\nstep(t={last.t}) / step(t={first.t}) = {last.seconds / first.seconds:.2f}; state(t={last.t}) / state(t={first.t}) = "
-          f"{last.state_bytes / first.state_bytes:.2f} (C and R are constant-size; B and A·G̃ grow by r columns/rows per task, "
+          f"{last.state_bytes / first.state_bytes:.2f} (C is constant-size, one per input group; B and A·G̃ grow by r columns/rows per task, "
           "and the exported exact adapter has rank Σr = r·t).")
 
 
-def print_7b(shape: Shape, steps: list[Step], baseline_rss: int) -> None:
+def print_7b(shape: Shape, steps: list[Step], baseline_rss: int, cpus: int, config: LPMConfig) -> None:
     full = 32 / shape.layers
     what = "LLaVA-1.5-7B LoRA shapes" if (shape.hidden, shape.intermediate) == (4096, 11008) else "smoke shapes"
     print(f"{what} (hidden {shape.hidden}, MLP {shape.intermediate}, r={shape.rank}, "
           f"q/k/v/o/gate/up/down), {shape.layers} of 32 decoder blocks measured, {len(steps)} task steps through the "
-          f"real merge stage; process RSS before the first step {baseline_rss / GiB:.2f} GiB.\n")
-    print("| t | step (s) | peak RSS (GiB) | state blob (GB) | task inputs stored (GB) | step × 32/L (min) | state × 32/L (GB) |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+          f"real merge stage on a local Ray of {cpus} CPUs (input groups fanned out as 1-CPU Ray tasks), C stored "
+          f"{config.state_dtype}; RSS of the whole process tree (driver + Ray + workers) with Ray idle before the "
+          f"first step {baseline_rss / GiB:.2f} GiB.\n")
+    print("| t | step (s) | peak RSS, tree (GiB) | above idle (GiB) | state blob (GB) | task inputs stored (GB) "
+          "| step adds to store (GB) | step × 32/L (min) | state × 32/L (GB) | store per task × 32/L (GB) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for s in steps:
-        print(f"| {s.t} | {s.seconds:.1f} | {s.peak_rss / GiB:.2f} | {s.state_bytes / 1e9:.2f} | {s.task_bytes / 1e9:.2f} "
-              f"| {s.seconds * full / 60:.1f} | {s.state_bytes * full / 1e9:.1f} |")
+        print(f"| {s.t} | {s.seconds:.1f} | {s.peak_rss / GiB:.2f} | {(s.peak_rss - baseline_rss) / GiB:.2f} "
+              f"| {s.state_bytes / 1e9:.2f} | {s.task_bytes / 1e9:.2f} | {s.added_bytes / 1e9:.2f} "
+              f"| {s.seconds * full / 60:.1f} | {s.state_bytes * full / 1e9:.1f} | {s.added_bytes * full / 1e9:.1f} |")
     full_shape = Shape(32, shape.hidden, shape.intermediate, shape.rank)
-    print(f"\nGrams per task, float32, whole model: {full_shape.gram_bytes(shared=False) / 1e9:.1f} GB as the stats stage "
-          f"stores them (one per module), {full_shape.gram_bytes(shared=True) / 1e9:.1f} GB with one Gram per input "
-          "(q/k/v and gate/up sharing). The merge stage streams one LoRA layer at a time (its Gram read lazily, its "
-          "previous state file, absorb, export, write, free), so the peak above the baseline is one layer's "
-          "working set (the 11008-input down_proj) whatever the number of blocks; time and stored bytes scale "
-          "with the blocks (last two columns). Layers run one after another inside the stage's worker: fanning "
-          "them out over Ray CPU workers is not implemented.")
+    print(f"\nGrams per task, float32, whole model: {full_shape.gram_bytes(shared=True) / 1e9:.1f} GB, stored once per "
+          f"input group (q/k/v and gate/up sharing; {full_shape.gram_bytes(shared=False) / 1e9:.1f} GB if stored per "
+          "module). The state keeps one C per input group and the thin B and A·G̃ per module (no R). Each input group "
+          "is one Ray task (its Gram read lazily, its previous state file, absorb, export, write, free), pinned to the "
+          f"node holding the stage's inputs; at most {cpus} run at once, so the peak above idle is about {cpus} groups' "
+          "working sets (the 11008-input down_proj's is the largest) whatever the number of blocks. Time and stored "
+          "bytes scale with the blocks (the ×32/L columns); the tree's RSS sums each process's resident pages, so "
+          "libraries shared by the workers count once per worker.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,14 +155,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", type=int, help="synthetic stream length (default 100, smoke 5)")
     parser.add_argument("--7b-layers", dest="layers_7b", type=int, default=2, help="decoder blocks of the 7B-shaped merge")
     parser.add_argument("--7b-tasks", dest="tasks_7b", type=int, default=2, help="task steps of the 7B-shaped merge")
+    parser.add_argument("--7b-cpus", dest="cpus_7b", type=int, default=2, help="CPUs of the local Ray of the 7B-shaped merge")
+    parser.add_argument("--7b-state-dtype", dest="state_dtype_7b", choices=("float64", "float32"), default="float64",
+                        help="LPMConfig.state_dtype of the 7B-shaped merge (how C is stored)")
     parser.add_argument("--tiny-pipeline", action="store_true", help="incremental ratio on examples/tiny.yaml")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     parts = [p for p in args.parts.split(",") if p]
     if not parts or any(p not in PARTS for p in parts):
         parser.error(f"--parts {args.parts!r}: choose a comma-separated subset of {', '.join(PARTS)}")
-    if not 1 <= args.layers_7b <= 32 or args.tasks_7b < 1:
-        parser.error("--7b-layers must lie in 1..32 and --7b-tasks be ≥ 1")
+    if not 1 <= args.layers_7b <= 32 or args.tasks_7b < 1 or args.cpus_7b < 1:
+        parser.error("--7b-layers must lie in 1..32, --7b-tasks and --7b-cpus be ≥ 1")
     scratch = Path(tempfile.mkdtemp(prefix="many-perf-"))
     result: dict[str, Any] = {"smoke": args.smoke}
     try:
@@ -152,11 +184,11 @@ def main(argv: list[str] | None = None) -> int:
             result["stream"] = [s.__dict__ for s in steps]
         if "7b" in parts:
             shape = Shape(1, 64, 172) if args.smoke else Shape(args.layers_7b, 4096, 11008)
-            with peak_rss() as before:
-                pass
-            steps = run_stream(shape, args.tasks_7b, scratch, "7b")
-            print_7b(shape, steps, before["peak"])
-            result["7b"] = {"layers": shape.layers, "steps": [s.__dict__ for s in steps]}
+            config = LPMConfig(state_dtype=args.state_dtype_7b)
+            steps, baseline = run_7b(shape, args.tasks_7b, args.cpus_7b, config, scratch)
+            print_7b(shape, steps, baseline, args.cpus_7b, config)
+            result["7b"] = {"layers": shape.layers, "cpus": args.cpus_7b, "state_dtype": config.state_dtype,
+                            "idle_tree_rss": baseline, "steps": [s.__dict__ for s in steps]}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     if args.json:

@@ -1,10 +1,10 @@
 """Synthetic merge streams (issue #8 perf): random LoRAs and Grams of a given model shape pushed through the real
 `merge` stage (tasks.stages.compute_merge under tasks.stage.run_stage) and the real store, no training.
 
-A task is a PEFT adapter dir (write_lora_adapter) and a Grams file (save_grams, float32, one entry per LoRA
-module as the stats stage writes it), both put into the store as the finetune and stats stages would. Grams are
-XᵀX/N of N random tokens plus a small diagonal, so they are symmetric positive definite like real ones; layers
-fed by the same input (q/k/v, gate/up) share one Gram, as in a Llama block.
+A task is a PEFT adapter dir (write_lora_adapter) and a Grams file (save_grams, float32, one Gram per input group
+as the stats stage writes it), both put into the store as the finetune and stats stages would. Grams are XᵀX/N of
+N random tokens plus a small diagonal, so they are symmetric positive definite like real ones; layers fed by the
+same input (q/k/v, gate/up) share one Gram, as in a Llama block.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,18 +86,30 @@ def write_task(shape: Shape, seed: int, out: Path, tokens: int = 256) -> tuple[P
                          torch.randn(shape.rank, n_in, generator=generator) / n_in**0.5)
     task_dir = out / f"task-{seed}"
     write_lora_adapter(factors, adapter_config(shape), task_dir / "adapter")
-    gram_path = save_grams({k: v.clone() for k, v in grams.items()}, out / f"grams-{seed}.safetensors")
+    gram_path = save_grams(grams, out / f"grams-{seed}.safetensors")  # one tensor object per group: stored once
     return task_dir, gram_path
 
 
+def rss(tree: bool = False) -> int:
+    """Resident set size of this process, or of it and all its descendants (a local Ray's raylet, GCS and workers
+    are: the merge's memory lives in Ray worker processes). The tree's sum counts shared pages once per process."""
+    process = psutil.Process()
+    total = process.memory_info().rss
+    if tree:
+        for child in process.children(recursive=True):
+            with suppress(psutil.Error):
+                total += child.memory_info().rss
+    return total
+
+
 @contextmanager
-def peak_rss(interval: float = 0.01) -> Iterator[dict[str, int]]:
-    """Sample this process's resident set size every `interval` s; yields a dict whose "peak" is set on exit."""
-    process, result, done = psutil.Process(), {"peak": 0}, threading.Event()
+def peak_rss(interval: float = 0.01, tree: bool = False) -> Iterator[dict[str, int]]:
+    """Sample `rss(tree)` every `interval` s; yields a dict whose "peak" is set on exit."""
+    result, done = {"peak": 0}, threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            result["peak"] = max(result["peak"], process.memory_info().rss)
+            result["peak"] = max(result["peak"], rss(tree))
             done.wait(interval)
 
     thread = threading.Thread(target=sample, daemon=True)
@@ -107,7 +119,7 @@ def peak_rss(interval: float = 0.01) -> Iterator[dict[str, int]]:
     finally:
         done.set()
         thread.join()
-        result["peak"] = max(result["peak"], process.memory_info().rss)
+        result["peak"] = max(result["peak"], rss(tree))
 
 
 def tree_bytes(path: Path) -> int:
@@ -118,23 +130,51 @@ def tree_bytes(path: Path) -> int:
 class Step:
     t: int
     seconds: float
-    peak_rss: int
-    store_bytes: int
-    state_bytes: int
-    task_bytes: int
+    peak_rss: int  # of this process, or of its whole process tree when the stage ran on Ray
+    store_bytes: int  # the whole store after the step
+    state_bytes: int  # merge[t]'s state blob
+    task_bytes: int  # task t's inputs as stored: adapter dir + Grams file
+    added_bytes: int  # what the step added to the store: task t's inputs + merge[t]'s state and adapter
+
+
+def _on_ray(store_url: str, config: LPMConfig) -> Callable[[dict[str, BlobRef]], Manifest]:
+    """Run the merge stage as the pipeline does: `tasks.stages.execute` as a 1-CPU Ray task, which fans the input
+    groups out over Ray on its node."""
+    import ray
+
+    from tasks.runtime import StoreSpec
+    from tasks.stages import execute
+
+    remote = ray.remote(execute).options(num_cpus=1, max_retries=0)
+
+    def run(inputs: dict[str, BlobRef]) -> Manifest:
+        result = ray.get(remote.remote(StoreSpec(store_url), "merge", config, inputs, 1, "cpu"))
+        return Manifest.model_validate_json(result[1])  # (status, manifest JSON, seconds, node, …)
+
+    return run
 
 
 def merge_stream(store: Store, root: Path, shape: Shape, tasks: int, scratch: Path, config: LPMConfig = LPMConfig(),
-                 report: Callable[[Step], None] = lambda step: None) -> tuple[list[Step], Manifest]:
+                 report: Callable[[Step], None] = lambda step: None, on_ray: bool = False) -> tuple[list[Step], Manifest]:
     """Tasks 1..`tasks` through the real merge stage into `store` (a local store at `root`), one after another;
-    per step its time, peak RSS, the store's size, the state blob's size and the task's input bytes; and the last
-    step's manifest.
+    per step its time, peak RSS, the store's size, the state blob's size, the task's input bytes and what the step
+    added to the store; and the last step's manifest.
 
     The task's inputs are written and put before the timer starts; the step is run_stage (materialise inputs,
-    absorb + export, put outputs, write the manifest). Each task's local files are deleted after its put.
+    absorb + export, put outputs, write the manifest). `on_ray`: the stage runs as in the pipeline, as a Ray task
+    (Ray must be connected, workers opening the store at `root`) whose input groups fan out over the node's CPUs,
+    and the peak RSS is that of this process's whole tree (a local Ray's processes are its descendants); otherwise
+    in this process, groups one after another. Each task's local files are deleted after its put.
     """
+    if on_ray:
+        run = _on_ray(str(root), config)
+    else:
+        def run(inputs: dict[str, BlobRef]) -> Manifest:
+            return run_stage(store, stage_def("merge", inputs), config, inputs,
+                             lambda local, workdir: compute_merge(local, workdir, config=config, device="cpu")).manifest
     steps, previous = [], None
     for t in range(1, tasks + 1):
+        before = tree_bytes(root)
         task_dir, gram_path = write_task(shape, seed=t, out=scratch)
         inputs: dict[str, BlobRef] = {"finetune": store.put(task_dir), "grams": store.put(gram_path)}
         task_bytes = tree_bytes(task_dir) + gram_path.stat().st_size
@@ -143,12 +183,12 @@ def merge_stream(store: Store, root: Path, shape: Shape, tasks: int, scratch: Pa
         if previous is not None:
             inputs["previous"] = previous
         start = time.perf_counter()
-        with peak_rss() as peak:
-            result = run_stage(store, stage_def("merge", inputs), config, inputs,
-                               lambda local, workdir: compute_merge(local, workdir, config=config, device="cpu"))
+        with peak_rss(interval=0.05 if on_ray else 0.01, tree=on_ray) as peak:
+            manifest = run(inputs)
         seconds = time.perf_counter() - start
-        previous = result.manifest.outputs["state"]
-        step = Step(t, seconds, peak["peak"], tree_bytes(root), previous.size, task_bytes)
+        previous = manifest.outputs["state"]
+        total = tree_bytes(root)
+        step = Step(t, seconds, peak["peak"], total, previous.size, task_bytes, total - before)
         report(step)
         steps.append(step)
-    return steps, result.manifest
+    return steps, manifest

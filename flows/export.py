@@ -2,7 +2,8 @@
 
     DIR/tasks/<task>/adapter/              PEFT LoRA (PeftModel.from_pretrained on DIR/base)
     DIR/tasks/<task>/projector.safetensors the task's own projector
-    DIR/tasks/<task>/gram.safetensors      Grams, keys = PEFT module names
+    DIR/tasks/<task>/gram.safetensors      Grams, one float32 tensor per input group (q/k/v, gate/up share one), named
+                                           by its first module; metadata "grams": {"groups": {module: tensor name}}
     DIR/merged/adapter/                    the LPM merge as a PEFT LoRA of rank Σr
     DIR/merged/merge.json                  {"method", "tasks", "a", "gamma": {module: absolute γ}, "tau"}
     DIR/merged/projectors.safetensors      every task's projector, keys "<task>.<parameter>"

@@ -81,12 +81,15 @@ class LPMConfig(Frozen):
     gamma: ridge. `gamma_mode="relative"`: γ = gamma · mean(diag(G̃_1)) of the layer's first task
            (fixed at the first absorb, so the recursion stays exact); "absolute": γ = gamma.
     rank:  optional SVD truncation of the exported merged LoRA (None: exact rank Σ r_i).
+    state_dtype: how C = γI + Σ G̃_i is stored between tasks (the merge computes in float64 either way);
+           "float32" halves the state (the running sum is rounded once per task), "float64" keeps it exact.
     """
 
     a: float = Field(1.0, ge=0, le=1)
     gamma: float = Field(1e-4, ge=0)
     gamma_mode: Literal["relative", "absolute"] = "relative"
     rank: PositiveInt | None = None
+    state_dtype: Literal["float64", "float32"] = "float64"
 
 
 class CPMConfig(Frozen):

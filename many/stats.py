@@ -10,20 +10,29 @@ over task i's training tokens. DESIGN.md §8 measured that G must come from task
 Grams of the base model, or of answer tokens only, ruin the merge.
 
 The sum XᵀX is accumulated in float64 batch by batch with forward pre-hooks (activations are never held),
-then divided by N. Layers fed by the same tensor (q/k/v after one norm, gate/up after another) receive
-the product computed once for the first of them. Grams are stored float32 (DESIGN.md §2) and read back
-as float64, keyed by PEFT module name (the adapter's keys minus ".lora_A.weight").
+then divided by N. Layers fed by the same tensor (q/k/v after one norm, gate/up after another) form an input
+group: the product is computed and summed once, for the group's first layer, and every layer of the group gets
+that same Gram tensor object. Grams are stored float32 (DESIGN.md §2), ONCE per input group, and read back as
+float64, keyed by PEFT module name (the adapter's keys minus ".lora_A.weight"):
+
+    safetensors tensors   {group key: G (in, in) float32}, group key = the name of the group's first layer
+    safetensors metadata  {"grams": JSON {"format": GRAMS_FORMAT, "groups": {layer: group key}}}
+
+At LLaVA-1.5-7B shapes this is 3 Grams of 4096² and one of 11008² per decoder block instead of 6 + 1.
+A file without the metadata (the earlier format) is read as one group per layer.
 """
 
 from __future__ import annotations
 
+import json
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -32,6 +41,8 @@ from transformers import LlavaProcessor
 from many.config import StatsConfig
 from many.data.schema import Sample
 from many.model.chat import encode_for_training
+
+GRAMS_FORMAT = "many.grams/2"  # safetensors metadata "format" of a Grams file stored once per input group
 
 
 def lora_layers(model: PeftModel) -> dict[str, torch.nn.Module]:
@@ -55,8 +66,10 @@ def collect_grams(
 ) -> dict[str, Tensor]:
     """G = XᵀX / N (in, in) float64 for every LoRA layer, over all non-padding tokens of `samples`.
 
-    `model` is the task's own fine-tuned model; it is run in eval mode without gradients and restored
-    to its previous training mode afterwards. The first `cfg.max_samples` samples are used (all if None).
+    Layers that read the same input tensor share one Gram: the returned dict maps each of them to the same tensor
+    object (what `save_grams` stores once). `model` is the task's own fine-tuned model; it is run in eval mode
+    without gradients and restored to its previous training mode afterwards. The first `cfg.max_samples` samples
+    are used (all if None).
     """
     samples = tuple(samples)[: cfg.max_samples]
     if not samples:
@@ -64,28 +77,34 @@ def collect_grams(
     layers = lora_layers(model)
     device = next(model.parameters()).device
     tower_dtype = next(model.get_base_model().model.vision_tower.parameters()).dtype
-    sums: dict[str, Tensor] = {}  # name -> Σ XᵀX (in, in) float64
+    sums: dict[str, Tensor] = {}  # group's first layer -> Σ XᵀX (in, in) float64
+    group_of: dict[str, str] = {}  # layer -> its group's first layer (itself for the first)
     mask: list[Tensor] = []  # the current batch's attention mask (B, L), read by the hooks
-    last: list[tuple[weakref.ref, Tensor]] = []  # (input seen last, its XᵀX): shared inputs are multiplied once
+    last: list[tuple[weakref.ref, str]] = []  # (input seen last, the layer that summed its XᵀX)
 
     def hook_for(name: str):
         def hook(_module: torch.nn.Module, args: tuple) -> None:
             x = args[0]  # (B, L, in)
-            if last and last[0][0]() is x:
-                product = last[0][1]
-            else:
-                if x.shape[:2] != mask[0].shape:
-                    raise ValueError(
-                        f"collect_grams: layer {name} sees inputs of shape {tuple(x.shape)} but the batch mask is "
-                        f"{tuple(mask[0].shape)}; the model must keep one position per input token"
-                    )
-                tokens = x[mask[0].bool()].to(torch.float64)  # (n, in): padding excluded
-                product = tokens.T @ tokens  # (in, in)
-                last[:] = [(weakref.ref(x), product)]
+            owner = last[0][1] if last and last[0][0]() is x and last[0][1] != name else name
+            if group_of.setdefault(name, owner) != owner:
+                raise ValueError(
+                    f"collect_grams: layer {name} shares its input with {owner} in one batch but not in another; "
+                    "the model's layers must read the same inputs in every forward pass"
+                )
+            if owner != name:
+                return  # the owner already summed this input's XᵀX
+            if x.shape[:2] != mask[0].shape:
+                raise ValueError(
+                    f"collect_grams: layer {name} sees inputs of shape {tuple(x.shape)} but the batch mask is "
+                    f"{tuple(mask[0].shape)}; the model must keep one position per input token"
+                )
+            tokens = x[mask[0].bool()].to(torch.float64)  # (n, in): padding excluded
+            product = tokens.T @ tokens  # (in, in)
+            last[:] = [(weakref.ref(x), name)]
             if name in sums:
                 sums[name].add_(product)
             else:
-                sums[name] = product.clone()
+                sums[name] = product
 
         return hook
 
@@ -109,22 +128,55 @@ def collect_grams(
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    missing = sorted(set(layers) - set(sums))
+    missing = sorted(set(layers) - set(group_of))
     if missing:
         raise ValueError(f"collect_grams: LoRA layers never ran in the forward pass: {missing[:3]} …")
-    return {name: (total / tokens_seen).cpu() for name, total in sums.items()}
+    grams = {owner: (total / tokens_seen).cpu() for owner, total in sums.items()}
+    return {name: grams[group_of[name]] for name in layers}
 
 
-def save_grams(grams: dict[str, Tensor], path: str | Path) -> Path:
-    """Write Grams as float32 safetensors (DESIGN.md §2), keys = PEFT module names."""
+def gram_groups(grams: Mapping[str, Tensor]) -> dict[str, str]:
+    """{layer: group key}: layers given the same tensor object share a group, keyed by its first layer's name."""
+    first: dict[int, str] = {}
+    return {name: first.setdefault(id(gram), name) for name, gram in grams.items()}
+
+
+def save_grams(grams: Mapping[str, Tensor], path: str | Path) -> Path:
+    """Write Grams as float32 safetensors (DESIGN.md §2), one tensor per input group (layers mapped to the same
+    tensor object, as `collect_grams` returns them), with the layer → group map in the metadata."""
     bad = [name for name, gram in grams.items() if gram.ndim != 2 or gram.shape[0] != gram.shape[1]]
     if bad:
         raise ValueError(f"save_grams: Grams must be square (in, in); not so for {bad[:3]}")
+    groups = gram_groups(grams)
+    tensors = {key: grams[key].to(torch.float32).contiguous() for key in dict.fromkeys(groups.values())}
     path = Path(path)
-    save_file({name: gram.to(torch.float32).contiguous() for name, gram in grams.items()}, str(path))
+    # One metadata key: safetensors writes several in a random order, and stored bytes must not vary between runs.
+    save_file(tensors, str(path), metadata={"grams": json.dumps({"format": GRAMS_FORMAT, "groups": groups})})
     return path
 
 
+def read_gram_groups(path: str | Path) -> dict[str, str]:
+    """{layer: group key} of a Grams file, from its metadata alone (no Gram is read). The group key names the
+    file's tensor; a file of the earlier format (no metadata) holds one group per layer."""
+    with safe_open(str(path), framework="pt") as f:
+        metadata, keys = f.metadata() or {}, list(f.keys())
+    if "grams" not in metadata:
+        return {key: key for key in keys}
+    stored = json.loads(metadata["grams"])
+    if not isinstance(stored, dict) or stored.get("format") != GRAMS_FORMAT:
+        raise ValueError(f"{path}: Grams metadata {metadata['grams'][:80]!r} is not of format {GRAMS_FORMAT!r}; recompute the stats")
+    groups = stored.get("groups")
+    if not isinstance(groups, dict):
+        raise ValueError(f"{path}: the Grams metadata 'groups' must map layers to group keys; recompute the stats")
+    unknown = sorted(set(groups.values()) - set(keys))
+    if unknown:
+        raise ValueError(f"{path}: the Grams metadata names groups the file does not hold: {unknown[:3]}; recompute the stats")
+    return groups
+
+
 def load_grams(path: str | Path) -> dict[str, Tensor]:
-    """Grams as float64 (the merge computes in float64), keys = PEFT module names."""
-    return {name: gram.to(torch.float64) for name, gram in load_file(str(path)).items()}
+    """Grams as float64 (the merge computes in float64), keys = PEFT module names; the layers of one input group
+    map to the same tensor object."""
+    groups = read_gram_groups(path)
+    stored = {key: gram.to(torch.float64) for key, gram in load_file(str(path)).items()}
+    return {name: stored[key] for name, key in groups.items()}

@@ -34,6 +34,7 @@ from many.config import BaseConfig, CPMConfig, EvalConfig, FinetuneConfig, Froze
 from many.data import Metric, MiniUcitConfig
 from many.methods.cram import CramConfig
 from many.methods.fwd_prompt import FwdPromptConfig
+from tasks.merge import STATE_SUFFIX, load_group, load_state, merge_step, save_group, state_gammas, state_modules
 from tasks.runtime import ClusterError, StoreSpec, check_resources, ensure_ray, node_name
 from tasks.stage import Stage, intact, lookup, run_stage
 from tasks.store import BlobRef, CorruptArtifact, Manifest, Store, StoreError
@@ -46,8 +47,8 @@ VERSIONS = {
     "seqlora": "2",
     "adapter": "1",
     "prototypes": "2",  # 2: f(x) = mean of the projector's input tokens, not the CLS pooler output
-    "stats": "1",
-    "merge": "2",  # 2: state is a directory of per-layer files, merged layer by layer
+    "stats": "2",  # 2: Grams stored once per input group (q/k/v, gate/up share one), layer → group map in metadata
+    "merge": "3",  # 3: one state file per input group (C once, no R), groups fanned out over Ray on the node
     "merge_average": "1",
     "merge_task_arithmetic": "1",
     "merge_ties": "1",
@@ -256,90 +257,15 @@ def compute_stats(inputs: Mapping[str, Path], workdir: Path, *, config: StatsSta
     return {"grams": path}
 
 
-STATE_SUFFIX = ".safetensors"  # merge state: a directory with one file "<PEFT module name>.safetensors" per layer
-
-
-def save_state(state: Any, path: Path) -> Path:
-    """One layer's RLS state (many.lpm.LayerState) as a safetensors file."""
-    from safetensors.torch import save_file
-
-    from many.lpm import state_tensors
-
-    save_file(state_tensors(state), str(path))
-    return path
-
-
-def load_state(path: Path, module: str) -> Any:
-    from safetensors.torch import load_file
-
-    from many.lpm import state_from_tensors
-
-    return state_from_tensors(load_file(str(path)), module)
-
-
-def state_modules(state_dir: Path) -> dict[str, Path]:
-    """{PEFT module name: its state file} of a merge state directory."""
-    return {p.name.removesuffix(STATE_SUFFIX): p for p in sorted(Path(state_dir).glob(f"*{STATE_SUFFIX}"))}
-
-
-def state_gammas(state_dir: Path) -> dict[str, float]:
-    """Each layer's ridge γ, read without loading the layers' matrices (for `many export`)."""
-    from safetensors import safe_open
-
-    gammas = {}
-    for module, path in state_modules(state_dir).items():
-        with safe_open(str(path), framework="pt") as f:
-            gammas[module] = float(f.get_tensor("gamma").item())
-    return gammas
-
-
-def _check_merge_layers(loras: Mapping[str, Any], grams: set[str], previous: set[str] | None) -> None:
-    """The checks of many.lpm.absorb_model, on layer names only (nothing is loaded yet)."""
-    if not loras:
-        raise ValueError("LPM: the task has no LoRA layers")
-    no_gram = sorted(set(loras) - grams)
-    if no_gram:
-        raise ValueError(f"LPM: missing Grams for layers {no_gram}")
-    if previous is not None and previous != set(loras):
-        raise ValueError(
-            f"LPM: the task's LoRA layers and the merge state differ: missing states for {sorted(set(loras) - previous)}, "
-            f"missing LoRAs for {sorted(previous - set(loras))}"
-        )
-
-
 def compute_merge(inputs: Mapping[str, Path], workdir: Path, *, config: LPMConfig, device: str) -> dict[str, Path]:
     """merge[t]: fold task t into the RLS state of tasks < t and export the merge as a rank-Σr PEFT adapter.
 
-    Streamed one LoRA layer at a time (issue #8, a 7B model's states do not fit in RAM together): read that
-    layer's Gram from the Grams file and its previous state file, absorb, export, write its new state file,
-    free. Peak memory is one layer's state plus the thin exported factors, whatever the model's depth.
+    One job per input group (the LoRA layers sharing one Gram, hence one C): read its Gram and previous state file,
+    absorb, export, write its new state file (C once, B and AG per layer; tasks/merge.py has the layout). In a Ray
+    worker the jobs fan out as 1-CPU Ray tasks pinned to this node, where the inputs and the workdir are local
+    files; outside Ray they run one after another, with the same bytes. Peak memory: concurrent jobs × one group.
     """
-    import torch
-    from safetensors import safe_open
-
-    from many.adapters import lora_factors, read_adapter_config, write_lora_adapter
-    from many.lpm import absorb, export_lora, truncate
-
-    adapter_dir = inputs["finetune"] / "adapter"
-    loras = lora_factors(adapter_dir)
-    previous = state_modules(inputs["previous"]) if "previous" in inputs else None
-    state_dir = workdir / "state"
-    state_dir.mkdir()
-    factors = {}
-    with safe_open(str(inputs["grams"]), framework="pt") as grams:
-        _check_merge_layers(loras, set(grams.keys()), None if previous is None else set(previous))
-        for module, (B, A, scale) in loras.items():
-            before = None if previous is None else load_state(previous[module], module)
-            state = absorb(before, B, A, scale, grams.get_tensor(module).to(torch.float64), config, module)
-            del before
-            merged_B, merged_A = export_lora(state, module)
-            if config.rank is not None:
-                merged_B, merged_A, _ = truncate(merged_B, merged_A, config.rank, module)
-            factors[module] = (merged_B.float(), merged_A.float())
-            save_state(state, state_dir / f"{module}{STATE_SUFFIX}")
-            del state
-    write_lora_adapter(factors, read_adapter_config(adapter_dir), workdir / "adapter")
-    return {"state": state_dir, "adapter": workdir / "adapter"}
+    return merge_step(inputs, workdir, config)
 
 
 def compute_batch_merge(inputs: Mapping[str, Path], workdir: Path, *, config: Frozen, method: str, device: str) -> dict[str, Path]:
@@ -696,5 +622,6 @@ def read_json_output(store: Store, record_or_manifest: StageRecord | Manifest, o
 __all__ = [
     "AdapterStageConfig", "BASELINES", "BaseStageConfig", "ClusterSpec", "CramStageConfig", "DataStageConfig", "EvalStageConfig",
     "FinetuneStageConfig", "FwdPromptStageConfig", "PrototypesStageConfig", "ROUTED", "SYSTEMS", "StageRecord", "StatsStageConfig", "load_state", "state_gammas",
+    "STATE_SUFFIX", "load_group", "save_group", "state_modules",
     "read_json_output", "stage_def", "stage_task",
 ]

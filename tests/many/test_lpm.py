@@ -13,13 +13,15 @@ from many.config import LPMConfig
 from many.lpm import (
     LayerState,
     absorb,
+    absorb_group,
     absorb_model,
     batch_merge,
+    export_group,
     export_lora,
+    group_from_tensors,
+    group_tensors,
     regularize,
     solve,
-    state_from_tensors,
-    state_tensors,
     truncate,
 )
 
@@ -89,9 +91,9 @@ def test_absorb_leaves_the_old_state_unchanged():
     loras, _, grams = make_tasks(2)
     cfg = LPMConfig()
     state = absorb(None, *loras[0], grams[0], cfg, LAYER)
-    before = {name: t.clone() for name, t in state_tensors(state).items()}
+    before = {name: t.clone() for name, t in group_tensors({LAYER: state})[0].items()}
     absorb(state, *loras[1], grams[1], cfg, LAYER)
-    for name, tensor in state_tensors(state).items():
+    for name, tensor in group_tensors({LAYER: state})[0].items():
         assert torch.equal(tensor, before[name]), name
 
 
@@ -184,8 +186,11 @@ def test_state_round_trip(tmp_path):
     loras, _, grams = make_tasks(3)
     state = recursive_merge(loras, grams, LPMConfig())
     path = tmp_path / "state.safetensors"
-    safetensors.torch.save_file(state_tensors(state), path)
-    restored = state_from_tensors(safetensors.torch.load_file(path), LAYER)
+    tensors, metadata = group_tensors({LAYER: state})
+    assert "R" not in tensors  # R = AGᵀBᵀ is derived, never stored
+    safetensors.torch.save_file(tensors, path, metadata=metadata)
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        restored = group_from_tensors({key: f.get_tensor(key) for key in f.keys()}, f.metadata(), LAYER)[LAYER]
     assert (restored.gamma, restored.tasks) == (state.gamma, state.tasks)
     for name in ("C", "R", "B", "AG"):
         assert torch.equal(getattr(restored, name), getattr(state, name)), name
@@ -195,6 +200,73 @@ def test_state_round_trip(tmp_path):
         solve(absorb(restored, *extra_lora, extra_gram, LPMConfig(), LAYER), LAYER),
         solve(absorb(state, *extra_lora, extra_gram, LPMConfig(), LAYER), LAYER),
     )
+
+
+QKV = ("layers.0.q_proj", "layers.0.k_proj", "layers.0.v_proj")
+
+
+def group_tasks(count: int) -> tuple[list[dict], list[torch.Tensor]]:
+    """`count` tasks of three layers reading one input: per task {layer: LoRA} and the one Gram."""
+    generator = torch.Generator().manual_seed(5)
+    loras, grams = [], []
+    for _ in range(count):
+        task = [make_task(generator, out=OUT - i) for i in range(len(QKV))]
+        loras.append({name: lora for name, (lora, _, _) in zip(QKV, task)})
+        grams.append(task[0][2])
+    return loras, grams
+
+
+@pytest.mark.parametrize("a", [1.0, 0.7])
+def test_group_shares_one_C_and_equals_the_layers_merged_alone(a):
+    loras, grams = group_tasks(3)
+    cfg = LPMConfig(a=a)
+    group = None
+    for task, gram in zip(loras, grams):
+        group = absorb_group(group, task, gram, cfg, QKV[0])
+    assert len({id(state.C) for state in group.values()}) == 1
+    exported = export_group(group, QKV[0])
+    for name in QKV:
+        alone = recursive_merge([task[name] for task in loras], grams, cfg, name)
+        for field in ("C", "B", "AG"):
+            assert torch.equal(getattr(group[name], field), getattr(alone, field)), (name, field)
+        assert (group[name].gamma, group[name].tasks) == (alone.gamma, alone.tasks)
+        # The group's one Cholesky factor gives each layer the bits of its own export.
+        for got, expected in zip(exported[name], export_lora(alone, name)):
+            assert torch.equal(got, expected)
+        expected = batch_merge([task[name] for task in loras], grams, cfg, name)
+        assert_close(exported[name][0] @ exported[name][1], expected, rtol=1e-8)
+
+
+@pytest.mark.parametrize("c_dtype", [torch.float64, torch.float32])
+def test_group_state_stores_C_once_and_loads_for_each_layer(tmp_path, c_dtype):
+    loras, grams = group_tasks(2)
+    group = absorb_group(absorb_group(None, loras[0], grams[0], LPMConfig(), QKV[0]), loras[1], grams[1], LPMConfig(), QKV[0])
+    tensors, metadata = group_tensors(group, c_dtype)
+    assert sorted(tensors) == sorted(["C", "gamma", "tasks", *(f"{f}.{n}" for n in QKV for f in ("B", "AG"))])
+    assert tensors["C"].dtype == c_dtype
+    path = tmp_path / "group.safetensors"
+    safetensors.torch.save_file(tensors, path, metadata=metadata)
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        restored = group_from_tensors({key: f.get_tensor(key) for key in f.keys()}, f.metadata(), QKV[0])
+    assert list(restored) == list(QKV)
+    assert len({id(state.C) for state in restored.values()}) == 1
+    assert restored[QKV[0]].C.dtype == torch.float64
+    for name in QKV:
+        assert torch.equal(restored[name].B, group[name].B) and torch.equal(restored[name].AG, group[name].AG)
+        if c_dtype == torch.float64:
+            assert torch.equal(restored[name].C, group[name].C)
+        else:  # C rounded to float32 between tasks: the merge moves by about cond(C) · 2⁻²⁴
+            assert_close(solve(restored[name], name), solve(group[name], name), rtol=1e-4)
+
+
+def test_absorb_model_groups_layers_given_one_gram_object():
+    loras, grams = group_tasks(2)
+    states = None
+    for task, gram in zip(loras, grams):
+        states = absorb_model(states, task, dict.fromkeys(QKV, gram), LPMConfig())
+    assert len({id(state.C) for state in states.values()}) == 1
+    copies = absorb_model(None, loras[0], {name: grams[0].clone() for name in QKV}, LPMConfig())
+    assert len({id(state.C) for state in copies.values()}) == 3  # equal values, separate objects: no grouping
 
 
 def test_absorb_model_merges_layer_by_layer():
@@ -281,7 +353,7 @@ def test_singular_system_asks_for_a_larger_gamma():
 
 
 (ONE_LORA,), _, (ONE_GRAM,) = make_tasks(1)
-ONE_STATE = state_tensors(absorb(None, *ONE_LORA, ONE_GRAM, LPMConfig(), LAYER))
+ONE_STATE, ONE_METADATA = group_tensors({LAYER: absorb(None, *ONE_LORA, ONE_GRAM, LPMConfig(), LAYER)})
 BAD_MERGES = {
     "empty task list": (lambda: batch_merge([], [], LPMConfig(), LAYER), "empty task list"),
     "LoRAs and Grams differ in count": (
@@ -305,12 +377,26 @@ BAD_MERGES = {
     "truncation rank 0": (lambda: truncate(torch.ones(4, 2), torch.ones(2, 3), 0), "truncation rank must be ≥ 1"),
     "truncation ranks differ": (lambda: truncate(torch.ones(4, 2), torch.ones(3, 3), 1), "different ranks"),
     "state with a missing key": (
-        lambda: state_from_tensors({"C": torch.eye(2, dtype=torch.float64)}),
+        lambda: group_from_tensors({"C": torch.eye(2, dtype=torch.float64)}, ONE_METADATA),
         "state tensors must have keys",
     ),
     "state with inconsistent shapes": (
-        lambda: state_from_tensors({**ONE_STATE, "AG": torch.ones(2, 2)}),
+        lambda: group_from_tensors({**ONE_STATE, f"AG.{LAYER}": torch.ones(2, 2)}, ONE_METADATA),
         "AG has shape (2, 2), expected (3, 10)",
+    ),
+    "state of the earlier per-layer format": (
+        lambda: group_from_tensors(ONE_STATE, None),
+        "not an LPM group state",
+    ),
+    "group of states that do not share C": (
+        lambda: export_group({"q": absorb(None, *ONE_LORA, ONE_GRAM, LPMConfig(), "q"),
+                              "k": absorb(None, *ONE_LORA, ONE_GRAM, LPMConfig(), "k")}, "q"),
+        "do not share one C",
+    ),
+    "group state and task hold other layers": (
+        lambda: absorb_group(absorb_group(None, {"q": ONE_LORA}, ONE_GRAM, LPMConfig(), "q"), {"k": ONE_LORA},
+                             ONE_GRAM, LPMConfig(), "q"),
+        "the group's state holds layers ['q'] but the task has LoRAs for ['k']",
     ),
 }
 

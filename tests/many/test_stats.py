@@ -1,15 +1,17 @@
 """Gram statistics G = XᵀX / N over all non-padding tokens, under the task's own model (DESIGN.md §1, §8)."""
 
 import copy
+import json
 
 import peft
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from many.config import LLAMA_LORA_TARGETS, StatsConfig
 from many.model.chat import encode_for_training
-from many.stats import collect_grams, load_grams, lora_layers, save_grams
+from many.stats import GRAMS_FORMAT, collect_grams, load_grams, lora_layers, read_gram_groups, save_grams
 from tests.conftest import make_samples
 
 Q_PROJ = "base_model.model.model.language_model.layers.0.self_attn.q_proj"
@@ -109,6 +111,34 @@ def test_save_load_roundtrip_float32_storage(lora_model, tmp_path):
     for name in grams:
         assert loaded[name].dtype == torch.float64
         torch.testing.assert_close(loaded[name], grams[name], rtol=1e-6, atol=1e-7)
+
+
+def test_layers_reading_one_input_share_one_gram_stored_once(lora_model, tmp_path):
+    model, processor = lora_model
+    grams = collect_grams(model, processor, _samples(), StatsConfig(), progress=False)
+    block = "base_model.model.model.language_model.layers.0"
+    q, k, v, o = (f"{block}.self_attn.{p}_proj" for p in "qkvo")
+    gate, up, down = (f"{block}.mlp.{p}_proj" for p in ("gate", "up", "down"))
+    assert grams[q] is grams[k] is grams[v] and grams[gate] is grams[up]
+    assert len({id(grams[name]) for name in (q, o, gate, down)}) == 4
+    path = save_grams(grams, tmp_path / "gram.safetensors")
+    stored = load_file(str(path))
+    assert len(stored) == 4 * 2  # 2 blocks × (q/k/v, o, gate/up, down)
+    with safe_open(str(path), framework="pt") as f:
+        assert json.loads(f.metadata()["grams"])["format"] == GRAMS_FORMAT
+    groups = read_gram_groups(path)
+    assert groups[k] == groups[v] == q and groups[up] == gate and groups[down] == down
+    loaded = load_grams(path)
+    assert loaded[q] is loaded[k] is loaded[v] and loaded[gate] is loaded[up]
+    assert torch.equal(loaded[k], stored[q].double())
+
+
+def test_grams_of_the_earlier_per_layer_format_still_load(tmp_path):
+    grams = {Q_PROJ: torch.eye(3), DOWN_PROJ: 2 * torch.eye(5)}
+    save_file(grams, str(tmp_path / "old.safetensors"))  # no metadata: one Gram per layer
+    assert read_gram_groups(tmp_path / "old.safetensors") == {Q_PROJ: Q_PROJ, DOWN_PROJ: DOWN_PROJ}
+    loaded = load_grams(tmp_path / "old.safetensors")
+    assert torch.equal(loaded[DOWN_PROJ], 2 * torch.eye(5, dtype=torch.float64))
 
 
 @pytest.mark.parametrize(

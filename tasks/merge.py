@@ -1,0 +1,288 @@
+"""The merge[t] stage's work (DESIGN.md §1 LPM, §2): fold task t into the RLS state of tasks < t, one input group
+at a time, and export the merge as a rank-Σr PEFT adapter (many.lpm does the math; this module does the files).
+
+An input group is the set of LoRA layers that read one input (q/k/v after one norm, gate/up after another, o and
+down alone): they share one Gram G_t, hence one C_t = γI + Σ G̃_i and one γ. The Grams file of the stats stage
+names the groups (many.stats); the state keeps that grouping:
+
+    <state>/<group key>.safetensors   one file per input group (group key = its first layer's PEFT name):
+        "C" (in, in) in LPMConfig.state_dtype, "gamma", "tasks", "B.<layer>" (out, Σr) and "AG.<layer>" (Σr, in)
+        float64; metadata {"lpm_group": JSON {"format": "many.lpm.group/1", "layers": [layer names]}}
+        (many.lpm.group_tensors)
+
+R = AGᵀBᵀ is not stored. At LLaVA-1.5-7B shapes a block's state is 3 C's of 4096² and one of 11008², plus the thin
+B and AG.
+
+Each group is one job (`merge_group`): read the group's Gram and previous state file, absorb, export the LoRA
+factors, write the new state file and a small factors file, free. Inside Ray (the stage's worker), the jobs fan
+out as Ray tasks of 1 CPU each, pinned to THIS node (the stage's inputs and workdir are local files here, so the
+fan-out is within the node that holds them); Ray runs as many at once as the node has CPUs, so peak memory is
+(concurrent jobs × one group's working set), never the model's. Outside Ray the same jobs run one after another.
+Every job runs with one torch thread either way, so the bytes written do not depend on how the stage ran.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from many.config import LPMConfig
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+STATE_SUFFIX = ".safetensors"  # merge state: a directory with one file "<group key>.safetensors" per input group
+
+
+# -- the state directory -------------------------------------------------------------------------------------------
+
+
+def save_group(states: Mapping[str, Any], path: Path, c_dtype: str = "float64") -> Path:
+    """One input group's RLS states ({layer: many.lpm.LayerState} sharing one C) as a safetensors file."""
+    from safetensors.torch import save_file
+
+    from many.lpm import group_tensors
+
+    import torch
+
+    tensors, metadata = group_tensors(states, getattr(torch, c_dtype))
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def load_group(path: Path, group: str | None = None) -> dict[str, Any]:
+    """{layer: many.lpm.LayerState} of one state file; the layers share one float64 C."""
+    from safetensors import safe_open
+
+    from many.lpm import group_from_tensors
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    return group_from_tensors(tensors, metadata, group or Path(path).name.removesuffix(STATE_SUFFIX))
+
+
+def load_state(path: Path, module: str) -> Any:
+    """The many.lpm.LayerState of `module` from the state file of its group (see `state_modules`)."""
+    states = load_group(path)
+    if module not in states:
+        raise ValueError(f"LPM state {path} holds layers {sorted(states)}, not {module!r}")
+    return states[module]
+
+
+def _file_layers(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    from many.lpm import group_layers
+
+    with safe_open(str(path), framework="pt") as f:
+        return group_layers(f.metadata(), str(path))
+
+
+def state_files(state_dir: Path) -> list[Path]:
+    return sorted(Path(state_dir).glob(f"*{STATE_SUFFIX}"))
+
+
+def state_modules(state_dir: Path) -> dict[str, Path]:
+    """{PEFT module name: its group's state file} of a merge state directory (headers only are read)."""
+    return {layer: path for path in state_files(state_dir) for layer in _file_layers(path)}
+
+
+def state_gammas(state_dir: Path) -> dict[str, float]:
+    """Each layer's ridge γ (shared by its group), read without loading the matrices (for `many export`)."""
+    from safetensors import safe_open
+
+    gammas = {}
+    for path in state_files(state_dir):
+        layers = _file_layers(path)
+        with safe_open(str(path), framework="pt") as f:
+            gamma = float(f.get_tensor("gamma").item())
+        gammas |= dict.fromkeys(layers, gamma)
+    return gammas
+
+
+# -- planning: which layers form a job, checked on names only ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GroupJob:
+    """One input group's merge: its Gram (the Grams file's tensor `group`), its layers, its previous state file."""
+
+    group: str
+    layers: tuple[str, ...]
+    previous: Path | None
+
+
+def plan_groups(layers: list[str], gram_groups: Mapping[str, str], previous: Mapping[str, Path] | None) -> list[GroupJob]:
+    """The jobs of one merge step: the task's LoRA `layers` grouped as the Grams file groups them ({layer: group key}),
+    each with the one previous state file that holds exactly its layers. Raises ValueError naming what differs."""
+    if not layers:
+        raise ValueError("LPM: the task has no LoRA layers")
+    no_gram = sorted(set(layers) - set(gram_groups))
+    if no_gram:
+        raise ValueError(f"LPM: missing Grams for layers {no_gram}")
+    if previous is not None and set(previous) != set(layers):
+        raise ValueError(
+            f"LPM: the task's LoRA layers and the merge state differ: missing states for {sorted(set(layers) - set(previous))}, "
+            f"missing LoRAs for {sorted(set(previous) - set(layers))}"
+        )
+    members: dict[str, list[str]] = {}
+    for layer in layers:
+        members.setdefault(gram_groups[layer], []).append(layer)
+    jobs = []
+    for group, names in members.items():
+        before = None
+        if previous is not None:
+            files = {previous[name] for name in names}
+            before = files.pop() if len(files) == 1 else None
+            if before is None or set(_file_layers(before)) != set(names):
+                raise ValueError(
+                    f"LPM: the Grams group {group!r} holds layers {names} but the previous merge state groups them "
+                    "differently; recompute the merge chain from its first task with these Grams"
+                )
+        jobs.append(GroupJob(group, tuple(names), before))
+    return jobs
+
+
+# -- one job -------------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """torch on one thread for the duration: every job computes the same bits on a Ray worker or in the caller."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _read_loras(adapter_file: str, scales: Mapping[str, float]) -> dict[str, tuple[Tensor, Tensor, float]]:
+    """{layer: (lora_B (out, r), lora_A (r, in), scale)} of the group's layers only (the adapter is checked by the caller)."""
+    from safetensors import safe_open
+
+    with safe_open(adapter_file, framework="pt") as f:
+        return {
+            layer: (f.get_tensor(f"{layer}.lora_B.weight"), f.get_tensor(f"{layer}.lora_A.weight"), scale)
+            for layer, scale in scales.items()
+        }
+
+
+def merge_group(
+    job: GroupJob, scales: Mapping[str, float], adapter_file: str, grams_file: str, state_file: str, factors_file: str,
+    config: LPMConfig,
+) -> str:
+    """One input group's step t (many.lpm.absorb_group, export_group): C_t = C_{t−1} + G̃_t, B_t = [B_{t−1} | s_t B_t],
+    AG_t = [AG_{t−1}; A_t G̃_t]; merged LoRA per layer (B_t, (C_t⁻¹ AG_tᵀ)ᵀ), optionally truncated to config.rank.
+
+    Writes the group's new state to `state_file` and the merged factors (float32, PEFT key names) to `factors_file`;
+    returns `factors_file`. Peak memory: about three in×in float64 matrices (previous C, G̃, new C, then C's factor).
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from many.lpm import absorb_group, export_group, truncate
+
+    with _one_thread():
+        loras = _read_loras(adapter_file, scales)
+        with safe_open(grams_file, framework="pt") as grams:
+            gram = grams.get_tensor(job.group)  # (in, in) float32
+        before = None if job.previous is None else load_group(job.previous, job.group)
+        states = absorb_group(before, loras, gram, config, job.group)
+        del before, gram, loras
+        exported = export_group(states, job.group)
+        save_group(states, Path(state_file), config.state_dtype)
+        del states
+        factors = {}
+        for layer, (merged_B, merged_A) in exported.items():
+            if config.rank is not None:
+                merged_B, merged_A, _ = truncate(merged_B, merged_A, config.rank, layer)
+            factors[f"{layer}.lora_B.weight"] = merged_B.float().contiguous()
+            factors[f"{layer}.lora_A.weight"] = merged_A.float().contiguous()
+        save_file(factors, factors_file)
+    return factors_file
+
+
+# -- running the jobs ----------------------------------------------------------------------------------------------
+
+
+def _in_ray() -> bool:
+    """Whether this process is connected to Ray (a stage's worker is); never imports ray itself."""
+    ray = sys.modules.get("ray")
+    return ray is not None and getattr(ray, "is_initialized", lambda: False)()
+
+
+_remote_merge_group = None
+
+
+def _on_this_node(calls: list[tuple]) -> list[str]:
+    """`merge_group(*args)` for each of `calls` as Ray tasks of 1 CPU, all on the node this process runs on (the
+    files they read and write are local here); Ray runs as many at once as the node has free CPUs."""
+    global _remote_merge_group
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if _remote_merge_group is None:
+        _remote_merge_group = ray.remote(merge_group)
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    refs = [_remote_merge_group.options(num_cpus=1, max_retries=0, scheduling_strategy=here).remote(*args) for args in calls]
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as error:
+        for ref in refs:
+            ray.cancel(ref)
+        cause = error.cause if isinstance(getattr(error, "cause", None), BaseException) else None
+        if cause is not None:
+            raise cause from None  # a bad input's ValueError stays a ValueError (not retried by the flow)
+        raise
+
+
+def run_jobs(calls: list[tuple], fan_out: bool | None = None) -> list[str]:
+    """`merge_group(*args)` for every call: fanned out over Ray on this node when connected to Ray (or `fan_out`),
+    else one after another in this process. Same results, same bytes."""
+    if fan_out if fan_out is not None else _in_ray():
+        return _on_this_node(calls)
+    return [merge_group(*args) for args in calls]
+
+
+def merge_step(inputs: Mapping[str, Path], workdir: Path, config: LPMConfig, fan_out: bool | None = None) -> dict[str, Path]:
+    """merge[t] from local inputs "finetune" (task dir with adapter/), "grams" (the stats file) and, for t > 1,
+    "previous" (merge[t−1]'s state dir): {"state": state dir, "adapter": merged PEFT adapter dir} under `workdir`."""
+    from safetensors.torch import load_file
+
+    from many.adapters import WEIGHTS_FILE, lora_factors, read_adapter_config, write_lora_adapter
+    from many.stats import read_gram_groups
+
+    adapter_dir = inputs["finetune"] / "adapter"
+    scales = {layer: scale for layer, (_, _, scale) in lora_factors(adapter_dir).items()}  # validates the adapter
+    previous = state_modules(inputs["previous"]) if "previous" in inputs else None
+    jobs = plan_groups(list(scales), read_gram_groups(inputs["grams"]), previous)
+    state_dir, factors_dir = workdir / "state", workdir / "factors"
+    state_dir.mkdir()
+    factors_dir.mkdir()
+    calls = [
+        (job, {layer: scales[layer] for layer in job.layers}, str(adapter_dir / WEIGHTS_FILE), str(inputs["grams"]),
+         str(state_dir / f"{job.group}{STATE_SUFFIX}"), str(factors_dir / f"{job.group}{STATE_SUFFIX}"), config)
+        for job in jobs
+    ]
+    merged: dict[str, Tensor] = {}
+    for path in run_jobs(calls, fan_out):
+        merged |= load_file(path)
+    factors = {layer: (merged[f"{layer}.lora_B.weight"], merged[f"{layer}.lora_A.weight"]) for layer in scales}
+    write_lora_adapter(factors, read_adapter_config(adapter_dir), workdir / "adapter")
+    shutil.rmtree(factors_dir)
+    return {"state": state_dir, "adapter": workdir / "adapter"}
+
+
+__all__: list[str] = [
+    "GroupJob", "STATE_SUFFIX", "load_group", "load_state", "merge_group", "merge_step", "plan_groups", "run_jobs",
+    "save_group", "state_gammas", "state_modules",
+]

@@ -1,0 +1,146 @@
+"""The merge stage's files and fan-out (tasks/merge.py): one state file per input group with C stored once, every
+module's state loadable from it, and the same bytes whether the groups run one after another or as Ray tasks."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from benchmarks.synthetic import Shape, write_task
+from many.adapters import lora_factors
+from many.config import LPMConfig
+from many.lpm import batch_merge, solve
+from many.stats import load_grams, save_grams
+from tasks.merge import load_group, load_state, merge_step, plan_groups, state_files, state_gammas, state_modules
+
+SHAPE = Shape(layers=2, hidden=16, intermediate=24, rank=2)
+
+
+def chain(tmp_path: Path, tasks: int, config: LPMConfig = LPMConfig(), fan_out: bool | None = False) -> list[dict[str, Path]]:
+    """merge[1..tasks] of the synthetic tasks, each step's outputs in its own workdir under tmp_path."""
+    outputs: list[dict[str, Path]] = []
+    for t in range(1, tasks + 1):
+        task_dir, grams = write_task(SHAPE, seed=t, out=tmp_path / "inputs")
+        inputs = {"finetune": task_dir, "grams": grams}
+        if outputs:
+            inputs["previous"] = outputs[-1]["state"]
+        workdir = tmp_path / f"merge-{t}"
+        workdir.mkdir()
+        outputs.append(merge_step(inputs, workdir, config, fan_out=fan_out))
+    return outputs
+
+
+def file_bytes(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_state_has_one_file_per_input_group_and_every_module_loads(tmp_path: Path) -> None:
+    outputs = chain(tmp_path, 2)
+    state = outputs[-1]["state"]
+    files = state_files(state)
+    assert len(files) == 4 * SHAPE.layers  # q/k/v, o, gate/up, down per block
+    modules = state_modules(state)
+    assert set(modules) == set(SHAPE.modules())
+    assert set(state_gammas(state)) == set(SHAPE.modules())
+    qkv = [m for m in modules if ".layers.0.self_attn." in m and not m.endswith("o_proj")]
+    assert len({modules[m] for m in qkv}) == 1
+    with safe_open(str(modules[qkv[0]]), framework="pt") as f:
+        assert sorted(f.keys()).count("C") == 1 and "R" not in f.keys()
+    group = load_group(modules[qkv[0]])
+    assert len({id(s.C) for s in group.values()}) == 1
+    # Each module's state loads on its own and merges as the batch formula says.
+    tasks = [write_task(SHAPE, seed=t, out=tmp_path / "again") for t in (1, 2)]
+    loras = [lora_factors(task_dir / "adapter") for task_dir, _ in tasks]
+    grams = [load_grams(path) for _, path in tasks]
+    for module, path in modules.items():
+        layer = load_state(path, module)
+        assert layer.tasks == 2
+        expected = batch_merge([lora[module] for lora in loras], [g[module] for g in grams], LPMConfig(), module)
+        torch.testing.assert_close(solve(layer, module), expected, rtol=1e-6, atol=1e-9)
+
+
+def test_float32_C_halves_the_state(tmp_path: Path) -> None:
+    exact = chain(tmp_path / "f64", 1)[0]
+    compact = chain(tmp_path / "f32", 1, LPMConfig(state_dtype="float32"))[0]
+    size = {name: sum(len(b) for b in file_bytes(out["state"]).values()) for name, out in (("f64", exact), ("f32", compact))}
+    c_elements, files = 0, state_files(compact["state"])
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            assert f.get_slice("C").get_dtype() == "F32"
+            c_elements += f.get_slice("C").get_shape()[0] ** 2
+    # Only C changed, 8 → 4 bytes an entry (give or take the JSON headers' few bytes).
+    assert 0 <= size["f64"] - size["f32"] - 4 * c_elements <= 16 * len(files)
+    # The merged adapter of the step itself is computed in float64 either way.
+    assert file_bytes(exact["adapter"]) == file_bytes(compact["adapter"])
+
+
+def test_state_grouped_otherwise_than_the_grams_is_rejected(tmp_path: Path) -> None:
+    state = chain(tmp_path, 1)[0]["state"]
+    previous = state_modules(state)
+    regrouped = {layer: layer for layer in previous}  # as if the Grams were stored one per layer
+    with pytest.raises(ValueError, match="groups them differently; recompute the merge chain"):
+        plan_groups(list(previous), regrouped, previous)
+
+
+@pytest.fixture(scope="module")
+def local_ray(tmp_path_factory: pytest.TempPathFactory):
+    """A local Ray of 2 CPUs for this module (or the one this process is already connected to)."""
+    os.environ.setdefault("MANY_CACHE_DIR", str(tmp_path_factory.mktemp("many-cache")))
+    os.environ.setdefault("RAY_TMPDIR", "/tmp/ray-many-test")
+    Path(os.environ["RAY_TMPDIR"]).mkdir(parents=True, exist_ok=True)
+    from tasks.runtime import ensure_ray, shutdown_ray
+
+    ensure_ray(None, 2, 100)
+    yield
+    shutdown_ray()
+
+
+def test_ray_fan_out_writes_the_same_bytes_as_the_sequential_loop(tmp_path: Path, local_ray) -> None:
+    import ray
+
+    from tasks.stages import compute_merge
+
+    sequential = chain(tmp_path / "sequential", 2, fan_out=False)
+    fanned = chain(tmp_path / "ray", 2, fan_out=True)
+    for one, other in zip(sequential, fanned):
+        for output in ("state", "adapter"):
+            assert file_bytes(one[output]) == file_bytes(other[output]), output
+    # The stage itself fans out whenever this process is connected to Ray.
+    assert ray.is_initialized()
+    task_dir, grams = write_task(SHAPE, seed=3, out=tmp_path / "inputs")
+    workdir = tmp_path / "stage"
+    workdir.mkdir()
+    out = compute_merge({"finetune": task_dir, "grams": grams, "previous": fanned[-1]["state"]}, workdir,
+                        config=LPMConfig(), device="cpu")
+    expected = chain(tmp_path / "third", 3)[-1]
+    assert file_bytes(out["state"]) == file_bytes(expected["state"])
+    assert file_bytes(out["adapter"]) == file_bytes(expected["adapter"])
+
+
+def test_a_failing_group_raises_its_own_error_through_ray(tmp_path: Path, local_ray) -> None:
+    # Zero Grams and no ridge: C = 0 is singular, and the job's ValueError reaches the caller as a ValueError.
+    task_dir, grams = write_task(SHAPE, seed=1, out=tmp_path / "inputs")
+    save_grams({name: torch.zeros_like(gram) for name, gram in load_grams(grams).items()}, grams)
+    workdir = tmp_path / "merge"
+    workdir.mkdir()
+    with pytest.raises(ValueError, match="larger gamma"):
+        merge_step({"finetune": task_dir, "grams": grams}, workdir, LPMConfig(gamma=0.0, gamma_mode="absolute"),
+                   fan_out=True)
+
+
+def test_the_stage_on_ray_stores_what_it_stores_in_process(tmp_path: Path, local_ray) -> None:
+    # As the pipeline runs it: `execute` as a Ray task, its groups fanned out from inside that worker.
+    from benchmarks.synthetic import merge_stream
+    from tasks.store import Store
+
+    digests = {}
+    for on_ray in (False, True):
+        root = tmp_path / f"store-{on_ray}"
+        store = Store.open(str(root), cache_dir=tmp_path / f"cache-{on_ray}")
+        _, manifest = merge_stream(store, root, SHAPE, 2, tmp_path / f"inputs-{on_ray}", on_ray=on_ray)
+        digests[on_ray] = {name: ref.digest for name, ref in manifest.outputs.items()}
+    assert digests[True] == digests[False]
