@@ -64,9 +64,12 @@ def export(store: Store, summary: dict[str, Any], out_dir: Path) -> list[Path]:
     _copy(store, base, "model", out_dir / "base")
     projectors: dict[str, Any] = {}
     for task in tasks:
-        tuned = find("finetune", task)
+        tuned = find("finetune", task) or find("adapter", task)  # trained here, or brought by the task config
         if tuned is None:
-            raise StoreError(f"the latest run has no finetune stage for task {task!r}")
+            raise StoreError(
+                f"the latest run has no per-task adapter for task {task!r} (only CRAM/Fwd-Prompt ran?): export covers "
+                "runs with a merge method or `individual`"
+            )
         _copy(store, tuned, "task", out_dir / "tasks" / task)
         for key, value in load_file(str(out_dir / "tasks" / task / "projector.safetensors")).items():
             projectors[f"{task}.{key}"] = value

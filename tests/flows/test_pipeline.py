@@ -184,3 +184,7 @@ def test_a_task_adapter_trained_elsewhere_replaces_its_finetune_with_the_same_re
     assert given["report"] == trained["report"]
     again = run(capsys, "--config", str(config), "--store", str(tmp_path / "b"))
     assert {s["status"] for s in again["stages"]} == {"cached"}
+    assert main(["export", "--store", str(tmp_path / "b"), "--out", str(tmp_path / "export")]) == 0
+    exported = tmp_path / "export" / "tasks" / "style-cls"
+    assert (exported / "adapter" / "adapter_model.safetensors").read_bytes() == (
+        task_dir / "adapter" / "adapter_model.safetensors").read_bytes()
