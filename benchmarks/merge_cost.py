@@ -1,10 +1,12 @@
 """Cost of one LPM merge step against a bare float64 solve (DESIGN.md §1).
 
 A step absorbs task t into the RLS state of tasks 1..t−1 and solves for the merged update
-(`many.lpm.absorb` + `many.lpm.solve`). The state (C, R) has a constant size, so the step should not grow
-with t — goal step(t=20) / step(t=2) ≤ 1.2 — and should cost little more than the linear solve that any
-closed-form merge needs — goal step / `numpy.linalg.solve(C_t, R_t)` ≤ 1.5, on the same matrices, in the same
-run. Each number is the median of several repeats; the task counts and the two solvers take turns, so that
+(`many.lpm.absorb` + `many.lpm.solve`). Goals: the step should not grow with t — step(t=20) / step(t=2) ≤ 1.2
+— and should cost little more than the linear solve that any closed-form merge needs — step /
+`numpy.linalg.solve(C_t, R_t)` ≤ 1.5, on the same matrices, in the same run. C_t has a constant size, but the
+state no longer stores R_t (it is AGᵀBᵀ): `solve` goes through the exact rank-Σr factors, B·(AG·C_t⁻¹), whose
+triangular solves cost O(in²·Σr) on top of the O(in³) Cholesky — so the step grows with t once Σr = r·t is
+no longer small against `in` (160 vs 1024 at t = 20 here; 160 vs 4096 at 7B). Each number is the median of several repeats; the task counts and the two solvers take turns, so that
 they share the machine's noise.
 On a shared or busy machine, multi-threaded timings are dominated by thread contention: run with
 OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 to give both libraries one core each.
