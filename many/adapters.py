@@ -117,14 +117,21 @@ def check_task_dir(
             raise ValueError(f"{PROJECTOR_FILE}: {key} has non-finite values (NaN/inf)")
 
 
+def write_portable_config(src: Path, dest: Path) -> None:
+    """adapter_config.json from `src` to `dest` (may be the same file) with `base_model_name_or_path` cleared: PEFT
+    records where the base was loaded from, a local path that would make equal adapters differ by machine (and so
+    every downstream cache key, DESIGN.md §2)."""
+    config = json.loads(Path(src).read_text())
+    Path(dest).write_text(json.dumps({**config, "base_model_name_or_path": None}, indent=2, sort_keys=True))
+
+
 def copy_task_dir(src: Path, dest: Path) -> Path:
     """The files of a task directory a run reads — adapter config and weights, projector — into `dest`, with the
     adapter's `base_model_name_or_path` cleared (a local path would make equal adapters differ by machine)."""
     from many.training import ADAPTER_DIR, PROJECTOR_FILE
 
     (dest / ADAPTER_DIR).mkdir(parents=True)
-    config = json.loads((Path(src) / ADAPTER_DIR / CONFIG_FILE).read_text())
-    (dest / ADAPTER_DIR / CONFIG_FILE).write_text(json.dumps({**config, "base_model_name_or_path": None}, indent=2, sort_keys=True))
+    write_portable_config(Path(src) / ADAPTER_DIR / CONFIG_FILE, dest / ADAPTER_DIR / CONFIG_FILE)
     for name in (f"{ADAPTER_DIR}/{WEIGHTS_FILE}", PROJECTOR_FILE):
         (dest / name).write_bytes((Path(src) / name).read_bytes())
     return dest

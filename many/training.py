@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import sys
 import warnings
@@ -36,6 +35,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
+from many.adapters import CONFIG_FILE, write_portable_config
 from many.config import FinetuneConfig, LoraConfig
 from many.data.schema import Sample
 from many.model.chat import IGNORE_INDEX, encode_for_training
@@ -294,8 +294,8 @@ def save_task(model: PeftModel, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir / ADAPTER_DIR), safe_serialization=True)
     (out_dir / ADAPTER_DIR / "README.md").unlink(missing_ok=True)
-    config_path = out_dir / ADAPTER_DIR / "adapter_config.json"
-    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "base_model_name_or_path": None}, indent=2, sort_keys=True))
+    config_path = out_dir / ADAPTER_DIR / CONFIG_FILE
+    write_portable_config(config_path, config_path)
     state = {k: v.detach().cpu().contiguous() for k, v in projector_of(model).state_dict().items()}
     save_file(state, str(out_dir / PROJECTOR_FILE))
     return out_dir

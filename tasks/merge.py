@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from many.config import LPMConfig
+from tasks.runtime import ray_get
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -233,16 +234,8 @@ def _on_this_node(calls: list[tuple]) -> list[str]:
     if _remote_merge_group is None:
         _remote_merge_group = ray.remote(merge_group)
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-    refs = [_remote_merge_group.options(num_cpus=1, max_retries=0, scheduling_strategy=here).remote(*args) for args in calls]
-    try:
-        return ray.get(refs)
-    except ray.exceptions.RayTaskError as error:
-        for ref in refs:
-            ray.cancel(ref)
-        cause = error.cause if isinstance(getattr(error, "cause", None), BaseException) else None
-        if cause is not None:
-            raise cause from None  # a bad input's ValueError stays a ValueError (not retried by the flow)
-        raise
+    return ray_get([_remote_merge_group.options(num_cpus=1, max_retries=0, scheduling_strategy=here).remote(*args)
+                    for args in calls])
 
 
 def run_jobs(calls: list[tuple], fan_out: bool | None = None) -> list[str]:

@@ -15,6 +15,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tasks.store import Store
 
@@ -118,6 +119,22 @@ def check_resources(stage: str, num_cpus: float, num_gpus: float) -> None:
             f"stage {stage} asks for {num_cpus:g} CPUs but the Ray cluster has {total.get('CPU', 0.0):g}; "
             f"lower resources.{stage}.num_cpus"
         )
+
+
+def ray_get(refs: Any) -> Any:
+    """`ray.get`, re-raising a failed task's own exception rather than Ray's wrapper (a bad input's ValueError
+    stays a ValueError, which the flow does not retry); the other tasks of `refs` are cancelled first."""
+    import ray
+
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as error:
+        for ref in refs if isinstance(refs, list) else [refs]:
+            ray.cancel(ref)
+        cause = getattr(error, "cause", None)
+        if isinstance(cause, BaseException):
+            raise cause from None
+        raise
 
 
 def node_name() -> str:

@@ -35,7 +35,7 @@ from many.data import Metric, MiniUcitConfig
 from many.methods.cram import CramConfig
 from many.methods.fwd_prompt import FwdPromptConfig
 from tasks.merge import STATE_SUFFIX, load_group, load_state, merge_step, save_group, state_gammas, state_modules
-from tasks.runtime import ClusterError, StoreSpec, check_resources, ensure_ray, node_name
+from tasks.runtime import ClusterError, StoreSpec, check_resources, ensure_ray, node_name, ray_get
 from tasks.stage import Stage, intact, lookup, run_stage
 from tasks.store import BlobRef, CorruptArtifact, Manifest, Store, StoreError
 
@@ -602,13 +602,7 @@ def _compute_on_ray(
     ref = _remote_execute.options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0).remote(
         store, stage, config, inputs, num_cpus, device, repair
     )
-    try:
-        status, manifest_json, seconds, node, s3_retries = ray.get(ref)
-    except ray.exceptions.RayTaskError as error:
-        cause = error.cause if isinstance(getattr(error, "cause", None), BaseException) else None
-        if cause is not None:
-            raise cause from None
-        raise
+    status, manifest_json, seconds, node, s3_retries = ray_get(ref)
     manifest = Manifest.model_validate_json(manifest_json)
     return StageRecord(stage, task_name, method, manifest.key, status, seconds, node, manifest.outputs, s3_retries)
 
