@@ -123,14 +123,18 @@ def check_resources(stage: str, num_cpus: float, num_gpus: float) -> None:
 
 def ray_get(refs: Any) -> Any:
     """`ray.get`, re-raising a failed task's own exception rather than Ray's wrapper (a bad input's ValueError
-    stays a ValueError, which the flow does not retry); the other tasks of `refs` are cancelled first."""
+    stays a ValueError, which the flow does not retry).
+
+    The other tasks of `refs` are left to finish before the error is raised, not cancelled: in Ray 2.x a
+    `ray.cancel` racing a task's completion can abort the driver (RAY_CHECK "Tried to retry task that was not
+    pending", ray-project/ray#54798), which left `many run` hanging instead of exiting 2."""
     import ray
 
     try:
         return ray.get(refs)
     except ray.exceptions.RayTaskError as error:
-        for ref in refs if isinstance(refs, list) else [refs]:
-            ray.cancel(ref)
+        if isinstance(refs, list):
+            ray.wait(refs, num_returns=len(refs))
         cause = getattr(error, "cause", None)
         if isinstance(cause, BaseException):
             raise cause from None
