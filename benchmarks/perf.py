@@ -142,8 +142,9 @@ def print_7b(shape: Shape, steps: list[Step], baseline_rss: int, cpus: int, conf
           f"input group (q/k/v and gate/up sharing; {full_shape.gram_bytes(shared=False) / 1e9:.1f} GB if stored per "
           "module). The state keeps one C per input group and the thin B and A·G̃ per module (no R). Each input group "
           "is one Ray task (its Gram read lazily, its previous state file, absorb, export, write, free), pinned to the "
-          f"node holding the stage's inputs; at most {cpus} run at once, so the peak above idle is about {cpus} groups' "
-          "working sets (the 11008-input down_proj's is the largest) whatever the number of blocks. Time and stored "
+          f"node holding the stage's inputs; at most {cpus} run at once (each also reserves its working set, "
+          "`tasks.merge.job_bytes`, of the node's Ray `memory` resource, so a node short of memory runs fewer), so the "
+          f"peak above idle is about {cpus} groups' working sets (the 11008-input down_proj's is the largest) whatever the number of blocks. Time and stored "
           "bytes scale with the blocks (the ×32/L columns); the tree's RSS sums each process's resident pages, so "
           "libraries shared by the workers count once per worker.")
 

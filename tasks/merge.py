@@ -16,8 +16,10 @@ B and AG.
 Each group is one job (`merge_group`): read the group's Gram and previous state file, absorb, export the LoRA
 factors, write the new state file and a small factors file, free. Inside Ray (the stage's worker), the jobs fan
 out as Ray tasks of 1 CPU each, pinned to THIS node (the stage's inputs and workdir are local files here, so the
-fan-out is within the node that holds them); Ray runs as many at once as the node has CPUs, so peak memory is
-(concurrent jobs × one group's working set), never the model's. Outside Ray the same jobs run one after another.
+fan-out is within the node that holds them). Each also asks for its working set as Ray's `memory` resource
+(`job_bytes`), so Ray runs as many at once as the node has free CPUs *and* memory for: peak memory is bounded by
+the node's `memory` resource (at least one group's working set), never the model's. Outside Ray the same jobs run
+one after another.
 Every job runs with one torch thread either way, so the bytes written do not depend on how the stage ran.
 """
 
@@ -212,6 +214,22 @@ def merge_group(
     return factors_file
 
 
+def job_bytes(job: GroupJob, adapter_file: str, grams_file: str) -> int:
+    """`merge_group`'s peak working set in bytes, from file headers only: three in×in float64 matrices (previous
+    C, G̃, new C or its factor) plus, per layer, the thin B (out, Σr) and AG (Σr, in) in float64, old and new."""
+    from safetensors import safe_open
+
+    with safe_open(grams_file, framework="pt") as grams:
+        n_in = grams.get_slice(job.group).get_shape()[0]
+    with safe_open(adapter_file, framework="pt") as adapter:
+        thin = {layer: adapter.get_slice(f"{layer}.lora_B.weight").get_shape() for layer in job.layers}  # (out, r)
+    before = {}
+    if job.previous is not None:
+        with safe_open(str(job.previous), framework="pt") as state:
+            before = {layer: state.get_slice(f"AG.{layer}").get_shape()[0] for layer in job.layers}  # Σr so far
+    return 8 * (3 * n_in * n_in + sum(2 * (out + n_in) * (before.get(layer, 0) + r) for layer, (out, r) in thin.items()))
+
+
 # -- running the jobs ----------------------------------------------------------------------------------------------
 
 
@@ -224,18 +242,33 @@ def _in_ray() -> bool:
 _remote_merge_group = None
 
 
+def _node_memory(node_id: str) -> float:
+    """The `memory` resource (bytes) Ray gives the node `node_id`: what its tasks may reserve in all."""
+    import ray
+
+    return next(node["Resources"].get("memory", 0.0) for node in ray.nodes() if node["NodeID"] == node_id)
+
+
 def _on_this_node(calls: list[tuple]) -> list[str]:
-    """`merge_group(*args)` for each of `calls` as Ray tasks of 1 CPU, all on the node this process runs on (the
-    files they read and write are local here); Ray runs as many at once as the node has free CPUs."""
+    """`merge_group(*args)` for each of `calls` as Ray tasks of 1 CPU and their `job_bytes` of Ray's `memory`
+    resource (capped at the node's, so that the largest job still runs: alone), all on the node this process runs
+    on (the files they read and write are local here)."""
     global _remote_merge_group
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     if _remote_merge_group is None:
         _remote_merge_group = ray.remote(merge_group)
-    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-    return ray_get([_remote_merge_group.options(num_cpus=1, max_retries=0, scheduling_strategy=here).remote(*args)
-                    for args in calls])
+    node = ray.get_runtime_context().get_node_id()
+    here = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
+    ceiling = _node_memory(node)
+    refs = []
+    for args in calls:
+        job, _, adapter_file, grams_file = args[:4]
+        memory = int(min(job_bytes(job, adapter_file, grams_file), ceiling))
+        refs.append(_remote_merge_group.options(num_cpus=1, memory=memory, max_retries=0, scheduling_strategy=here)
+                    .remote(*args))
+    return ray_get(refs)
 
 
 def run_jobs(calls: list[tuple], fan_out: bool | None = None) -> list[str]:
@@ -276,6 +309,6 @@ def merge_step(inputs: Mapping[str, Path], workdir: Path, config: LPMConfig, fan
 
 
 __all__: list[str] = [
-    "GroupJob", "STATE_SUFFIX", "load_group", "load_state", "merge_group", "merge_step", "plan_groups", "run_jobs",
-    "save_group", "state_gammas", "state_modules",
+    "GroupJob", "STATE_SUFFIX", "job_bytes", "load_group", "load_state", "merge_group", "merge_step", "plan_groups",
+    "run_jobs", "save_group", "state_gammas", "state_modules",
 ]

@@ -15,7 +15,9 @@ from many.adapters import lora_factors
 from many.config import LPMConfig
 from many.lpm import batch_merge, solve
 from many.stats import load_grams, save_grams
-from tasks.merge import load_group, load_state, merge_step, plan_groups, state_files, state_gammas, state_modules
+from tasks.merge import (
+    job_bytes, load_group, load_state, merge_step, plan_groups, state_files, state_gammas, state_modules,
+)
 
 SHAPE = Shape(layers=2, hidden=16, intermediate=24, rank=2)
 
@@ -86,6 +88,22 @@ def test_state_grouped_otherwise_than_the_grams_is_rejected(tmp_path: Path) -> N
         plan_groups(list(previous), regrouped, previous)
 
 
+def test_job_bytes_is_three_C_matrices_and_the_thin_factors_old_and_new(tmp_path: Path) -> None:
+    from many.adapters import WEIGHTS_FILE
+    from many.stats import read_gram_groups
+
+    first = chain(tmp_path, 1)[0]
+    task_dir, grams = write_task(SHAPE, seed=2, out=tmp_path / "inputs")
+    modules = SHAPE.modules()  # {layer: (out, in, group)}
+    for step, previous in ((1, None), (2, state_modules(first["state"]))):
+        jobs = plan_groups(list(modules), read_gram_groups(grams), previous)
+        assert len(jobs) == 4 * SHAPE.layers
+        for job in jobs:
+            n_in = modules[job.layers[0]][1]
+            thin = sum(2 * (modules[layer][0] + n_in) * step * SHAPE.rank for layer in job.layers)
+            assert job_bytes(job, str(task_dir / "adapter" / WEIGHTS_FILE), str(grams)) == 8 * (3 * n_in**2 + thin)
+
+
 @pytest.fixture(scope="module")
 def local_ray(tmp_path_factory: pytest.TempPathFactory):
     """A local Ray of 2 CPUs for this module (or the one this process is already connected to)."""
@@ -144,3 +162,16 @@ def test_the_stage_on_ray_stores_what_it_stores_in_process(tmp_path: Path, local
         _, manifest = merge_stream(store, root, SHAPE, 2, tmp_path / f"inputs-{on_ray}", on_ray=on_ray)
         digests[on_ray] = {name: ref.digest for name, ref in manifest.outputs.items()}
     assert digests[True] == digests[False]
+
+
+def test_a_job_larger_than_the_node_still_runs_alone(tmp_path: Path, local_ray, monkeypatch) -> None:
+    # Pinned to a node with less `memory` than it asks for, Ray refuses a job as unschedulable: the request is capped
+    # at the node's, so the largest group still runs, with nothing beside it.
+    import ray
+
+    import tasks.merge
+
+    monkeypatch.setattr(tasks.merge, "job_bytes", lambda *args: int(4 * ray.cluster_resources()["memory"]))
+    expected = chain(tmp_path / "sequential", 1, fan_out=False)[0]
+    fanned = chain(tmp_path / "ray", 1, fan_out=True)[0]
+    assert file_bytes(fanned["adapter"]) == file_bytes(expected["adapter"])
