@@ -332,7 +332,7 @@ def _eval_cram(inputs: Mapping[str, Path], base_model: Any, processor: Any, task
 
     experts = [load_expert(path) for path in _indexed(inputs, "expert")]
     _, centroids, _ = read_prototypes(_indexed(inputs, "prototypes"))
-    results = [evaluate_cram(base_model, processor, task, experts, centroids, cfg) for task in tasks]
+    results = evaluate_cram(base_model, processor, tasks, experts, centroids, cfg)
     per_task = [trainable_parameters(expert)["total"] for expert in experts]
     return results, {"trainable_parameters": sum(per_task), "parameters_per_task": per_task,
                      "ranks": [expert.allocation.rank for expert in experts]}

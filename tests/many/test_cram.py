@@ -275,17 +275,33 @@ def test_evaluate_cram_routes_each_image_to_its_task_expert(base, experts):
     centroids = torch.stack([cpm.prototype(image_features(model, processor, t.train)) for t in (COLOUR, SHAPE)])
     for index, task in enumerate((COLOUR, SHAPE)):
         assert route(image_features(model, processor, task.test), centroids).eq(index).all()
-        routed = evaluate_cram(model, processor, task, loaded, centroids, EVAL)
+        [routed] = evaluate_cram(model, processor, [task], loaded, centroids, EVAL)
         oracle = evaluate(assemble(model, Assembly(lora_deltas(loaded[index].factors), (loaded[index].projector,))),
                           processor, task, EVAL)
         assert routed.predictions == oracle.predictions and routed.score == oracle.score
-        misrouted = evaluate_cram(model, processor, task, loaded, centroids.flip(0), EVAL)
+        [misrouted] = evaluate_cram(model, processor, [task], loaded, centroids.flip(0), EVAL)
         assert routed.score > misrouted.score
     mixed = TaskData("mixed", "exact_match", (), COLOUR.test[:5] + SHAPE.test[:5])  # test order is kept
-    predictions = [p for _, p, _ in evaluate_cram(model, processor, mixed, loaded, centroids, EVAL).predictions]
-    by_expert = [evaluate_cram(model, processor, TaskData("t", "exact_match", (), t.test[:5]), loaded, centroids, EVAL)
-                 for t in (COLOUR, SHAPE)]
-    assert predictions == [p for result in by_expert for _, p, _ in result.predictions]
+    [result] = evaluate_cram(model, processor, [mixed], loaded, centroids, EVAL)
+    by_expert = evaluate_cram(model, processor, [TaskData(t.name, "exact_match", (), t.test[:5]) for t in (COLOUR, SHAPE)],
+                              loaded, centroids, EVAL)
+    assert [p for _, p, _ in result.predictions] == [p for r in by_expert for _, p, _ in r.predictions]
+
+
+def test_evaluate_cram_builds_each_expert_once_for_all_tasks(base, experts, monkeypatch):
+    import many.methods.cram.routing as routing
+
+    model, processor = base
+    loaded = [load_expert(experts["first_dir"]), load_expert(experts["second_dir"])]
+    centroids = torch.stack([cpm.prototype(image_features(model, processor, t.train)) for t in (COLOUR, SHAPE)])
+    # each task's images route to both experts
+    tasks = [TaskData(f"mixed{i}", "exact_match", (), COLOUR.test[i:i + 3] + SHAPE.test[i:i + 3]) for i in (0, 3)]
+    alone = [evaluate_cram(model, processor, [task], loaded, centroids, EVAL)[0] for task in tasks]
+    built = []
+    monkeypatch.setattr(routing, "assemble", lambda *args: built.append(args) or assemble(*args))
+    together = evaluate_cram(model, processor, tasks, loaded, centroids, EVAL)
+    assert len(built) == len(loaded)  # one copy of the base per expert, not one per (task, expert)
+    assert [(r.task, r.score, r.predictions) for r in together] == [(r.task, r.score, r.predictions) for r in alone]
 
 
 # --- bad input -----------------------------------------------------------------------------------------------
@@ -315,9 +331,9 @@ def _bad(case, base, experts, tmp_path):
         "bases_layers": lambda: expert_bases([_old_expert(), {"a": _old_expert()["a"]}]),
         "no_targets": lambda: targeted_linears(model, r".*vision_tower\.nothing"),
         "route_dims": lambda: route(torch.ones(3, 4), torch.ones(2, 5)),
-        "eval_centroids": lambda: evaluate_cram(model, processor, COLOUR, [load_expert(experts["first_dir"])],
+        "eval_centroids": lambda: evaluate_cram(model, processor, [COLOUR], [load_expert(experts["first_dir"])],
                                                 torch.ones(2, 32), EVAL),
-        "eval_no_experts": lambda: evaluate_cram(model, processor, COLOUR, [], torch.ones(0, 32), EVAL),
+        "eval_no_experts": lambda: evaluate_cram(model, processor, [COLOUR], [], torch.ones(0, 32), EVAL),
         "previous_other_layers": lambda: train_expert(
             model, processor, COLOUR.train[:8], UP_PROJ_ONLY, [experts["first_dir"]], progress=False),
         "rank_record": lambda: load_expert(_edited_expert(experts["first_dir"], tmp_path, {"rank": 99})),

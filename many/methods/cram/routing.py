@@ -36,33 +36,42 @@ def route(features: Tensor, centroids: Tensor) -> Tensor:
 def evaluate_cram(
     base_model: LlavaForConditionalGeneration,
     processor: LlavaProcessor,
-    task: TaskData,
+    tasks: Sequence[TaskData],
     experts: Sequence[CramExpert],
     centroids: Tensor,
     cfg: EvalConfig,
-) -> EvalResult:
-    """Score (percent) on the first `cfg.max_samples` test samples, each answered by its routed expert."""
+) -> list[EvalResult]:
+    """Score (percent) of each task on its first `cfg.max_samples` test samples, each answered by its routed expert.
+
+    Each expert's model is assembled once for all `tasks` (T copies of the base per accuracy-matrix row, not T²);
+    its answers are generated task by task, so the batches are the same as when one task is scored alone."""
     if not experts:
         raise ValueError("evaluate_cram: no experts")
     if centroids.ndim != 2 or centroids.shape[0] != len(experts):
         raise ValueError(f"evaluate_cram: centroids have shape {tuple(centroids.shape)}, expected "
                          f"({len(experts)}, D) — one per expert, in the experts' order")
-    samples = task.test[: cfg.max_samples]
-    if not samples:
-        raise ValueError(f"evaluate_cram: task {task.name!r} has no test samples")
-    chosen = route(image_features(base_model, processor, samples), centroids)  # (N,)
-    predictions: list[str | None] = [None] * len(samples)
+    samples = [task.test[: cfg.max_samples] for task in tasks]
+    for task, test in zip(tasks, samples, strict=True):
+        if not test:
+            raise ValueError(f"evaluate_cram: task {task.name!r} has no test samples")
+    chosen = [route(image_features(base_model, processor, test), centroids) for test in samples]  # (N_task,) each
+    predictions: list[list[str | None]] = [[None] * len(test) for test in samples]
     for index, expert in enumerate(experts):
-        rows = torch.nonzero(chosen == index).squeeze(1).tolist()
-        if not rows:
+        routed = [torch.nonzero(experts_of_task == index).squeeze(1).tolist() for experts_of_task in chosen]
+        if not any(routed):
             continue
         model = assemble(base_model, Assembly(lora_deltas(expert.factors), (expert.projector,)))
-        answers = generate_answers(model, processor, [samples[row] for row in rows], cfg)
-        for row, answer in zip(rows, answers, strict=True):
-            predictions[row] = answer
-    references = [sample.answer for sample in samples]
-    return EvalResult(
-        task=task.name,
-        score=metrics.score(task.metric, predictions, references),
-        predictions=tuple(zip([s.sample_id for s in samples], predictions, references, strict=True)),
-    )
+        for test, rows, answered in zip(samples, routed, predictions, strict=True):
+            if rows:
+                for row, answer in zip(rows, generate_answers(model, processor, [test[r] for r in rows], cfg), strict=True):
+                    answered[row] = answer
+        del model
+    results = []
+    for task, test, answered in zip(tasks, samples, predictions, strict=True):
+        references = [sample.answer for sample in test]
+        results.append(EvalResult(
+            task=task.name,
+            score=metrics.score(task.metric, answered, references),
+            predictions=tuple(zip([s.sample_id for s in test], answered, references, strict=True)),
+        ))
+    return results
