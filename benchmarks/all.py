@@ -6,7 +6,8 @@ script; hand-written commentary on a section lives in docs/benchmarks/notes/<nam
 it. `--smoke` runs the tiny sizes only and writes nothing (the test suite uses it so scripts cannot rot).
 `--only NAME…` reruns just those benchmarks and replaces their sections of an existing BENCHMARKS.md, keeping
 the others (the full quality run takes hours on two cores: run it alone); `--args NAME="…"` overrides a
-benchmark's arguments, e.g. `--only quality --args quality="--seeds 1 --orders ucit"`.
+benchmark's arguments, e.g. `--only quality --args quality="--seeds 1 --orders ucit"`. Quality and ablation get
+one `--store` unless given their own, so the ablation reads quality's runs instead of computing them again.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import platform
 import re
 import shlex
 import sys
+import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,6 +30,7 @@ import torch
 # (module, title, argv for the full run)
 BENCHMARKS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("benchmarks.quality", "Quality: every method on mini-UCIT through the pipeline (issue #8)", ()),
+    ("benchmarks.ablation", "Where MAny's gap to the oracle comes from: its final model taken apart (issue #8)", ()),
     ("benchmarks.perf", "Performance goals as ratios, 100-task stream, 7B-shaped merge (issue #8)", ()),
     ("benchmarks.merge_cost", "LPM merge cost vs a bare solve (issue: foundation)", ()),
     ("benchmarks.store_overhead", "Store overhead vs a plain fsspec copy (issue: store)", ()),
@@ -35,6 +38,7 @@ BENCHMARKS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("benchmarks.cluster", "Tiny pipeline: 1 node vs a simulated 3-node cluster (issue #7)", ()),
     ("benchmarks.reliability", "Reliability suite: faults, bad inputs, security (issue #9)", ()),
 )
+SHARED_STORE = ("quality", "ablation")  # ablation takes quality's runs apart: given one store, it recomputes no stage
 NOTES = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "notes"  # <name>.md: commentary kept under a section
 HEADING = re.compile(r"^## ", re.MULTILINE)
 
@@ -81,8 +85,11 @@ def main(argv: list[str] | None = None) -> int:
         overrides[name] = shlex.split(value)
     selected = [b for b in BENCHMARKS if not args.only or short(b[0]) in args.only]
     sections = {}
+    shared_store = tempfile.mkdtemp(prefix="many-bench-store-")
     for module, title, extra in selected:
         bench_argv = ["--smoke"] if args.smoke else overrides.get(short(module), list(extra))
+        if short(module) in SHARED_STORE and "--store" not in bench_argv:
+            bench_argv += ["--store", shared_store]
         print(f"running {module} {' '.join(bench_argv)}", file=sys.stderr)
         output, seconds = run(module, bench_argv)
         print(output)
