@@ -138,12 +138,12 @@ class Step:
 
 
 def _on_ray(store_url: str, config: LPMConfig) -> Callable[[dict[str, BlobRef]], Manifest]:
-    """Run the merge stage as the pipeline does: `tasks.stages.execute` as a 1-CPU Ray task, which fans the input
+    """Run the merge stage as the pipeline does: `tasks.dispatch.execute` as a 1-CPU Ray task, which fans the input
     groups out over Ray on its node."""
     import ray
 
     from tasks.runtime import StoreSpec
-    from tasks.stages import execute
+    from tasks.dispatch import execute
 
     remote = ray.remote(execute).options(num_cpus=1, max_retries=0)
 

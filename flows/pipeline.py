@@ -23,6 +23,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.config import RunConfig
 from flows.preflight import preflight
 from flows.report import build_report
+from tasks.dispatch import ClusterSpec, StageRecord, stage_task
 from tasks.runtime import StoreSpec, node_name, ray_started, shutdown_ray
 from tasks.stages import (
     BASELINES,
@@ -30,16 +31,13 @@ from tasks.stages import (
     SYSTEMS,
     AdapterStageConfig,
     BaseStageConfig,
-    ClusterSpec,
     CramStageConfig,
     DataStageConfig,
     EvalStageConfig,
     FinetuneStageConfig,
     FwdPromptStageConfig,
     PrototypesStageConfig,
-    StageRecord,
     StatsStageConfig,
-    stage_task,
 )
 
 Upstream = dict[str, tuple[PrefectFuture, str]]

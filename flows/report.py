@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from many.report import METRICS, build_report as report_of_matrices
-from tasks.stages import StageRecord, read_json_output
+from tasks.dispatch import StageRecord, read_json_output
 from tasks.store import Manifest, Store, StoreError
 
 EXTRA_FIELDS = ("trainable_parameters",)  # scalars of an eval's scores.json that the report shows per method

@@ -1,5 +1,5 @@
 """The pipeline's stages (DESIGN.md §2): what each reads and writes, its compute (a thin call into `many`),
-and the one Prefect task that runs any of them through the store's cache.
+and the sub-configs that key their cache entries; tasks.dispatch runs any of them through the store's cache.
 
     data[t] ─┐
     base ────┼─► finetune[t] ─► stats[t] ─┐
@@ -10,34 +10,26 @@ and the one Prefect task that runs any of them through the store's cache.
              └─► fwd_prompt[t] = prompts + core after task t, from fwd_prompt[t−1]
     eval[t][method]: base + the method's merged artifacts at t + test data[≤t] → predictions + row t of A
 
-A stage's cache key is its sub-config plus the digests of its inputs (`tasks.stage.cache_key`). The Prefect
-task looks the key up first; only a miss starts Ray (lazily, once per process) and runs the compute as a Ray
-remote function with the resources the flow chose. Results are small `StageRecord`s of blob references.
+A stage's cache key is its sub-config plus the digests of its inputs (`tasks.stage.cache_key`). A compute reads
+local copies of its inputs and writes its outputs under a work directory; it never sees the store.
 """
 
 from __future__ import annotations
 
 import json
-import sys
-import threading
-import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, PositiveInt
+from pydantic import PositiveInt
 
 from many.config import BaseConfig, CPMConfig, EvalConfig, FinetuneConfig, Frozen, LPMConfig, StatsConfig
 from many.data import Metric, MiniUcitConfig
 from many.methods.cram import CramConfig
 from many.methods.fwd_prompt import FwdPromptConfig
-from tasks.merge import STATE_SUFFIX, load_group, load_state, merge_step, save_group, state_gammas, state_modules
-from tasks.runtime import ClusterError, StoreSpec, check_resources, ensure_ray, node_name, ray_get
-from tasks.stage import Stage, intact, lookup, run_stage
-from tasks.store import BlobRef, CorruptArtifact, Manifest, Store, StoreError
+from tasks.merge import merge_step
+from tasks.stage import Stage
 
 # Bump a stage's version when its code would produce different results: its cache keys change.
 VERSIONS = {
@@ -428,7 +420,8 @@ def compute_eval(inputs: Mapping[str, Path], workdir: Path, *, config: EvalStage
     return _write_eval(workdir, method, results, {"tau": tau})
 
 
-def _compute(name: str) -> Callable[..., dict[str, Path]]:
+def compute_of(name: str) -> Callable[..., dict[str, Path]]:
+    """The compute function of stage `name`: (local inputs, workdir, *, config, device) → {output: local path}."""
     if name.startswith("merge_"):
         method = name.removeprefix("merge_")
         return lambda inputs, workdir, *, config, device: compute_batch_merge(
@@ -449,173 +442,8 @@ def _compute(name: str) -> Callable[..., dict[str, Path]]:
     }[name]
 
 
-# -- running a stage -------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StageRecord:
-    """What a stage run returns to the flow: small references only (DESIGN.md §5 `--json` stage entry)."""
-
-    stage: str
-    task: str | None
-    method: str | None
-    key: str
-    status: Literal["computed", "cached"]
-    seconds: float
-    node: str
-    outputs: Mapping[str, BlobRef] = field(default_factory=dict)
-    s3_retries: int = 0  # S3 requests its worker retried after a transient failure (tasks.store.backend)
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "stage": self.stage, "task": self.task, "method": self.method, "key": self.key,
-            "status": self.status, "seconds": round(self.seconds, 3), "node": self.node, "s3_retries": self.s3_retries,
-        }
-
-
-def execute(
-    spec: StoreSpec, name: str, config: BaseModel, inputs: Mapping[str, BlobRef], num_cpus: float, device: str, repair: bool = False,
-) -> tuple[str, str, float, str, int]:
-    """Body of the Ray remote function: run the stage through the cache on this worker.
-
-    Small values go in (the sub-config, blob references) and plain ones come back: (status, manifest JSON,
-    seconds, node, S3 retries). Tensors never cross processes; workers read and write the store themselves.
-    """
-    import torch
-
-    from tasks.store.backend import retries_seen
-
-    torch.set_num_threads(max(1, int(num_cpus)))
-    started, retries_before = time.monotonic(), retries_seen()
-    store = spec.open()
-    compute = _compute(name)
-    node = node_name()
-    result = run_stage(
-        store, stage_def(name, inputs), config, inputs,
-        lambda local, workdir: compute(local, workdir, config=config, device=device), host=node, repair=repair,
-    )
-    return result.status, result.manifest.model_dump_json(), time.monotonic() - started, node, retries_seen() - retries_before
-
-
-_remote_execute = None
-_print_lock = threading.Lock()
-
-
-@dataclass(frozen=True)
-class ClusterSpec:
-    """Where the flow wants computes to run, and how loud to be."""
-
-    address: str | None = None
-    num_cpus: int | None = None
-    object_store_mb: int = 200
-    progress: bool = False
-
-
-def _resolve(upstream: Mapping[str, tuple[Any, str]]) -> dict[str, BlobRef]:
-    refs = {}
-    for name, (record, output) in upstream.items():
-        if not isinstance(record, StageRecord) or output not in record.outputs:
-            raise StoreError(f"input {name!r}: upstream stage gave no output {output!r} ({record!r})")
-        refs[name] = record.outputs[output]
-    return refs
-
-
-def _transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect retry condition: retry store/network hiccups and lost Ray workers, never bad input."""
-    try:
-        state.result()
-    except (ValueError, ClusterError, CorruptArtifact, KeyboardInterrupt):
-        return False
-    except (StoreError, OSError, ConnectionError):
-        return True
-    except Exception as error:  # Ray's worker/node losses
-        return type(error).__name__ in {"WorkerCrashedError", "NodeDiedError", "ObjectLostError", "RaySystemError"}
-    return False
-
-
-def _print_progress(stage: str, task: str | None, method: str | None, status: str, tail: str = "") -> None:
-    where = task or ""
-    if method:
-        where = f"{where} [{method}]" if where else f"[{method}]"
-    with _print_lock:
-        print(f"  {stage:<22} {where:<34} {status:<8} {tail}".rstrip(), file=sys.stderr, flush=True)
-
-
-@task(name="stage", cache_policy=NO_CACHE, persist_result=False, retry_condition_fn=_transient)
-def stage_task(
-    stage: str,
-    config: BaseModel,
-    upstream: Mapping[str, tuple[Any, str]],
-    *,
-    store: StoreSpec,
-    cluster: ClusterSpec,
-    num_cpus: float = 1.0,
-    num_gpus: float = 0.0,
-    resource_group: str | None = None,
-    task_name: str | None = None,
-    method: str | None = None,
-    repair: bool = False,
-) -> StageRecord:
-    """Return the stage's cached manifest, or compute it on Ray with the given resources.
-
-    `upstream` maps input name → (upstream StageRecord, its output name); Prefect resolves futures in it.
-    With `repair`, a cached stage counts only if its manifest reads and its output blobs re-hash intact.
-    """
-    started = time.monotonic()
-    inputs = _resolve(upstream)
-    definition = stage_def(stage, inputs)
-    try:
-        cached = lookup(store.open(), definition, config, inputs)
-    except CorruptArtifact:
-        if not repair:
-            raise
-        cached = None  # run_stage(repair=True) replaces the unreadable manifest
-    if cached is not None and repair and not intact(store.open(), cached):
-        cached = None
-    if cached is not None:
-        record = StageRecord(stage, task_name, method, cached.key, "cached", time.monotonic() - started, node_name(), cached.outputs)
-    else:
-        record = _compute_on_ray(
-            stage, config, inputs, store, cluster, num_cpus, num_gpus, resource_group or stage, task_name, method, repair
-        )
-    if cluster.progress:
-        retried = f"  ({record.s3_retries} S3 retries)" if record.s3_retries else ""
-        _print_progress(stage, task_name, method, record.status, f"{record.seconds:7.1f}s  {record.node}{retried}")
-    return record
-
-
-def _compute_on_ray(
-    stage: str, config: BaseModel, inputs: dict[str, BlobRef], store: StoreSpec, cluster: ClusterSpec,
-    num_cpus: float, num_gpus: float, group: str, task_name: str | None, method: str | None, repair: bool = False,
-) -> StageRecord:
-    global _remote_execute
-    import ray
-
-    ensure_ray(cluster.address, cluster.num_cpus, cluster.object_store_mb)
-    check_resources(group, num_cpus, num_gpus)
-    if _remote_execute is None:
-        _remote_execute = ray.remote(execute)
-    # "auto": CUDA if the worker Ray placed us on has it, else CPU (a GPU resource on a CUDA-less node).
-    device = "auto" if num_gpus > 0 else "cpu"
-    if cluster.progress:
-        _print_progress(stage, task_name, method, "running", f"on {num_cpus:g} CPU(s), {num_gpus:g} GPU(s)")
-    ref = _remote_execute.options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0).remote(
-        store, stage, config, inputs, num_cpus, device, repair
-    )
-    status, manifest_json, seconds, node, s3_retries = ray_get(ref)
-    manifest = Manifest.model_validate_json(manifest_json)
-    return StageRecord(stage, task_name, method, manifest.key, status, seconds, node, manifest.outputs, s3_retries)
-
-
-def read_json_output(store: Store, record_or_manifest: StageRecord | Manifest, output: str) -> Any:
-    """A small JSON output of a finished stage (e.g. eval scores), verified."""
-    ref = record_or_manifest.outputs[output]
-    return json.loads(store.get_bytes(ref.digest, context=f"stage {record_or_manifest.stage}, output {output}"))
-
-
 __all__ = [
-    "AdapterStageConfig", "BASELINES", "BaseStageConfig", "ClusterSpec", "CramStageConfig", "DataStageConfig", "EvalStageConfig",
-    "FinetuneStageConfig", "FwdPromptStageConfig", "PrototypesStageConfig", "ROUTED", "SYSTEMS", "StageRecord", "StatsStageConfig", "load_state", "state_gammas",
-    "STATE_SUFFIX", "load_group", "save_group", "state_modules",
-    "read_json_output", "stage_def", "stage_task",
+    "AdapterStageConfig", "BASELINES", "BaseStageConfig", "CramStageConfig", "DataStageConfig", "EvalStageConfig",
+    "FinetuneStageConfig", "FwdPromptStageConfig", "PrototypesStageConfig", "ROUTED", "SYSTEMS", "StatsStageConfig",
+    "compute_of", "stage_def",
 ]

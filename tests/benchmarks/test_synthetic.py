@@ -12,7 +12,7 @@ from many.adapters import lora_factors
 from many.config import LPMConfig
 from many.lpm import batch_merge
 from many.stats import load_grams
-from tasks.stages import state_gammas
+from tasks.merge import state_gammas
 from tasks.store import Store
 
 

@@ -94,7 +94,7 @@ def write_config(path: Path, **changes) -> Path:
 
 
 def eval_scores(store_url: str, summary: dict, task: str, method: str) -> dict:
-    from tasks.stages import read_json_output
+    from tasks.dispatch import read_json_output
     from tasks.store import Store
 
     store = Store.open(store_url)

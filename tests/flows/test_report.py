@@ -10,7 +10,7 @@ import pytest
 
 from flows.report import build_report, text_table
 from many.report import markdown_table, render
-from tasks.stages import StageRecord
+from tasks.dispatch import StageRecord
 from tasks.store import Store, StoreError
 
 

@@ -7,7 +7,8 @@ import pytest
 from many.config import LPMConfig
 from tasks.runtime import ClusterError
 from tasks.stage import cache_key
-from tasks.stages import StageRecord, _transient, stage_def
+from tasks.dispatch import StageRecord, _transient
+from tasks.stages import stage_def
 from tasks.store import BlobRef, CorruptArtifact, StoreError
 
 REF = BlobRef(digest="a" * 64, size=1)
