@@ -22,10 +22,11 @@ import statistics
 import sys
 import tempfile
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import EXAMPLES, quiet_environment
+from benchmarks.common import quiet_environment, seed_count, stream_config
 from benchmarks.quality import seeded
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -45,27 +46,36 @@ VARIANTS: tuple[tuple[str, str, str], ...] = (
 SANITY = {"own LoRA + own projector (= individual)": "individual", "LPM + CPM (= MAny)": "many"}  # row: pipeline method
 
 
+@dataclass(frozen=True)
 class Inputs:
-    """The final step's inputs of one run, as local files: the base, each task's data and finetune dir, the
-    prototypes, and the LPM and average merges."""
+    """The final step's inputs of one run, as local files: the base, each task's data, finetune dir and prototypes,
+    and the LPM and average merges."""
 
-    def __init__(self, store: Any, summary: Mapping[str, Any]) -> None:
+    base: Path
+    data: list[Path]
+    finetune: list[Path]
+    prototypes: list[Path]
+    lpm: Path
+    average: Path
+
+    @classmethod
+    def of_run(cls, store: Any, summary: Mapping[str, Any]) -> Inputs:
+        """From a run summary (`continual_update`'s return value) and the store it ran into."""
         tasks = summary["tasks"]
-        records = summary["stages"]
 
-        def local(stage: str, output: str, task: str | None = None, method: str | None = None) -> Path:
-            entry = next(r for r in records if r["stage"] == stage and r.get("task") == task
-                         and (method is None or r.get("method") == method))
+        def local(stage: str, output: str, task: str | None = None) -> Path:
+            entry = next(r for r in summary["stages"] if r["stage"] == stage and r.get("task") == task)
             manifest = store.read_manifest(stage, entry["key"])
             return store.materialize(manifest.outputs[output], context=f"ablation: {stage} {task or ''}")
 
-        self.tasks = tasks
-        self.base = local("base", "model")
-        self.data = [local("data", "task", t) for t in tasks]
-        self.finetune = [local("finetune", "task", t) for t in tasks]
-        self.prototypes = [local("prototypes", "prototypes", t) for t in tasks]
-        self.lpm = local("merge", "adapter", tasks[-1])
-        self.average = local("merge_average", "deltas", tasks[-1])
+        return cls(
+            base=local("base", "model"),
+            data=[local("data", "task", t) for t in tasks],
+            finetune=[local("finetune", "task", t) for t in tasks],
+            prototypes=[local("prototypes", "prototypes", t) for t in tasks],
+            lpm=local("merge", "adapter", tasks[-1]),
+            average=local("merge_average", "deltas", tasks[-1]),
+        )
 
 
 def lora_sources(inputs: Inputs) -> dict[str, Callable[[int], dict]]:
@@ -89,8 +99,8 @@ def lora_sources(inputs: Inputs) -> dict[str, Callable[[int], dict]]:
 def evaluate_variants(inputs: Inputs, config: Any) -> tuple[dict[str, list[float]], float]:
     """({variant: score per task (percent)}, CPM routing accuracy on the test images) of one run's final model."""
     from many import cpm
-    from many.data import read_task
     from many.config import BaseConfig
+    from many.data import read_task
     from many.evaluate import Assembly, assemble, evaluate, routing_accuracy
     from many.model.load import load_base
     from many.prototypes import image_features, read_prototypes
@@ -126,17 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, help="seeds 0..N-1 (default 3, smoke 1)")
     parser.add_argument("--store", help="the store benchmarks.quality used (default: a fresh temporary directory)")
     args = parser.parse_args(argv)
-    seeds = args.seeds or (1 if args.smoke else 3)
-    if seeds < 1:
-        parser.error(f"--seeds {seeds}: need at least one seed")
-
+    seeds = seed_count(parser, args.seeds, args.smoke)
     scratch = Path(tempfile.mkdtemp(prefix="many-ablation-"))
     quiet_environment(scratch)
-    from flows.config import RunConfig, load_config
     from flows.pipeline import continual_update
     from tasks.store import Store
 
-    config = load_config(EXAMPLES / "tiny.yaml") if args.smoke else RunConfig()
+    config = stream_config(args.smoke)
     n_tasks = 2 if args.smoke else len(config.tasks)
     store_url = args.store or str(scratch / "store")
     per_seed, accuracy, last = [], [], []
@@ -147,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = continual_update(cfg)
         computed = sum(s["status"] == "computed" for s in summary["stages"])
         print(f"    {computed} of {len(summary['stages'])} stages computed", file=sys.stderr, flush=True)
-        scores, routed = evaluate_variants(Inputs(Store.open(store_url), summary), cfg)
+        scores, routed = evaluate_variants(Inputs.of_run(Store.open(store_url), summary), cfg)
         per_seed.append(scores)
         accuracy.append(routed)
         last.append({m: summary["report"]["methods"][m]["MFN"] for m in ("individual", "many")})

@@ -25,3 +25,19 @@ def quiet_environment(scratch: Path) -> None:
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
     Path(os.environ["RAY_TMPDIR"]).mkdir(parents=True, exist_ok=True)
+
+
+def stream_config(smoke: bool):
+    """The run config a pipeline benchmark streams: examples/tiny.yaml when `smoke`, else the embedded mini-UCIT
+    defaults (call after `quiet_environment`: it imports flows)."""
+    from flows.config import RunConfig, load_config
+
+    return load_config(EXAMPLES / "tiny.yaml") if smoke else RunConfig()
+
+
+def seed_count(parser, seeds: int | None, smoke: bool) -> int:
+    """--seeds N (default 3, smoke 1), at least one."""
+    seeds = seeds or (1 if smoke else 3)
+    if seeds < 1:
+        parser.error(f"--seeds {seeds}: need at least one seed")
+    return seeds

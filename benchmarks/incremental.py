@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import EXAMPLES, quiet_environment
+from benchmarks.common import quiet_environment, stream_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,10 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     quiet_environment(scratch)
     from prefect import flow
 
-    from flows.config import RunConfig, load_config
     from flows.pipeline import continual_update
 
-    config = load_config(EXAMPLES / "tiny.yaml") if args.smoke else RunConfig()
+    config = stream_config(args.smoke)
     T = args.tasks or (2 if args.smoke else 3)
     if not 1 <= T < len(config.tasks):
         parser.error(f"--tasks must lie in 1..{len(config.tasks) - 1} for this stream")

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import EXAMPLES, quiet_environment
+from benchmarks.common import quiet_environment, seed_count, stream_config
 
 ORDERS = ("ucit", "reverse")
 SUMMARY = (("Last", "MFN"), ("MFT", "MFT"), ("MAA", "MAA"), ("BWT", "BWT"))
@@ -115,17 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     orders = [o for o in args.orders.split(",") if o]
     if not orders or any(o not in ORDERS for o in orders):
         parser.error(f"--orders {args.orders!r}: choose a comma-separated subset of {', '.join(ORDERS)}")
-    seeds = args.seeds or (1 if args.smoke else 3)
-    if seeds < 1:
-        parser.error(f"--seeds {seeds}: need at least one seed")
-
+    seeds = seed_count(parser, args.seeds, args.smoke)
     scratch = Path(tempfile.mkdtemp(prefix="many-quality-"))
     quiet_environment(scratch)
-    from flows.config import RunConfig, load_config
     from flows.pipeline import continual_update
     from many.report import render
 
-    config = load_config(EXAMPLES / "tiny.yaml") if args.smoke else RunConfig()
+    config = stream_config(args.smoke)
     n_tasks = args.tasks or (2 if args.smoke else len(config.tasks))
     if not 1 <= n_tasks <= len(config.tasks):
         parser.error(f"--tasks {n_tasks}: the stream has {len(config.tasks)} tasks; choose 1..{len(config.tasks)}")
