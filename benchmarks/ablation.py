@@ -98,27 +98,24 @@ def lora_sources(inputs: Inputs) -> dict[str, Callable[[int], dict]]:
 
 def evaluate_variants(inputs: Inputs, config: Any) -> tuple[dict[str, list[float]], float]:
     """({variant: score per task (percent)}, CPM routing accuracy on the test images) of one run's final model."""
-    from many import cpm
     from many.config import BaseConfig
     from many.data import read_task
-    from many.evaluate import Assembly, assemble, evaluate, routing_accuracy
+    from many.evaluate import Assembly, assemble, cpm_router, evaluate, routing_accuracy
     from many.model.load import load_base
-    from many.prototypes import image_features, read_prototypes
+    from many.prototypes import image_features
     from many.training import projector_state
 
     base_model, processor = load_base(inputs.base, BaseConfig(dtype=config.base.dtype, device="cpu"))
     tasks = [read_task(d) for d in inputs.data]
     projectors = tuple(projector_state(d) for d in inputs.finetune)
-    _, prototypes, features = read_prototypes(inputs.prototypes)
-    cfg = config.cpm
-    tau = cfg.tau if cfg.tau is not None else cpm.calibrate_tau(features, prototypes, cfg.calibration_target, cfg.top_k)
+    router = cpm_router(inputs.prototypes, config.cpm)
     sources = lora_sources(inputs)
     scores: dict[str, list[float]] = {}
     for name, lora, projector in VARIANTS:
         row = []
         for j, task in enumerate(tasks):
             if projector == "cpm":
-                assembly = Assembly(sources[lora](j), projectors, "cpm", prototypes, tau, cfg.top_k)
+                assembly = Assembly(sources[lora](j), projectors, "cpm", router.prototypes, router.tau, router.top_k)
             else:
                 assembly = Assembly(sources[lora](j), (projectors[j],))
             model = assemble(base_model, assembly)
@@ -127,7 +124,7 @@ def evaluate_variants(inputs: Inputs, config: Any) -> tuple[dict[str, list[float
         scores[name] = row
         print(f"    {name}: {statistics.fmean(row):.1f}", file=sys.stderr, flush=True)
     test_features = [image_features(base_model, processor, task.test[: config.eval.max_samples]) for task in tasks]
-    return scores, routing_accuracy(test_features, prototypes)
+    return scores, routing_accuracy(test_features, router.prototypes)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,10 +30,10 @@ from tqdm.auto import tqdm
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from many import cpm, metrics
-from many.config import EvalConfig
+from many.config import CPMConfig, EvalConfig
 from many.data.schema import Sample, TaskData
 from many.model.chat import decode_answers, encode_for_generation
-from many.prototypes import llava, pooled_features
+from many.prototypes import llava, pooled_features, read_prototypes
 
 PEFT_PREFIX = "base_model.model."  # PEFT module name = PEFT_PREFIX + the base model's module name
 
@@ -45,6 +45,14 @@ class Router:
     prototypes: Tensor  # (T, D)
     tau: float
     top_k: int | None = None
+
+
+def cpm_router(prototype_sources: Sequence[str | Path | pa.Table], cfg: CPMConfig) -> Router:
+    """CPM's routing over the tasks of `prototype_sources` (many.prototypes.read_prototypes, in task order): their
+    prototypes, τ = cfg.tau or else calibrated on their training features (many.cpm.calibrate_tau), cfg.top_k."""
+    _, prototypes, features = read_prototypes(prototype_sources)
+    tau = cfg.tau if cfg.tau is not None else cpm.calibrate_tau(features, prototypes, cfg.calibration_target, cfg.top_k)
+    return Router(prototypes, tau, cfg.top_k)
 
 
 @dataclass(frozen=True, eq=False)

@@ -369,11 +369,9 @@ def compute_eval(inputs: Mapping[str, Path], workdir: Path, *, config: EvalStage
     """
     from safetensors.torch import load_file
 
-    from many import cpm
     from many.adapters import lora_factors
     from many.data import read_task
-    from many.evaluate import Assembly, assemble, evaluate, lora_deltas
-    from many.prototypes import read_prototypes
+    from many.evaluate import Assembly, assemble, cpm_router, evaluate, lora_deltas
     from many.training import projector_state
 
     base_model, processor = _load_base(inputs["base"], config.dtype, device)
@@ -387,11 +385,10 @@ def compute_eval(inputs: Mapping[str, Path], workdir: Path, *, config: EvalStage
 
     def routed(deltas: Mapping[str, Any]) -> Assembly:
         nonlocal tau
-        _, prototypes, features = read_prototypes(_indexed(inputs, "prototypes"))
-        cfg = config.cpm or CPMConfig()
-        tau = cfg.tau if cfg.tau is not None else cpm.calibrate_tau(features, prototypes, cfg.calibration_target, cfg.top_k)
+        router = cpm_router(_indexed(inputs, "prototypes"), config.cpm or CPMConfig())
+        tau = router.tau
         projectors = tuple(projector_state(d) for d in task_dirs)
-        return Assembly(deltas, projectors, "cpm", prototypes, tau, cfg.top_k)
+        return Assembly(deltas, projectors, "cpm", router.prototypes, router.tau, router.top_k)
 
     if method == "individual":
         assemblies = [
