@@ -31,6 +31,7 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from benchmarks.synthetic import Shape, Step, merge_stream, rss
 from many.config import LPMConfig
@@ -93,18 +94,14 @@ def run_7b(shape: Shape, tasks: int, cpus: int, config: LPMConfig, scratch: Path
     with Ray up and idle, before the first step."""
     from tasks.runtime import ensure_ray, shutdown_ray
 
-    saved = os.environ.get("MANY_CACHE_DIR")
-    os.environ["MANY_CACHE_DIR"] = str(scratch / "cache-7b")  # the workers' materialised inputs, removed after
-    try:
-        ensure_ray(None, cpus, 200)
-        baseline = rss(tree=True)
-        return run_stream(shape, tasks, scratch, "7b", config, on_ray=True), baseline
-    finally:
-        shutdown_ray()
-        if saved is None:
-            os.environ.pop("MANY_CACHE_DIR", None)
-        else:
-            os.environ["MANY_CACHE_DIR"] = saved
+    # the workers' materialised inputs go under scratch (removed after), and the variable is restored after
+    with mock.patch.dict(os.environ, {"MANY_CACHE_DIR": str(scratch / "cache-7b")}):
+        try:
+            ensure_ray(None, cpus, 200)
+            baseline = rss(tree=True)
+            return run_stream(shape, tasks, scratch, "7b", config, on_ray=True), baseline
+        finally:
+            shutdown_ray()
 
 
 def print_stream(shape: Shape, steps: list[Step]) -> None:
@@ -144,9 +141,9 @@ def print_7b(shape: Shape, steps: list[Step], baseline_rss: int, cpus: int, conf
           "is one Ray task (its Gram read lazily, its previous state file, absorb, export, write, free), pinned to the "
           f"node holding the stage's inputs; at most {cpus} run at once (each also reserves its working set, "
           "`tasks.merge.job_bytes`, of the node's Ray `memory` resource, so a node short of memory runs fewer), so the "
-          f"peak above idle is about {cpus} groups' working sets (the 11008-input down_proj's is the largest) whatever the number of blocks. Time and stored "
-          "bytes scale with the blocks (the ×32/L columns); the tree's RSS sums each process's resident pages, so "
-          "libraries shared by the workers count once per worker.")
+          f"peak above idle is about {cpus} groups' working sets (the 11008-input down_proj's is the largest) whatever "
+          "the number of blocks. Time and stored bytes scale with the blocks (the ×32/L columns); the tree's RSS sums "
+          "each process's resident pages, so libraries shared by the workers count once per worker.")
 
 
 def main(argv: list[str] | None = None) -> int:

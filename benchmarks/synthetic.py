@@ -142,8 +142,8 @@ def _on_ray(store_url: str, config: LPMConfig) -> Callable[[dict[str, BlobRef]],
     groups out over Ray on its node."""
     import ray
 
-    from tasks.runtime import StoreSpec
     from tasks.dispatch import execute
+    from tasks.runtime import StoreSpec
 
     remote = ray.remote(execute).options(num_cpus=1, max_retries=0)
 

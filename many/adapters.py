@@ -126,8 +126,8 @@ def write_portable_config(src: Path, dest: Path) -> None:
 
 
 def copy_task_dir(src: Path, dest: Path) -> Path:
-    """The files of a task directory a run reads — adapter config and weights, projector — into `dest`, with the
-    adapter's `base_model_name_or_path` cleared (a local path would make equal adapters differ by machine)."""
+    """The files of a task directory a run reads — adapter config and weights, projector — into `dest`, the config
+    made portable (`write_portable_config`)."""
     from many.training import ADAPTER_DIR, PROJECTOR_FILE
 
     (dest / ADAPTER_DIR).mkdir(parents=True)

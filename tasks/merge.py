@@ -100,12 +100,12 @@ def state_gammas(state_dir: Path) -> dict[str, float]:
     """Each layer's ridge γ (shared by its group), read without loading the matrices (for `many export`)."""
     from safetensors import safe_open
 
+    from many.lpm import group_layers
+
     gammas = {}
     for path in state_files(state_dir):
-        layers = _file_layers(path)
         with safe_open(str(path), framework="pt") as f:
-            gamma = float(f.get_tensor("gamma").item())
-        gammas |= dict.fromkeys(layers, gamma)
+            gammas |= dict.fromkeys(group_layers(f.metadata(), str(path)), float(f.get_tensor("gamma").item()))
     return gammas
 
 
@@ -123,7 +123,8 @@ class GroupJob:
 
 def plan_groups(layers: list[str], gram_groups: Mapping[str, str], previous: Mapping[str, Path] | None) -> list[GroupJob]:
     """The jobs of one merge step: the task's LoRA `layers` grouped as the Grams file groups them ({layer: group key}),
-    each with the one previous state file that holds exactly its layers. Raises ValueError naming what differs."""
+    each with the one previous state file that holds exactly its layers (`previous`: `state_modules` of the previous
+    state dir, {layer: its file}). Raises ValueError naming what differs."""
     if not layers:
         raise ValueError("LPM: the task has no LoRA layers")
     no_gram = sorted(set(layers) - set(gram_groups))
@@ -143,7 +144,7 @@ def plan_groups(layers: list[str], gram_groups: Mapping[str, str], previous: Map
         if previous is not None:
             files = {previous[name] for name in names}
             before = files.pop() if len(files) == 1 else None
-            if before is None or set(_file_layers(before)) != set(names):
+            if before is None or {layer for layer, file in previous.items() if file == before} != set(names):
                 raise ValueError(
                     f"LPM: the Grams group {group!r} holds layers {names} but the previous merge state groups them "
                     "differently; recompute the merge chain from its first task with these Grams"
@@ -264,7 +265,7 @@ def _on_this_node(calls: list[tuple]) -> list[str]:
     ceiling = _node_memory(node)
     refs = []
     for args in calls:
-        job, _, adapter_file, grams_file = args[:4]
+        job, _, adapter_file, grams_file = args[:4]  # merge_group's first parameters
         memory = int(min(job_bytes(job, adapter_file, grams_file), ceiling))
         refs.append(_remote_merge_group.options(num_cpus=1, memory=memory, max_retries=0, scheduling_strategy=here)
                     .remote(*args))
