@@ -3,20 +3,18 @@
 Every section is the sub-config of the stages that read it, and goes unchanged into their cache keys
 (DESIGN.md §2). A typo is an error (`extra="forbid"`); `load_config` turns any problem into one
 `ConfigError` line naming the file and the key. With no file, `RunConfig()` is the built-in mini-UCIT
-default: the six UCIT-like tasks, the tiny LLaVA and every method except the two seed systems CRAM and
-Fwd-Prompt, which are opt-in (`methods: [..., cram, fwd_prompt]`): each trains once more per task (an expert:
-~1.1×, the prompts: ~1.3× the time of that task's finetune), so together they more than double the cold run's
-training time. Both train with the run's budget — `cram.finetune` defaults to the `finetune` section, and
-`fwd_prompt` to its steps, batch_size and seed — unless their section sets its own.
+default: the six UCIT-like tasks, the tiny LLaVA and every default method row. The choices of `methods`, and the
+top-level sections that belong to method rows (tasks.rows.MethodSettings), come from the registry of rows
+(tasks.rows); the opt-in rows train once more per task, so they cost a run more training time.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any
 
 import yaml
-from pydantic import Field, PositiveInt, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from many.config import (
     BaseConfig,
@@ -28,34 +26,14 @@ from many.config import (
     StatsConfig,
 )
 from many.data import TASK_KINDS, UCIT_ORDER, Metric, MiniUcitConfig
-from many.merging.average import AverageConfig
-from many.merging.regmean import RegMeanConfig
-from many.merging.task_arithmetic import TaskArithmeticConfig
-from many.merging.ties import TiesConfig
-from many.methods.cram import CramConfig
-from many.methods.fwd_prompt import FwdPromptConfig
+from tasks.rows import DEFAULT_METHODS, ROWS, MethodSettings, get_row
 
-# The methods of one run (DESIGN.md §1 "Comparison methods"); a stage graph per method in flows/pipeline.py.
-METHODS = (
-    "many",  # LPM (RLS merge of the LoRAs) + CPM (per-image routed projectors)
-    "many_lpm_only",  # LPM + the averaged projector ("MAny without CPM")
-    "many_cpm_only",  # averaged LoRA + CPM ("MAny without LPM")
-    "individual",  # each task's own adapter and projector (task-id oracle, upper bound)
-    "seqlora",  # one LoRA trained task after task (lower bound)
-    "average",
-    "task_arithmetic",
-    "ties",
-    "regmean",
-    "cram",  # task-isolated adaptive-rank LoRA experts, centroid routing (many.methods.cram; opt-in)
-    "fwd_prompt",  # prompt tuning with projected gradients, a chain like SeqLoRA (many.methods.fwd_prompt; opt-in)
-)
-Method = Literal[
-    "many", "many_lpm_only", "many_cpm_only", "individual", "seqlora", "average", "task_arithmetic", "ties", "regmean",
-    "cram", "fwd_prompt",
-]
-DEFAULT_METHODS: tuple[Method, ...] = (
-    "many", "many_lpm_only", "individual", "seqlora", "average", "task_arithmetic", "ties", "regmean",
-)
+def _known_method(name: str) -> str:
+    get_row(name)  # ValueError listing the known rows
+    return name
+
+
+Method = Annotated[str, AfterValidator(_known_method)]  # a name in the registry of method rows (tasks.rows)
 
 
 class ConfigError(ValueError):
@@ -149,16 +127,9 @@ class ResourcesConfig(Frozen):
     eval: Resources = Resources()
 
 
-class MergingConfig(Frozen):
-    """Hyper-parameters of the batch merge baselines (many.merging)."""
+class RunConfig(MethodSettings):
+    """The whole run; the method rows' own sections are inherited from tasks.rows.MethodSettings."""
 
-    average: AverageConfig = AverageConfig()
-    task_arithmetic: TaskArithmeticConfig = TaskArithmeticConfig()
-    ties: TiesConfig = TiesConfig()
-    regmean: RegMeanConfig = RegMeanConfig()
-
-
-class RunConfig(Frozen):
     tasks: tuple[TaskSpec, ...] = tuple(TaskSpec(name=k, kind=k) for k in UCIT_ORDER)
     task_source: TaskSourceConfig | None = None  # read the tasks from a growing source instead (not with `tasks`)
     methods: tuple[Method, ...] = DEFAULT_METHODS
@@ -168,33 +139,11 @@ class RunConfig(Frozen):
     stats: StatsConfig = StatsConfig()
     lpm: LPMConfig = LPMConfig()
     cpm: CPMConfig = CPMConfig()
-    merging: MergingConfig = MergingConfig()
-    cram: CramConfig = CramConfig()
-    fwd_prompt: FwdPromptConfig = FwdPromptConfig()
     eval: EvalConfig = EvalConfig()
     store: StoreConfig = StoreConfig()
     ray: RayConfig = RayConfig()
     resources: ResourcesConfig = ResourcesConfig()
     retries: int = Field(2, ge=0)  # Prefect retries of a stage after a transient (non-input) failure
-
-    @model_validator(mode="before")
-    @classmethod
-    def _same_training_budget(cls, data: Any) -> Any:
-        """cram.finetune and fwd_prompt's steps/batch_size/seed default to the finetune section (module doc)."""
-        if not isinstance(data, dict) or "finetune" not in data:
-            return data
-        finetune = data["finetune"]
-        given = finetune.model_dump(exclude_unset=True) if isinstance(finetune, FinetuneConfig) else finetune
-        if not isinstance(given, dict):
-            return data  # not a mapping: the finetune field's own validation names the problem
-        data = dict(data)
-        cram, fwd_prompt = data.get("cram", {}), data.get("fwd_prompt", {})
-        if isinstance(cram, dict) and "finetune" not in cram:
-            data["cram"] = {**cram, "finetune": finetune}
-        if isinstance(fwd_prompt, dict):
-            inherited = {k: given[k] for k in ("steps", "batch_size", "seed") if k in given}
-            data["fwd_prompt"] = {**inherited, **fwd_prompt}
-        return data
 
     @field_validator("tasks")
     @classmethod
@@ -211,7 +160,7 @@ class RunConfig(Frozen):
     @classmethod
     def _unique_methods(cls, methods: tuple[str, ...]) -> tuple[str, ...]:
         if not methods:
-            raise ValueError("no methods; list at least one of " + ", ".join(METHODS))
+            raise ValueError("no methods; list at least one of " + ", ".join(ROWS))
         return tuple(dict.fromkeys(methods))
 
     @model_validator(mode="after")

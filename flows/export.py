@@ -20,6 +20,7 @@ from typing import Any
 
 from tasks.dispatch import read_json_output
 from tasks.merge import state_gammas
+from tasks.rows.many import LPM_CHAIN, ROW as MANY
 from tasks.store import Manifest, Store, StoreError, validate_name
 
 
@@ -68,8 +69,8 @@ def export(store: Store, summary: dict[str, Any], out_dir: Path) -> list[Path]:
         tuned = find("finetune", task) or find("adapter", task)  # trained here, or brought by the task config
         if tuned is None:
             raise StoreError(
-                f"the latest run has no per-task adapter for task {task!r} (only CRAM/Fwd-Prompt ran?): export covers "
-                "runs with a merge method or `individual`"
+                f"the latest run has no per-task adapter for task {task!r}: export covers runs with a method row that "
+                "reads the tasks' own fine-tunes (only rows that train their own way ran?)"
             )
         _copy(store, tuned, "task", out_dir / "tasks" / task)
         for key, value in load_file(str(out_dir / "tasks" / task / "projector.safetensors")).items():
@@ -80,16 +81,16 @@ def export(store: Store, summary: dict[str, Any], out_dir: Path) -> list[Path]:
     merged_dir = out_dir / "merged"
     merged_dir.mkdir(exist_ok=True)
     save_file({k: v.contiguous() for k, v in projectors.items()}, str(merged_dir / "projectors.safetensors"))
-    merge = find("merge", tasks[-1], "many")
+    merge = find(LPM_CHAIN.stage, tasks[-1], LPM_CHAIN.method)
     if merge is not None:
         _copy(store, merge, "adapter", merged_dir / "adapter")
         gammas = state_gammas(store.materialize(merge.outputs["state"], context="export: merge state"))
         tau = None
-        evaluation = find("eval", tasks[-1], "many")
+        evaluation = find("eval", tasks[-1], MANY.name)
         if evaluation is not None:
             tau = read_json_output(store, evaluation, "scores").get("tau")
         (merged_dir / "merge.json").write_text(json.dumps(
-            {"method": "many", "tasks": tasks, "a": merge.config.get("a"), "gamma": gammas, "tau": tau},
+            {"method": MANY.name, "tasks": tasks, "a": merge.config.get("a"), "gamma": gammas, "tau": tau},
             indent=2, sort_keys=True,
         ))
     tables = [pq.read_table(store.materialize(m.outputs["prototypes"], context="export: prototypes"))

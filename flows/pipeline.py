@@ -1,11 +1,11 @@
 """The `continual_update` flow (DESIGN.md §2, §4): the whole stream as one recipe of cached stages.
 
-All finetunes depend only on the base, so they are submitted at once and run as parallel as the Ray
-cluster allows; the RLS merge is a chain that follows as its inputs complete, as do the SeqLoRA, CRAM and
-Fwd-Prompt chains (each link trains from the previous ones); every method's evaluation of row t is a stage
-of its own. Each stage first looks its cache key up in the store, so a rerun with
-nothing new computes nothing and never starts Ray; adding a task computes only that task's stages, its
-merges and row t of every method's matrix.
+The configured method rows (tasks.rows) say what they read; the flow submits the shared stages that some row
+needs — all finetunes at once (they depend only on the base), so they run as parallel as the Ray cluster allows —
+then each distinct chain once (the RLS merge, the batch merges, SeqLoRA, CRAM, Fwd-Prompt: each link follows as
+its inputs complete), then one eval stage per (row, t). Each stage first looks its cache key up in the store, so a
+rerun with nothing new computes nothing and never starts Ray; adding a task computes only that task's stages, its
+chain links and row t of every method's matrix.
 """
 
 from __future__ import annotations
@@ -25,17 +25,13 @@ from flows.preflight import preflight
 from flows.report import build_report
 from tasks.dispatch import ClusterSpec, StageRecord, stage_task
 from tasks.runtime import StoreSpec, node_name, ray_started, shutdown_ray
+from tasks.rows import get_row
+from tasks.rows.row import Chain, PerTask, Reuse, Row
 from tasks.stages import (
-    BASELINES,
-    ROUTED,
-    SYSTEMS,
     AdapterStageConfig,
     BaseStageConfig,
-    CramStageConfig,
     DataStageConfig,
-    EvalStageConfig,
     FinetuneStageConfig,
-    FwdPromptStageConfig,
     PrototypesStageConfig,
     StatsStageConfig,
 )
@@ -70,10 +66,6 @@ def _base_config(config: RunConfig) -> BaseStageConfig:
     return BaseStageConfig(base=base)
 
 
-def _indexed(name: str, futures: list[PrefectFuture], output: str) -> Upstream:
-    return {f"{name}_{j}": (future, output) for j, future in enumerate(futures)}
-
-
 Submit = Callable[..., PrefectFuture]
 
 
@@ -101,10 +93,17 @@ def continual_update(config: RunConfig, run_id: str | None = None, progress: boo
         submitted.append(future)
         return future
 
-    per_task = _task_stages(config, submit, _upload_adapters(config, store))
-    merged = _merge_stages(config, submit, per_task)
-    systems = _system_stages(config, submit, per_task)
-    evals = _eval_stages(config, submit, per_task, merged, systems)
+    rows = [get_row(method) for method in config.methods]
+    shared = _shared_stages(config, submit, _upload_adapters(config, store), rows)
+    chains: dict[str, list[PrefectFuture]] = {}
+    for row in rows:
+        if row.chain is not None and row.chain.stage not in chains:
+            chains[row.chain.stage] = _chain_stages(config, submit, row.chain, shared)
+    evals = [
+        (row.name, t, submit("eval", row.eval_config(config), row.eval_upstream(t, shared, chains),
+                             "eval", name, row.name))
+        for row in rows for t, name in enumerate(names)
+    ]
     try:
         wait(submitted)
         records = _results(submitted)
@@ -144,19 +143,16 @@ def _upload_adapters(config: RunConfig, store: StoreSpec) -> dict[str, StageReco
     return uploads
 
 
-def _task_stages(config: RunConfig, submit: Submit, uploads: dict[str, StageRecord]) -> dict[str, Any]:
-    """base, and per task: data, finetune (all at once: they need only the base), prototypes, stats.
-
-    A task with its own adapter (`uploads`) gets an adapter stage, which checks it against the base, instead
-    of a finetune.
-
-    Only the stages some configured method reads: CRAM and Fwd-Prompt alone need no finetune[t]; the
-    prototypes serve CPM routing and CRAM's centroids."""
-    names, dtype, methods = [t.name for t in config.tasks], config.base.dtype, set(config.methods)
+def _shared_stages(config: RunConfig, submit: Submit, uploads: dict[str, StageRecord], rows: list[Row]) -> PerTask:
+    """base and, per task, data plus the shared stages some row needs: finetune (all at once: they need only the
+    base), prototypes, stats. A task with its own adapter (`uploads`) gets an adapter stage, which checks it against
+    the base, instead of a finetune."""
+    names, dtype = [t.name for t in config.tasks], config.base.dtype
+    needs = frozenset().union(*(row.needs for row in rows))
     base = submit("base", _base_config(config), {}, "base")
     data = [submit("data", _data_config(config, t), {}, "data", name) for t, name in enumerate(names)]
     finetune = prototypes = stats = None
-    if methods - set(SYSTEMS):
+    if needs & {"finetune", "stats"}:
         finetune = [
             submit("adapter", AdapterStageConfig(), {"base": (base, "model"), "task": (uploads[name], "task")}, "finetune", name)
             if name in uploads else
@@ -164,105 +160,32 @@ def _task_stages(config: RunConfig, submit: Submit, uploads: dict[str, StageReco
                    {"base": (base, "model"), "data": (data[t], "task")}, "finetune", name)
             for t, name in enumerate(names)
         ]
-    if methods & {*ROUTED, "cram"}:
+    if "prototypes" in needs:
         prototypes = [
             submit("prototypes", PrototypesStageConfig(batch_size=config.eval.batch_size, dtype=dtype),
                    {"base": (base, "model"), "data": (data[t], "task")}, "prototypes", name)
             for t, name in enumerate(names)
         ]
-    if methods & {"many", "many_lpm_only", "regmean"}:
+    if "stats" in needs:
         stats = [
             submit("stats", StatsStageConfig(stats=config.stats, dtype=dtype),
                    {"base": (base, "model"), "data": (data[t], "task"), "finetune": (finetune[t], "task")}, "stats", name)
             for t, name in enumerate(names)
         ]
-    return {"base": base, "data": data, "finetune": finetune, "prototypes": prototypes, "stats": stats}
+    return PerTask(base, data, finetune, prototypes, stats)
 
 
-def _merge_stages(config: RunConfig, submit: Submit, per_task: dict[str, Any]) -> dict[str, list[tuple[PrefectFuture, str]]]:
-    """Per method, the artifact its eval at t reads: the RLS chain, the batch merges, the SeqLoRA chain."""
-    names, methods = [t.name for t in config.tasks], set(config.methods)
-    finetune, stats = per_task["finetune"], per_task["stats"]
-    merged: dict[str, list[tuple[PrefectFuture, str]]] = {}
-    if methods & {"many", "many_lpm_only"}:
-        chain: list[PrefectFuture] = []
-        for t, name in enumerate(names):
-            upstream: Upstream = {"finetune": (finetune[t], "task"), "grams": (stats[t], "grams")}
-            if t:
-                upstream["previous"] = (chain[t - 1], "state")
-            chain.append(submit("merge", config.lpm, upstream, "merge", name, "many"))
-        merged["many"] = merged["many_lpm_only"] = [(m, "adapter") for m in chain]
-    for method in BASELINES:
-        if method not in methods and not (method == "average" and "many_cpm_only" in methods):
-            continue
-        batch = []
-        for t, name in enumerate(names):
-            upstream = _indexed("finetune", finetune[: t + 1], "task")
-            if method == "regmean":
-                upstream |= _indexed("stats", stats[: t + 1], "grams")
-            batch.append(submit(f"merge_{method}", getattr(config.merging, method), upstream, "merge", name, method))
-        merged[method] = [(m, "deltas") for m in batch]
-    if "many_cpm_only" in methods:
-        merged["many_cpm_only"] = merged["average"]
-    if "seqlora" in methods:
-        chain = [finetune[0]]  # the chain's first link is exactly finetune[0]
-        for t in range(1, len(names)):
-            chain.append(submit(
-                "seqlora", FinetuneStageConfig(finetune=config.finetune, dtype=config.base.dtype),
-                {"base": (per_task["base"], "model"), "data": (per_task["data"][t], "task"), "previous": (chain[t - 1], "task")},
-                "finetune", names[t], "seqlora",
-            ))
-        merged["seqlora"] = [(m, "task") for m in chain]
-    return merged
-
-
-def _system_stages(config: RunConfig, submit: Submit, per_task: dict[str, Any]) -> dict[str, list[PrefectFuture]]:
-    """The seed systems' chains (DESIGN.md §1): cram[t] reads the experts of cram[<t] (its rank and penalty
-    depend on them), fwd_prompt[t] continues the prompts and core of fwd_prompt[t−1]."""
-    names, dtype, methods = [t.name for t in config.tasks], config.base.dtype, set(config.methods)
-    base, data = per_task["base"], per_task["data"]
-    chains: dict[str, list[PrefectFuture]] = {}
-    if "cram" in methods:
-        experts: list[PrefectFuture] = []
-        for t, name in enumerate(names):
-            upstream = {"base": (base, "model"), "data": (data[t], "task")} | _indexed("expert", experts, "expert")
-            experts.append(submit("cram", CramStageConfig(cram=config.cram, dtype=dtype), upstream, "finetune", name, "cram"))
-        chains["cram"] = experts
-    if "fwd_prompt" in methods:
-        states: list[PrefectFuture] = []
-        for t, name in enumerate(names):
-            upstream = {"base": (base, "model"), "data": (data[t], "task")}
-            if t:
-                upstream["previous"] = (states[t - 1], "state")
-            states.append(submit("fwd_prompt", FwdPromptStageConfig(fwd_prompt=config.fwd_prompt, dtype=dtype), upstream,
-                                 "finetune", name, "fwd_prompt"))
-        chains["fwd_prompt"] = states
-    return chains
-
-
-def _eval_stages(
-    config: RunConfig, submit: Submit, per_task: dict[str, Any], merged: dict[str, list[tuple[PrefectFuture, str]]],
-    systems: dict[str, list[PrefectFuture]],
-) -> list[tuple[str, int, PrefectFuture]]:
-    """eval[t][method]: the method's model after task t on the test split of every task ≤ t (row t of A)."""
-    evals = []
-    for method in config.methods:
-        for t, name in enumerate(spec.name for spec in config.tasks):
-            upstream = {"base": (per_task["base"], "model")} | _indexed("data", per_task["data"][: t + 1], "task")
-            if method not in ("seqlora", *SYSTEMS):
-                upstream |= _indexed("finetune", per_task["finetune"][: t + 1], "task")
-            if method in ROUTED or method == "cram":
-                upstream |= _indexed("prototypes", per_task["prototypes"][: t + 1], "prototypes")
-            if method == "cram":
-                upstream |= _indexed("expert", systems["cram"][: t + 1], "expert")
-            elif method == "fwd_prompt":
-                upstream["merged"] = (systems["fwd_prompt"][t], "state")
-            elif method != "individual":
-                upstream["merged"] = merged[method][t]
-            cfg = EvalStageConfig(method=method, eval=config.eval, cpm=config.cpm if method in ROUTED else None,
-                                  dtype=config.base.dtype)
-            evals.append((method, t, submit("eval", cfg, upstream, "eval", name, method)))
-    return evals
+def _chain_stages(config: RunConfig, submit: Submit, chain: Chain, shared: PerTask) -> list[PrefectFuture]:
+    """The links of one chain in task order; link t reads what the chain declares at t and its links < t."""
+    links: list[PrefectFuture] = []
+    sub_config = chain.config(config)
+    for t, name in enumerate(t.name for t in config.tasks):
+        upstream = chain.link(t, shared, links)
+        if isinstance(upstream, Reuse):
+            links.append(upstream.handle)
+        else:
+            links.append(submit(chain.stage, sub_config, upstream, chain.group, name, chain.method))
+    return links
 
 
 def _results(futures: list[PrefectFuture]) -> list[StageRecord]:

@@ -46,7 +46,7 @@ def test_examples_validate(path: Path) -> None:
 BAD_CONFIGS = [
     ("unknown_key", "tasks: [chart-qa]\nfinetune: {stepz: 3}\n", "finetune.stepz: unknown key"),
     ("unknown_top_key", "taks: [chart-qa]\n", "taks: unknown key"),
-    ("unknown_method", "methods: [many, magic]\n", "methods.1: Input should be"),
+    ("unknown_method", "methods: [many, magic]\n", "methods.1: unknown method 'magic'; known: many,"),
     ("unknown_task_kind", "tasks: [chart-qa, poetry]\n", "unknown task kind 'poetry'"),
     ("malformed_yaml", "tasks: [chart-qa\n", "malformed YAML"),
     ("not_a_mapping", "- chart-qa\n", "must be a YAML mapping"),

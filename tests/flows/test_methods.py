@@ -20,7 +20,9 @@ from many.config import FinetuneConfig
 from many.methods.cram import CramConfig
 from many.methods.fwd_prompt import FwdPromptConfig
 from tasks.stage import cache_key
-from tasks.stages import CramStageConfig, FwdPromptStageConfig, stage_def
+from tasks.catalog import stage_def
+from tasks.rows.cram import CramStageConfig
+from tasks.rows.fwd_prompt import FwdPromptStageConfig
 from tasks.store import BlobRef
 from tests.flows import e2e
 from tests.flows.e2e import TINY, computed, run
@@ -50,7 +52,7 @@ def test_both_train_with_the_run_finetune_budget_unless_their_section_sets_one()
 
 
 BAD_SECTIONS = [
-    ("method_typo", {"methods": ["cram", "fwd_promt"]}, "methods.1: Input should be"),
+    ("method_typo", {"methods": ["cram", "fwd_promt"]}, "methods.1: unknown method 'fwd_promt'; known: "),
     ("cram_key_typo", {"cram": {"r_mim": 2}}, "cram.r_mim: unknown key"),
     ("cram_nested_typo", {"cram": {"finetune": {"stepz": 3}}}, "cram.finetune.stepz: unknown key"),
     ("cram_rank_bounds", {"cram": {"r_min": 8, "r_max": 4}}, "r_min (8) > r_max (4)"),

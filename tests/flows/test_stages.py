@@ -8,7 +8,7 @@ from many.config import LPMConfig
 from tasks.runtime import ClusterError
 from tasks.stage import cache_key
 from tasks.dispatch import StageRecord, _transient
-from tasks.stages import stage_def
+from tasks.catalog import stage_def
 from tasks.store import BlobRef, CorruptArtifact, StoreError
 
 REF = BlobRef(digest="a" * 64, size=1)

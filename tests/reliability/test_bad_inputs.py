@@ -24,7 +24,7 @@ BAD_CONFIGS = [
     ("malformed_yaml", "tasks: [style-cls\n", "malformed YAML"),
     ("unknown_key", {"finetune": {"stepz": 3}}, "finetune.stepz: unknown key"),
     ("unknown_task_kind", {"tasks": ["style-cls", "poetry"]}, "unknown task kind 'poetry'"),
-    ("unknown_method", {"methods": ["many", "magic"]}, "methods.1: Input should be"),
+    ("unknown_method", {"methods": ["many", "magic"]}, "methods.1: unknown method 'magic'; known: many,"),
     ("negative_rank", {"finetune": {"lora": {"rank": -4}}}, "finetune.lora.rank: Input should be greater than 0"),
     ("zero_rank", {"finetune": {"lora": {"rank": 0}}}, "finetune.lora.rank: Input should be greater than 0"),
     ("dotdot_task_name", {"tasks": [{"name": "../../escape", "kind": "style-cls"}]}, "tasks.0.name: String should match pattern"),
@@ -208,7 +208,8 @@ def test_bad_adapter_is_refused_by_the_merge_stage_and_no_manifest_is_written(
 
     from many.config import LPMConfig
     from tasks.stage import run_stage
-    from tasks.stages import compute_merge, stage_def
+    from tasks.catalog import stage_def
+    from tasks.rows.many import compute_merge
 
     task_dir, grams = task_and_grams
     bad = tmp_path / "task"

@@ -120,7 +120,7 @@ def local_ray(tmp_path_factory: pytest.TempPathFactory):
 def test_ray_fan_out_writes_the_same_bytes_as_the_sequential_loop(tmp_path: Path, local_ray) -> None:
     import ray
 
-    from tasks.stages import compute_merge
+    from tasks.rows.many import compute_merge
 
     sequential = chain(tmp_path / "sequential", 2, fan_out=False)
     fanned = chain(tmp_path / "ray", 2, fan_out=True)

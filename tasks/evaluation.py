@@ -1,0 +1,45 @@
+"""The eval stage (docs/design.md §2 eval[t]): row t of one method's accuracy matrix — the method's model after task
+t scored on the test split of every task ≤ t. What the model is comes from the method's row (tasks.rows); this
+module loads the base and the test tasks, calls the row, and writes the two outputs every row shares:
+
+    predictions.parquet   task, sample_id, prediction, reference — one row per test sample
+    scores.json           {"method", "tasks", "scores" (percent), "tau" (CPM's τ, null when not routed), **fields}
+
+`fields` are the row's own (CRAM's and Fwd-Prompt's "trainable_parameters", CRAM's "parameters_per_task", "ranks").
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+from tasks.rows import get_row
+from tasks.rows.row import EvalContext, EvalInputs, EvalStageConfig
+from tasks.stages import load_base
+
+VERSION = "2"  # 2: CPM routes with the patch-mean feature
+OUTPUTS = ("predictions", "scores")
+
+
+def compute_eval(inputs: Mapping[str, Path], workdir: Path, *, config: EvalStageConfig, device: str) -> dict[str, Path]:
+    """eval[t] of row `config.method` (module doc)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from many.data import read_task
+    from many.evaluate import predictions_table
+
+    row = get_row(config.method)
+    parsed = EvalInputs.parse(inputs)
+    base_model, processor = load_base(parsed.base, config.dtype, device)
+    tasks = [read_task(path) for path in parsed.data]
+    results, fields = row.evaluate(EvalContext(parsed, base_model, processor, tasks, config))
+    predictions = workdir / "predictions.parquet"
+    pq.write_table(pa.concat_tables([predictions_table(r) for r in results]), predictions)
+    scores = workdir / "scores.json"
+    scores.write_text(json.dumps({
+        "method": row.name, "tasks": [r.task for r in results], "scores": [r.score for r in results], "tau": None,
+        **fields,
+    }, sort_keys=True))
+    return {"predictions": predictions, "scores": scores}

@@ -1,0 +1,21 @@
+"""Individual (docs/design.md §1): each test task answered by its own LoRA and projector — the task-id oracle,
+the upper bound every merge is measured against."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tasks.rows import parts
+from tasks.rows.row import EvalContext, Row
+
+
+def evaluate(ctx: EvalContext) -> tuple[list[Any], dict[str, Any]]:
+    return parts.score(ctx, [parts.own(task_dir) for task_dir in ctx.inputs.finetune]), {}
+
+
+ROW = Row(
+    name="individual",
+    summary="each task's own adapter and projector (task-id oracle, upper bound)",
+    evaluate=evaluate,
+    reads=frozenset({"finetune"}),
+)

@@ -1,0 +1,25 @@
+"""MAny without LPM (docs/design.md §1): the averaged LoRA (the `average` baseline's chain) with CPM routing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tasks.rows import average, parts
+from tasks.rows.batch import merged_deltas
+from tasks.rows.row import EvalContext, Row
+
+
+def evaluate(ctx: EvalContext) -> tuple[list[Any], dict[str, Any]]:
+    assembly, tau = parts.routed(ctx, merged_deltas(ctx))
+    return parts.score(ctx, [assembly] * len(ctx.tasks)), {"tau": tau}
+
+
+ROW = Row(
+    name="many_cpm_only",
+    summary="MAny without LPM: the averaged LoRA + CPM",
+    evaluate=evaluate,
+    reads=frozenset({"finetune", "prototypes"}),
+    chain=average.CHAIN,
+    routed=True,
+    default=False,
+)

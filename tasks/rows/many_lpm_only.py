@@ -1,0 +1,25 @@
+"""MAny without CPM (docs/design.md §1): the LPM-merged LoRA with one averaged projector for every image."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tasks.rows import parts
+from tasks.rows.many import LPM_CHAIN, lpm_deltas
+from tasks.rows.row import EvalContext, Row
+
+
+def evaluate(ctx: EvalContext) -> tuple[list[Any], dict[str, Any]]:
+    from many.evaluate import Assembly
+
+    assembly = Assembly(lpm_deltas(ctx), (parts.averaged_projector(ctx.inputs.finetune),))
+    return parts.score(ctx, [assembly] * len(ctx.tasks)), {}
+
+
+ROW = Row(
+    name="many_lpm_only",
+    summary="MAny without CPM: the LPM-merged LoRA + the averaged projector",
+    evaluate=evaluate,
+    reads=frozenset({"finetune"}),
+    chain=LPM_CHAIN,
+)

@@ -1,0 +1,61 @@
+"""The pieces rows build their models from (docs/design.md §1, §10): a task's own LoRA and projector, the averaged
+projector, CPM routing over the tasks ≤ t, and the loop that scores one Assembly per test task.
+
+Everything here reads local copies of stage outputs (paths) and calls `many`; nothing knows a method's name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tasks.rows.row import EvalContext
+
+
+def task_deltas(task_dir: Path) -> dict[str, Any]:
+    """ΔW = s·B A (out, in) per PEFT module name of a task directory's adapter."""
+    from many.adapters import lora_factors
+    from many.evaluate import lora_deltas
+
+    return lora_deltas(lora_factors(task_dir / "adapter"))
+
+
+def own(task_dir: Path) -> Any:
+    """The Assembly of one task directory: its own LoRA and its own projector."""
+    from many.evaluate import Assembly
+    from many.training import projector_state
+
+    return Assembly(task_deltas(task_dir), (projector_state(task_dir),))
+
+
+def averaged_projector(task_dirs: Sequence[Path]) -> dict[str, Any]:
+    """The element-wise mean of the tasks' projector weights (computed in float64, stored in their dtype)."""
+    from many.training import projector_state
+
+    states = [projector_state(d) for d in task_dirs]
+    return {k: sum(s[k].double() for s in states).div(len(states)).to(states[0][k].dtype) for k in states[0]}
+
+
+def routed(ctx: EvalContext, deltas: Mapping[str, Any]) -> tuple[Any, float]:
+    """MAny's assembly at t: `deltas` on every layer and the tasks' own projectors mixed per image by CPM,
+    w = softmax(cos(f(x), μ_i) / τ) over the prototypes of tasks ≤ t; returns it with the τ it uses."""
+    from many.config import CPMConfig
+    from many.evaluate import Assembly, cpm_router
+    from many.training import projector_state
+
+    router = cpm_router(ctx.inputs.prototypes, ctx.config.cpm or CPMConfig())
+    projectors = tuple(projector_state(d) for d in ctx.inputs.finetune)
+    return Assembly(deltas, projectors, "cpm", router.prototypes, router.tau, router.top_k), router.tau
+
+
+def score(ctx: EvalContext, assemblies: Sequence[Any]) -> list[Any]:
+    """Score assembly j on test task j (an EvalResult each); one model is built per distinct assembly."""
+    from many.evaluate import assemble, evaluate
+
+    results, model, built = [], None, None
+    for task, assembly in zip(ctx.tasks, assemblies, strict=True):
+        if assembly is not built:
+            model, built = assemble(ctx.base_model, assembly), assembly
+        results.append(evaluate(model, ctx.processor, task, ctx.config.eval, routing=assembly.router))
+    return results

@@ -1,0 +1,153 @@
+"""What a method row is (docs/design.md §10): the declaration every method of the comparison table makes.
+
+A row says which shared per-task stages it reads (finetune, prototypes, stats), its own chain stage if it has
+one, whether its eval routes projectors by CPM, and how its eval builds and scores its model. flows/pipeline.py
+wires rows without knowing any of them; the eval stage calls `Row.evaluate`. Both sides of the eval stage's
+inputs — how they are named in the store and how the row reads them back — are written here once
+(`eval_upstream`, `EvalInputs.parse`), so no input name is an unwritten contract between two layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from many.config import CPMConfig, EvalConfig, Frozen
+
+# The shared per-task stages a row (or its chain) may read, and the output of each it reads.
+SHARED = {"finetune": "task", "prototypes": "prototypes", "stats": "grams"}
+Shared = Literal["finetune", "prototypes", "stats"]
+
+Upstream = dict[str, tuple[Any, str]]  # input name → (upstream handle: a Prefect future or a record, its output)
+Compute = Callable[..., dict[str, Path]]  # (local inputs, workdir, *, config, device) → {output: local path}
+
+
+@dataclass(frozen=True)
+class PerTask:
+    """The flow's handles of the shared stages, one list per stage kind in task order (None: not submitted)."""
+
+    base: Any
+    data: Sequence[Any]
+    finetune: Sequence[Any] | None = None
+    prototypes: Sequence[Any] | None = None
+    stats: Sequence[Any] | None = None
+
+
+@dataclass(frozen=True)
+class Reuse:
+    """A chain link that is exactly an existing stage's output (SeqLoRA's first link is finetune[0])."""
+
+    handle: Any
+
+
+def indexed(name: str, handles: Sequence[Any], output: str) -> Upstream:
+    """Inputs name_0 … name_{n−1}: one per task, in task order."""
+    return {f"{name}_{j}": (handle, output) for j, handle in enumerate(handles)}
+
+
+def indexed_paths(inputs: Mapping[str, Path], prefix: str) -> list[Path]:
+    """The local paths of inputs prefix_0, prefix_1, … in index order (the inverse of `indexed`)."""
+    found = {int(name.rsplit("_", 1)[1]): path for name, path in inputs.items() if name.rsplit("_", 1)[0] == prefix}
+    return [found[i] for i in range(len(found))]
+
+
+@dataclass(frozen=True)
+class Chain:
+    """A method's own per-task stage kind: link t reads its inputs at t and earlier links of the chain.
+
+    Several rows may read one chain (the LPM merge serves MAny and MAny-without-CPM); the flow submits each chain
+    once. `method` labels its stage records (`many ls`, `run --json`); `group` picks its Ray resources.
+    """
+
+    stage: str  # the stage's name: its namespace in the store
+    version: str  # bump when the compute would write other bytes: the chain's cache keys change
+    outputs: tuple[str, ...]
+    read: str  # the output a row's eval reads
+    method: str
+    group: Literal["finetune", "merge"]
+    needs: frozenset[Shared]  # the shared stages its links read
+    config: Callable[[Any], Frozen]  # run config → the links' sub-config (their cache key)
+    link: Callable[[int, PerTask, Sequence[Any]], Upstream | Reuse]  # (t, shared stages, links < t) → link t
+    compute: Compute
+
+
+class EvalStageConfig(Frozen):
+    """How row t of one method's accuracy matrix is produced; `cpm` only for the rows that route by CPM."""
+
+    method: str
+    eval: EvalConfig
+    cpm: CPMConfig | None = None
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class EvalInputs:
+    """The local inputs of eval[t] of one row, read back from the names `eval_upstream` gave them."""
+
+    base: Path
+    data: tuple[Path, ...]  # tasks ≤ t
+    finetune: tuple[Path, ...]  # tasks ≤ t, if the row reads them (else empty)
+    prototypes: tuple[Path, ...]
+    stats: tuple[Path, ...]
+    chain: tuple[Path, ...]  # the row's chain: every link ≤ t, or only link t
+
+    @classmethod
+    def parse(cls, inputs: Mapping[str, Path]) -> EvalInputs:
+        chain = (inputs["chain"],) if "chain" in inputs else tuple(indexed_paths(inputs, "chain"))
+        lists = {kind: tuple(indexed_paths(inputs, kind)) for kind in ("data", *SHARED)}
+        return cls(base=inputs["base"], chain=chain, **lists)
+
+
+@dataclass(frozen=True)
+class EvalContext:
+    """What a row's `evaluate` gets: its inputs, the base model, the test tasks ≤ t and the stage's config."""
+
+    inputs: EvalInputs
+    base_model: Any  # LlavaForConditionalGeneration
+    processor: Any  # LlavaProcessor
+    tasks: Sequence[Any]  # many.data.TaskData, tasks ≤ t
+    config: EvalStageConfig
+
+
+EvalFields = dict[str, Any]  # row-specific fields of the scores JSON, beside method/tasks/scores/tau
+Evaluate = Callable[[EvalContext], tuple[list[Any], EvalFields]]  # → (one many.evaluate.EvalResult per task, fields)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One method of the comparison table (module doc)."""
+
+    name: str
+    summary: str  # one line: what the row is
+    evaluate: Evaluate
+    reads: frozenset[Shared] = frozenset()  # shared stages its eval reads, tasks ≤ t
+    chain: Chain | None = None
+    chain_links: Literal["last", "all"] = "last"  # its eval reads link t, or links ≤ t
+    routed: bool = False  # its eval reads config.cpm
+    default: bool = True  # in the default `methods`; opt-in otherwise
+
+    @property
+    def needs(self) -> frozenset[Shared]:
+        """Every shared stage this row's stages read, directly or through its chain."""
+        return self.reads | (self.chain.needs if self.chain else frozenset())
+
+    def eval_config(self, config: Any) -> EvalStageConfig:
+        """The eval stage's sub-config from the run config (its cache key)."""
+        return EvalStageConfig(method=self.name, eval=config.eval, cpm=config.cpm if self.routed else None,
+                               dtype=config.base.dtype)
+
+    def eval_upstream(self, t: int, shared: PerTask, chains: Mapping[str, Sequence[Any]]) -> Upstream:
+        """eval[t]'s inputs: the base, the data of tasks ≤ t, what the row reads of tasks ≤ t, and its chain's
+        links (`chains`: every submitted chain's links by stage name)."""
+        upstream = {"base": (shared.base, "model")} | indexed("data", shared.data[: t + 1], "task")
+        for kind in sorted(self.reads):
+            upstream |= indexed(kind, getattr(shared, kind)[: t + 1], SHARED[kind])
+        if self.chain is not None:
+            links = chains[self.chain.stage]
+            if self.chain_links == "all":
+                upstream |= indexed("chain", links[: t + 1], self.chain.read)
+            else:
+                upstream["chain"] = (links[t], self.chain.read)
+        return upstream

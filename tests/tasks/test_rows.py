@@ -1,0 +1,144 @@
+"""The registry of method rows (tasks.rows): what each row declares, the eval stage's input contract, config
+choices taken from the registry, no method name outside it — and (slow) a toy row registered from outside the
+package running through the whole pipeline."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+from pathlib import Path
+
+import pytest
+
+from flows.config import ConfigError, parse_config
+from tasks.catalog import stage_def
+from tasks.rows import BUILT_IN, DEFAULT_METHODS, ROWS, chains, get_row
+from tasks.rows.row import EvalInputs, PerTask, Reuse
+from tests.tasks import toy_row
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_every_built_in_module_declares_one_row_under_its_own_name() -> None:
+    assert [f"tasks.rows.{name}" for name in ROWS] == list(BUILT_IN)
+    for module in BUILT_IN:
+        assert importlib.import_module(module).ROW is ROWS[module.rsplit(".", 1)[1]]
+    assert DEFAULT_METHODS == ("many", "many_lpm_only", "individual", "seqlora", "average", "task_arithmetic", "ties",
+                               "regmean")
+
+
+def test_rows_sharing_a_chain_share_one_object_and_every_chain_is_a_stage() -> None:
+    assert ROWS["many"].chain is ROWS["many_lpm_only"].chain
+    assert ROWS["many_cpm_only"].chain is ROWS["average"].chain
+    for name, chain in chains().items():
+        definition = stage_def(name, {"base": None})
+        assert (definition.version, definition.outputs) == (chain.version, chain.outputs)
+        assert chain.read in chain.outputs
+
+
+def test_needs_include_the_chains_inputs() -> None:
+    assert ROWS["regmean"].needs == {"finetune", "stats"} and ROWS["regmean"].reads == {"finetune"}
+    assert ROWS["many"].needs == {"finetune", "prototypes", "stats"}
+    assert ROWS["fwd_prompt"].needs == set() and ROWS["cram"].needs == {"prototypes"}
+    assert ROWS["seqlora"].needs == {"finetune"}  # its first link is finetune[0]
+
+
+def _links(row_name: str, T: int) -> list:
+    """Submit a row's chain as the flow does, with strings for handles."""
+    chain, links = ROWS[row_name].chain, []
+    shared = PerTask("base", [f"data{t}" for t in range(T)], [f"ft{t}" for t in range(T)], [f"pr{t}" for t in range(T)],
+                     [f"st{t}" for t in range(T)])
+    for t in range(T):
+        upstream = chain.link(t, shared, links)
+        links.append(upstream.handle if isinstance(upstream, Reuse) else (chain.stage, t, upstream))
+    return links, shared
+
+
+def test_chain_links_read_their_earlier_links() -> None:
+    links, _ = _links("seqlora", 3)
+    assert links[0] == "ft0"  # reused, not computed again
+    assert links[2][2]["previous"] == (links[1], "task")
+    links, _ = _links("cram", 3)
+    assert sorted(links[2][2]) == ["base", "data", "expert_0", "expert_1"]
+    links, _ = _links("regmean", 2)
+    assert sorted(links[1][2]) == ["finetune_0", "finetune_1", "stats_0", "stats_1"]
+
+
+@pytest.mark.parametrize("name", list(ROWS))
+def test_eval_inputs_round_trip_through_their_names(name: str) -> None:
+    """What the flow names eval[t]'s inputs is exactly what the row reads back (EvalInputs.parse)."""
+    row, T, t = ROWS[name], 3, 1
+    links, shared = _links(name, T) if row.chain else (None, _links("many", T)[1])
+    upstream = row.eval_upstream(t, shared, {row.chain.stage: links} if row.chain else {})
+    local = {input_name: Path(f"/{input_name}") for input_name in upstream}
+    parsed = EvalInputs.parse(local)
+    assert parsed.base == Path("/base") and len(parsed.data) == t + 1
+    for kind in ("finetune", "prototypes", "stats"):
+        assert len(getattr(parsed, kind)) == (t + 1 if kind in row.reads else 0), kind
+    expected = 0 if row.chain is None else (t + 1 if row.chain_links == "all" else 1)
+    assert len(parsed.chain) == expected
+    if row.chain is not None:
+        handle, output = upstream["chain" if row.chain_links == "last" else f"chain_{t}"]
+        assert handle == links[t] and output == row.chain.read
+    assert row.eval_config(parse_config({})).cpm is (parse_config({}).cpm if row.routed else None)
+
+
+def test_config_choices_come_from_the_registry(monkeypatch) -> None:
+    with pytest.raises(ConfigError, match=r"methods.0: unknown method 'base_only'; known: many, "):
+        parse_config({"methods": ["base_only"]}, "run.yaml")
+    monkeypatch.setitem(ROWS, "base_only", toy_row.ROW)
+    assert parse_config({"methods": ["base_only", "many"]}).methods == ("base_only", "many")
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        get_row("nope")
+
+
+def _string_constants(path: Path) -> set[str]:
+    return {node.value for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Constant)
+            and isinstance(node.value, str)}
+
+
+def test_no_method_name_in_flows_or_tasks_outside_the_registry() -> None:
+    # "many" is also the tool's name (the CLI's prog, the deployment name), so it is the one row not checked here.
+    names = set(ROWS) - {"many"}
+    files = [p for d in ("flows", "tasks") for p in (ROOT / d).rglob("*.py") if "rows" not in p.relative_to(ROOT).parts]
+    assert len(files) > 10
+    found = {str(p.relative_to(ROOT)): sorted(_string_constants(p) & names) for p in files}
+    assert {f: n for f, n in found.items() if n} == {}
+
+
+def test_the_name_scan_finds_a_method_name(tmp_path: Path) -> None:
+    planted = tmp_path / "x.py"
+    planted.write_text('METHOD = "seqlora"\n')
+    assert _string_constants(planted) & set(ROWS) == {"seqlora"}
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("harness")
+def test_a_toy_row_from_outside_the_package_runs_through_the_pipeline(tmp_path: Path, capsys, monkeypatch) -> None:
+    """base_only reads no per-task stage, has no chain: the run computes base, data and its evals only, and its row
+    of the report is the base model's own score on every task, recomputed here without the pipeline."""
+    from many.config import EvalConfig
+    from many.data import read_task
+    from many.evaluate import evaluate
+    from tasks.runtime import StoreSpec
+    from tasks.stages import load_base
+    from tests.flows.e2e import TINY, run, write_config
+
+    monkeypatch.setenv("MANY_ROWS", "tests.tasks.toy_row")  # the Ray workers load it from here
+    monkeypatch.setitem(ROWS, "base_only", toy_row.ROW)  # and this process
+    store = tmp_path / "store"
+    summary = run(capsys, "--config", str(write_config(tmp_path / "tiny.yaml", methods=["base_only"])), "--store",
+                  str(store), "--tasks", "2")
+    assert {(s["stage"], s["method"]) for s in summary["stages"]} == {("base", None), ("data", None),
+                                                                        ("eval", "base_only")}
+    matrix = summary["report"]["methods"]["base_only"]["matrix"]
+
+    opened = StoreSpec(str(store)).open()
+    by_stage = {(s["stage"], s["task"]): s["key"] for s in summary["stages"]}
+    local = {k: opened.materialize(opened.read_manifest(k[0], key).outputs["model" if k[0] == "base" else "task"],
+                                   context="test") for k, key in by_stage.items() if k[0] != "eval"}
+    model, processor = load_base(local[("base", None)], "float32", "cpu")
+    eval_config = EvalConfig(**TINY["eval"])
+    scores = [evaluate(model, processor, read_task(local[("data", name)]), eval_config).score
+              for name in summary["tasks"]]
+    assert matrix[-1] == pytest.approx(scores, abs=1e-9)
