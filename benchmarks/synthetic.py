@@ -1,5 +1,5 @@
 """Synthetic merge streams (issue #8 perf): random LoRAs and Grams of a given model shape pushed through the real
-`merge` stage (tasks.rows.many.compute_merge under tasks.stage.run_stage) and the real store, no training.
+`merge` stage (tasks.rows.many.compute_merge under tasks.cache.run_stage) and the real store, no training.
 
 A task is a PEFT adapter dir (write_lora_adapter) and a Grams file (save_grams, float32, one Gram per input group
 as the stats stage writes it), both put into the store as the finetune and stats stages would. Grams are XᵀX/N of
@@ -23,7 +23,7 @@ import torch
 from many.adapters import write_lora_adapter
 from many.config import LPMConfig
 from many.stats import save_grams
-from tasks.stage import run_stage
+from tasks.cache import run_stage
 from tasks.catalog import stage_def
 from tasks.rows.many import compute_merge
 from tasks.store import BlobRef, Manifest, Store

@@ -74,7 +74,7 @@ def continual_update(config: RunConfig, run_id: str | None = None, progress: boo
     """Run the configured stream through every configured method; return the run summary (DESIGN.md §5).
 
     With `repair`, every cached stage's blobs are re-hashed and a stage with a missing or corrupt blob (or an
-    unreadable manifest) is recomputed (`tasks.stage.run_stage(repair=True)`)."""
+    unreadable manifest) is recomputed (`tasks.cache.run_stage(repair=True)`)."""
     preflight(config)
     run_id = run_id or new_run_id()
     store = store_spec(config)

@@ -10,7 +10,7 @@ from typing import Any
 
 from tasks import evaluation, stages
 from tasks.rows import chains
-from tasks.stage import Stage
+from tasks.cache import Stage
 
 
 def _kinds() -> dict[str, tuple[str, tuple[str, ...], Callable[..., dict[str, Path]]]]:

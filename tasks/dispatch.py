@@ -1,6 +1,6 @@
 """How one stage runs (DESIGN.md §2, §5): a Prefect task looks the stage's cache key up in the store and, only on a
 miss, starts Ray (lazily, once per process) and runs the stage's compute (tasks.catalog.compute_of) through
-tasks.stage.run_stage as a Ray remote function with the resources the flow chose. Only small values cross
+tasks.cache.run_stage as a Ray remote function with the resources the flow chose. Only small values cross
 processes: sub-configs and blob references in, `StageRecord`s of blob references out; workers read and write the
 store themselves.
 """
@@ -20,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from tasks.runtime import ClusterError, StoreSpec, check_resources, ensure_ray, node_name, ray_get
-from tasks.stage import intact, lookup, run_stage
+from tasks.cache import intact, lookup, run_stage
 from tasks.catalog import compute_of, stage_def
 from tasks.store import BlobRef, CorruptArtifact, Manifest, Store, StoreError
 

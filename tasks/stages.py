@@ -6,7 +6,7 @@ rows' own chain stages (tasks.rows), and tasks.dispatch runs any of them through
     base ────┼─► finetune[t] (or adapter[t]: a task fine-tuned elsewhere) ─► stats[t]
              └─► prototypes[t]
 
-A stage's cache key is its sub-config plus the digests of its inputs (`tasks.stage.cache_key`). A compute reads
+A stage's cache key is its sub-config plus the digests of its inputs (`tasks.cache.cache_key`). A compute reads
 local copies of its inputs and writes its outputs under a work directory; it never sees the store.
 """
 

@@ -19,7 +19,7 @@ from flows.config import DEFAULT_METHODS, ConfigError, parse_config
 from many.config import FinetuneConfig
 from many.methods.cram import CramConfig
 from many.methods.fwd_prompt import FwdPromptConfig
-from tasks.stage import cache_key
+from tasks.cache import cache_key
 from tasks.catalog import stage_def
 from tasks.rows.cram import CramStageConfig
 from tasks.rows.fwd_prompt import FwdPromptStageConfig

@@ -6,7 +6,7 @@ import pytest
 
 from many.config import LPMConfig
 from tasks.runtime import ClusterError
-from tasks.stage import cache_key
+from tasks.cache import cache_key
 from tasks.dispatch import StageRecord, _transient
 from tasks.catalog import stage_def
 from tasks.store import BlobRef, CorruptArtifact, StoreError

@@ -207,7 +207,7 @@ def test_bad_adapter_is_refused_by_the_merge_stage_and_no_manifest_is_written(
     from safetensors.torch import load_file, save_file
 
     from many.config import LPMConfig
-    from tasks.stage import run_stage
+    from tasks.cache import run_stage
     from tasks.catalog import stage_def
     from tasks.rows.many import compute_merge
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from many.config import LPMConfig
-from tasks.stage import Stage, cache_key, lookup, run_stage
+from tasks.cache import Stage, cache_key, lookup, run_stage
 from tasks.store import BadName, BlobRef, CorruptArtifact, Store, StoreError
 from tests.s3 import blob_rel, overwrite
 
@@ -24,7 +24,7 @@ CONFIG = {"a": 1.0, "gamma": 1e-4, "gamma_mode": "relative", "rank": None, "laye
 
 KEY_IN_FRESH_PROCESS = """
 import json, sys
-from tasks.stage import Stage, cache_key
+from tasks.cache import Stage, cache_key
 from tasks.store import BlobRef
 stage = Stage(name="merge", version="3", inputs=("previous", "adapter"), outputs=("state", "merged"))
 inputs = {"adapter": BlobRef(digest="2" * 64, size=20), "previous": BlobRef(digest="1" * 64, size=10, kind="dir")}
