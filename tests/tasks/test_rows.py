@@ -117,6 +117,8 @@ def test_the_name_scan_finds_a_method_name(tmp_path: Path) -> None:
 def test_a_toy_row_from_outside_the_package_runs_through_the_pipeline(tmp_path: Path, capsys, monkeypatch) -> None:
     """base_only reads no per-task stage, has no chain: the run computes base, data and its evals only, and its row
     of the report is the base model's own score on every task, recomputed here without the pipeline."""
+    import pyarrow.parquet as pq
+
     from many.config import EvalConfig
     from many.data import read_task
     from many.evaluate import evaluate
@@ -139,6 +141,9 @@ def test_a_toy_row_from_outside_the_package_runs_through_the_pipeline(tmp_path: 
                                    context="test") for k, key in by_stage.items() if k[0] != "eval"}
     model, processor = load_base(local[("base", None)], "float32", "cpu")
     eval_config = EvalConfig(**TINY["eval"])
-    scores = [evaluate(model, processor, read_task(local[("data", name)]), eval_config).score
-              for name in summary["tasks"]]
-    assert matrix[-1] == pytest.approx(scores, abs=1e-9)
+    results = [evaluate(model, processor, read_task(local[("data", name)]), eval_config) for name in summary["tasks"]]
+    assert matrix[-1] == pytest.approx([r.score for r in results], abs=1e-9)
+    last_eval = opened.read_manifest("eval", by_stage[("eval", summary["tasks"][-1])])
+    predictions = pq.read_table(opened.materialize(last_eval.outputs["predictions"], context="test")).to_pylist()
+    assert [(p["sample_id"], p["prediction"]) for p in predictions] == [
+        (sample_id, prediction) for r in results for sample_id, prediction, _ in r.predictions]
