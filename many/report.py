@@ -349,20 +349,6 @@ def _forgetting_png(report: Mapping) -> bytes:
     return _png(figure)
 
 
-def heatmap(report: Mapping, method: str, path: Path) -> Path:
-    """Write one method's accuracy-matrix heatmap as PNG to `path`."""
-    path = Path(path)
-    path.write_bytes(_heatmap_png(report, method))
-    return path
-
-
-def forgetting_curves(report: Mapping, path: Path) -> Path:
-    """Write the per-task forgetting curves of every method as PNG to `path`."""
-    path = Path(path)
-    path.write_bytes(_forgetting_png(report))
-    return path
-
-
 def file_stem(method: str) -> str:
     """A filename-safe, deterministic stem for a method name.
 

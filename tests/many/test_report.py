@@ -14,8 +14,6 @@ import pytest
 from many.report import (
     IncompleteScores,
     file_stem,
-    forgetting_curves,
-    heatmap,
     markdown_table,
     matrix_markdown,
     render,
@@ -224,10 +222,3 @@ def test_render_refuses_names_that_collide_on_case_insensitive_disks(tmp_path) -
     with pytest.raises(ValueError, match="methods 'MAny' and 'many' map to the same file name heatmap_many.png"):
         render(clash, tmp_path)
     assert list(tmp_path.iterdir()) == []  # nothing written
-
-
-def test_single_plots(report: dict, tmp_path) -> None:  # noqa: ANN001
-    assert heatmap(report, "many", tmp_path / "h.png").read_bytes().startswith(PNG_MAGIC)
-    assert forgetting_curves(report, tmp_path / "f.png").read_bytes().startswith(PNG_MAGIC)
-    with pytest.raises(ValueError, match="unknown method 'nope'"):
-        heatmap(report, "nope", tmp_path / "n.png")
