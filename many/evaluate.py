@@ -240,9 +240,12 @@ def predictions_table(result: EvalResult) -> pa.Table:
     })
 
 
-def write_predictions(result: EvalResult, path: str | Path) -> Path:
+def write_predictions(results: Sequence[EvalResult], path: str | Path) -> Path:
+    """One Parquet file of `predictions_table` rows: every result's test samples, in the order of `results`."""
+    if not results:
+        raise ValueError("write_predictions: no results; pass the EvalResult of at least one task")
     path = Path(path)
-    pq.write_table(predictions_table(result), path)
+    pq.write_table(pa.concat_tables([predictions_table(result) for result in results]), path)
     return path
 
 
