@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import EXAMPLES, quiet_environment
+from benchmarks.common import EXAMPLES, quiet_environment, timed, warm_up_prefect
 
 NODE_ARGS = {"num_cpus": 1, "object_store_memory": 80 * 2**20}
 CPU_SLOTS = 3
@@ -33,7 +33,6 @@ def main(argv: list[str] | None = None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="many-bench-cluster-"))
     quiet_environment(scratch)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # workers inherit it: no thread oversubscription of 3 slots
-    from prefect import flow
     from ray.cluster_utils import Cluster
 
     from flows.config import load_config
@@ -44,20 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         config = config.first(1).model_copy(update={"methods": ("many",)})
 
-    @flow(name="bench-warm-up", persist_result=False)
-    def warm_up() -> None:
-        """Starts the ephemeral Prefect server outside every measurement."""
+    warm_up_prefect()
 
-    warm_up()
-
-    def timed(store: str, **updates) -> tuple[float, dict]:
+    def timed_run(store: str, **updates) -> tuple[float, dict]:
         cfg = config.model_copy(update={"store": config.store.model_copy(update={"url": str(scratch / store)}), **updates})
         print(f"  {len(cfg.tasks)} tasks into {store} …", file=sys.stderr, flush=True)
-        start = time.perf_counter()
-        summary = continual_update(cfg)
-        return time.perf_counter() - start, summary
+        summary, seconds = timed(lambda: continual_update(cfg))
+        return seconds, summary
 
-    one_node, single = timed("one-node", ray=config.ray.model_copy(update={"address": None, "num_cpus": CPU_SLOTS}))
+    one_node, single = timed_run("one-node", ray=config.ray.model_copy(update={"address": None, "num_cpus": CPU_SLOTS}))
 
     paths = [str(PROJECT_ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
@@ -71,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         resources = config.resources.model_copy(
             update={"finetune": config.resources.finetune.model_copy(update={"num_gpus": 1.0})}
         )
-        three_nodes, multi = timed("three-nodes", ray=config.ray.model_copy(update={"address": cluster.address}),
-                                   resources=resources)
+        three_nodes, multi = timed_run("three-nodes", ray=config.ray.model_copy(update={"address": cluster.address}),
+                                         resources=resources)
     finally:
         cluster.shutdown()
     on_gpu = sum(s["stage"] in ("finetune", "seqlora") and s["node"].endswith(gpu.node_id[:12]) for s in multi["stages"])

@@ -1,9 +1,15 @@
-"""What the pipeline benchmarks share: the examples directory and a quiet, offline, per-run environment."""
+"""What the benchmarks share: the examples directory, a quiet, offline, per-run environment, the Prefect warm-up
+and a timer."""
 
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -41,3 +47,22 @@ def seed_count(parser, seeds: int | None, smoke: bool) -> int:
     if seeds < 1:
         parser.error(f"--seeds {seeds}: need at least one seed")
     return seeds
+
+
+def warm_up_prefect() -> None:
+    """Run an empty flow, so the ephemeral Prefect server starts outside every measurement (call after
+    `quiet_environment`: it imports prefect)."""
+    from prefect import flow
+
+    @flow(name="bench-warm-up", persist_result=False)
+    def warm_up() -> None:
+        """Starts the ephemeral Prefect server outside every measurement."""
+
+    warm_up()
+
+
+def timed(call: Callable[[], T]) -> tuple[T, float]:
+    """What `call()` returns, and the seconds it took."""
+    start = time.perf_counter()
+    result = call()
+    return result, time.perf_counter() - start

@@ -20,10 +20,9 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from benchmarks.common import quiet_environment, stream_config
+from benchmarks.common import quiet_environment, stream_config, timed, warm_up_prefect
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +34,6 @@ def main(argv: list[str] | None = None) -> int:
 
     scratch = Path(tempfile.mkdtemp(prefix="many-bench-"))
     quiet_environment(scratch)
-    from prefect import flow
 
     from flows.pipeline import continual_update
 
@@ -44,23 +42,18 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= T < len(config.tasks):
         parser.error(f"--tasks must lie in 1..{len(config.tasks) - 1} for this stream")
 
-    @flow(name="bench-warm-up", persist_result=False)
-    def warm_up() -> None:
-        """Starts the ephemeral Prefect server outside every measurement."""
+    warm_up_prefect()
 
-    warm_up()
-
-    def timed(store: Path, tasks: int) -> tuple[float, dict]:
+    def timed_run(store: Path, tasks: int) -> tuple[float, dict]:
         cfg = config.model_copy(update={"store": config.store.model_copy(update={"url": str(store)})}).first(tasks)
         print(f"  {tasks} tasks into {store.name} …", file=sys.stderr, flush=True)
-        start = time.perf_counter()
-        summary = continual_update(cfg)
-        return time.perf_counter() - start, summary
+        summary, seconds = timed(lambda: continual_update(cfg))
+        return seconds, summary
 
-    cold_next, _ = timed(scratch / "store-a", T + 1)
-    cold, _ = timed(scratch / "store-b", T)
-    add, added = timed(scratch / "store-b", T + 1)
-    cached, rerun = timed(scratch / "store-b", T + 1)
+    cold_next, _ = timed_run(scratch / "store-a", T + 1)
+    cold, _ = timed_run(scratch / "store-b", T)
+    add, added = timed_run(scratch / "store-b", T + 1)
+    cached, rerun = timed_run(scratch / "store-b", T + 1)
 
     def computed(summary: dict) -> int:
         return sum(s["status"] == "computed" for s in summary["stages"])

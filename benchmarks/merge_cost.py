@@ -22,13 +22,13 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from benchmarks.common import timed
 from many.config import LPMConfig
 from many.lpm import LayerState, absorb, solve
 
@@ -36,13 +36,6 @@ STEP_GROWTH_GOAL = 1.2  # step(t=max) / step(t=min)
 BARE_SOLVE_GOAL = 1.5  # step / bare solve
 LAYER = "benchmark.layer"
 SWITCH_PAUSE_S = 0.1  # lets a library's spinning worker threads go to sleep before the other library runs
-
-
-def timed(call: Callable[[], object]) -> tuple[object, float]:
-    """What `call()` returns, and the seconds it took."""
-    start = time.perf_counter()
-    result = call()
-    return result, time.perf_counter() - start
 
 
 def make_task(generator: torch.Generator, features: int, rank: int) -> tuple[Tensor, Tensor, float, Tensor]:

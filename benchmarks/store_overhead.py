@@ -24,9 +24,7 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import boto3
@@ -35,17 +33,12 @@ import numpy as np
 from moto.server import ThreadedMotoServer
 from safetensors.numpy import save_file
 
+from benchmarks.common import timed
 from tasks.store import Store, hash_file
 
 GOAL = 1.2
 FULL_BYTES = 50 * 2**20
 SMOKE_BYTES = 2**20
-
-
-def timed(call: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    call()
-    return time.perf_counter() - start
 
 
 def make_safetensors(path: Path, size: int, seed: int) -> None:
@@ -80,9 +73,9 @@ def measure(backend: str, src: Path, scratch: Path, endpoint: str, repeats: int)
         out = scratch / f"out-{backend}-{round_}"
         plain_dest = f"{base}/plain-{round_}/{src.name}"
         fs.makedirs(f"{base}/plain-{round_}", exist_ok=True)
-        plain = timed(lambda: (fs.put_file(str(src), plain_dest), fs.get_file(plain_dest, str(out) + ".plain")))
+        _, plain = timed(lambda: (fs.put_file(str(src), plain_dest), fs.get_file(plain_dest, str(out) + ".plain")))
         store = Store.open(store_url(f"store-{round_}"), endpoint_url=endpoint, cache_dir=scratch / "cache")
-        through_store = timed(
+        _, through_store = timed(
             lambda: store.get_file(store.put_file(src).digest, Path(str(out) + ".store"), context="benchmark")
         )
         assert Path(str(out) + ".store").read_bytes() == Path(str(out) + ".plain").read_bytes()
@@ -108,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             src = scratch / "weights.safetensors"
             make_safetensors(src, size, seed=0)
             megabytes = src.stat().st_size / 2**20
-            sha256_s = statistics.median(timed(lambda: hash_file(src)) for _ in range(3))
+            sha256_s = statistics.median(timed(lambda: hash_file(src))[1] for _ in range(3))
             rows = [measure(backend, src, scratch, endpoint, repeats) for backend in ("local", "s3")]
     finally:
         server.stop()

@@ -110,7 +110,7 @@ def _latest(store) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from flows.report import text_table
+    from many.report import text_table
 
     config = _config(args)
     spec = config.store
@@ -140,8 +140,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from flows.report import report_from_run, text_table
-    from many.report import render
+    from flows.report import report_from_run
+    from many.report import render, text_table
 
     store = _store(args.store)
     report = report_from_run(store, _latest(store))

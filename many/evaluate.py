@@ -33,7 +33,8 @@ from many import cpm, metrics
 from many.config import CPMConfig, EvalConfig
 from many.data.schema import Sample, TaskData
 from many.model.chat import decode_answers, encode_for_generation
-from many.prototypes import llava, pooled_features, read_prototypes
+from many.model.unwrap import llava
+from many.prototypes import pooled_features, read_prototypes
 
 PEFT_PREFIX = "base_model.model."  # PEFT module name = PEFT_PREFIX + the base model's module name
 
@@ -240,9 +241,12 @@ def predictions_table(result: EvalResult) -> pa.Table:
     })
 
 
-def write_predictions(result: EvalResult, path: str | Path) -> Path:
+def write_predictions(results: Sequence[EvalResult], path: str | Path) -> Path:
+    """One Parquet file of `predictions_table` rows: every result's test samples, in the order of `results`."""
+    if not results:
+        raise ValueError("write_predictions: no results; pass the EvalResult of at least one task")
     path = Path(path)
-    pq.write_table(predictions_table(result), path)
+    pq.write_table(pa.concat_tables([predictions_table(result) for result in results]), path)
     return path
 
 

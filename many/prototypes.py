@@ -30,11 +30,7 @@ from transformers import LlavaForConditionalGeneration, LlavaProcessor
 from many import cpm
 from many.data.schema import Sample
 from many.model.chat import decode_image
-
-
-def llava(model: LlavaForConditionalGeneration | PeftModel) -> LlavaForConditionalGeneration:
-    """The LLaVA model itself, unwrapping a PeftModel."""
-    return model.get_base_model() if isinstance(model, PeftModel) else model
+from many.model.unwrap import llava
 
 
 def pooled_features(model: LlavaForConditionalGeneration | PeftModel, pixel_values: Tensor) -> Tensor:

@@ -1,8 +1,9 @@
 """The report of a continual run: accuracy matrices, UCIT metrics, tables and plots (DESIGN.md §1 "Metrics",
-§5 `many report`).
+§5 `many report`). The one owner of the report: flows/report.py only reads the eval scores from the store.
 
 One method's accuracy matrix A (T×T, percent) holds A[t][j] = score on task j after learning tasks 0..t; only the
-lower triangle j ≤ t is read. The report is plain JSON (DESIGN.md §5):
+lower triangle j ≤ t is read. `report_from_scores` builds it from the eval stages' scores.json (row t = the scores
+of eval[t][method]), `report_from_matrices` from the matrices themselves. The report is plain JSON (DESIGN.md §5):
 
     {"tasks": [names], "methods": {name: {"matrix": A, "MFT", "MFN", "MAA", "BWT", **extras}}}
 
@@ -10,7 +11,8 @@ with MFT = mean_t A[t][t], MFN ("Last") = mean_j A[T−1][j], MAA = mean_t mean_
 BWT = mean_{j<T−1} (A[T−1][j] − A[j][j]) from `many.metrics.summarize`; entries above the diagonal are null.
 `extras` are per-method scalars the pipeline adds (e.g. "trainable_parameters", "tau"), shown as extra columns.
 
-Rendering (`render`) writes report.json, report.md, one heatmap PNG per method, forgetting.png and a
+`text_table` is the terminal table of `many run` and `many report`; `markdown_table` and `matrix_markdown` the
+markdown. Rendering (`render`) writes report.json, report.md, one heatmap PNG per method, forgetting.png and a
 self-contained report.html. Figures use matplotlib's object API (`Figure`, Agg), never pyplot, so no global
 backend or figure state is touched.
 """
@@ -25,8 +27,9 @@ import json
 import math
 import numbers
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib import colormaps
@@ -37,7 +40,13 @@ from many.metrics import summarize
 METRICS = ("MFT", "MFN", "MAA", "BWT")
 METRIC_HEADERS = {"MFT": "MFT", "MFN": "MFN (Last)", "MAA": "MAA", "BWT": "BWT"}
 RESERVED_FIELDS = ("matrix", *METRICS)
+SCORE_EXTRAS = ("trainable_parameters",)  # scalars of an eval's scores.json that the report shows per method
 Extra = bool | int | float | str | None
+
+
+class IncompleteScores(ValueError):
+    """The eval scores given to `report_from_scores` do not fill every method's accuracy matrix: a method lacks
+    the eval of some row t, or an eval scored other tasks than the first t + 1."""
 
 
 def _validated_matrix(
@@ -91,7 +100,7 @@ def _validated_extras(method: str, fields: Mapping[str, object]) -> dict[str, Ex
     return checked
 
 
-def build_report(
+def report_from_matrices(
     tasks: Sequence[str],
     matrices: Mapping[str, Sequence[Sequence[float | None]]],
     extras: Mapping[str, Mapping[str, object]] | None = None,
@@ -124,9 +133,45 @@ def build_report(
     return {"tasks": tasks, "methods": methods}
 
 
+def report_from_scores(
+    tasks: Sequence[str], methods: Sequence[str], scores: Iterable[tuple[str, int, Mapping[str, Any]]]
+) -> dict:
+    """The report of `methods` from their eval scores: (method, t, scores.json of eval[t][method]) per eval, where
+    scores.json is {"tasks": tasks[:t+1], "scores": [percent per task], **fields}; row t of the method's matrix.
+
+    Extras: the SCORE_EXTRAS fields that a method's last-row eval wrote (CRAM's and Fwd-Prompt's
+    trainable_parameters after the whole stream), shown beside the accuracy columns. IncompleteScores when an
+    eval scored other tasks than tasks[:t+1] or a method has no eval for some row.
+    """
+    tasks = list(tasks)
+    T = len(tasks)
+    matrices: dict[str, list[list[float | None]]] = {m: [[None] * T for _ in range(T)] for m in methods}
+    extras: dict[str, dict[str, Any]] = {}
+    for method, t, row in scores:
+        if row["tasks"] != tasks[: t + 1]:
+            raise IncompleteScores(
+                f"report: eval of {method} at row {t} scored tasks {row['tasks']}, expected {tasks[: t + 1]}"
+            )
+        matrices[method][t][: t + 1] = [float(s) for s in row["scores"]]
+        if t == T - 1 and any(k in row for k in SCORE_EXTRAS):
+            extras[method] = {k: row[k] for k in SCORE_EXTRAS if k in row}
+    for method, matrix in matrices.items():
+        missing = [t for t in range(T) if matrix[t][t] is None]
+        if missing:
+            raise IncompleteScores(f"report: no eval of {method} after task(s) {[tasks[t] for t in missing]}")
+    return report_from_matrices(tasks, matrices, extras)
+
+
 def _number(value: float) -> str:
-    """One decimal, no negative zero."""
+    """One decimal, no negative zero: the markdown, HTML and figure labels."""
     return f"{round(value, 1) + 0.0:.1f}"
+
+
+def _terminal_number(value: float | None, signed: bool = False) -> str:
+    """One decimal as Python formats it ("-0.0" kept), "+" in front when `signed`, "–" for None: `text_table`."""
+    if value is None:
+        return "–"
+    return f"{value:+.1f}" if signed else f"{value:.1f}"
 
 
 def _extra_text(value: Extra) -> str:
@@ -165,6 +210,23 @@ def _summary(report: Mapping) -> tuple[list[str], list[list[str]], list[bool]]:
         )
         best.append(math.isclose(entry["MFN"], best_last, rel_tol=0.0, abs_tol=1e-9))
     return header, rows, best
+
+
+def text_table(report: Mapping) -> str:
+    """The comparison table printed at the end of `many run` and by `many report`: per method MFT, MFN, MAA, BWT,
+    the SCORE_EXTRAS any method has, and its last row of scores."""
+    tasks = report["tasks"]
+    width = max([len(m) for m in report["methods"]] + [8])
+    extras = [k for k in SCORE_EXTRAS if any(k in row for row in report["methods"].values())]
+    head = (f"{'method':<{width}}  " + "  ".join(f"{k:>6}" for k in METRICS) + "".join(f"  {k}" for k in extras)
+            + "   last row (" + ", ".join(tasks) + ")")
+    lines = [head, "-" * len(head)]
+    for method, row in report["methods"].items():
+        last = row["matrix"][-1] if row["matrix"] else []
+        values = "  ".join(f"{_terminal_number(row[k], k == 'BWT'):>6}" for k in METRICS)
+        values += "".join(f"  {'–' if row.get(k) is None else f'{row[k]:,}':>{len(k)}}" for k in extras)
+        lines.append(f"{method:<{width}}  {values}   " + " ".join(_terminal_number(v) for v in last))
+    return "\n".join(lines)
 
 
 def _md_cell(text: str) -> str:
@@ -285,20 +347,6 @@ def _forgetting_png(report: Mapping) -> bytes:
     figure.legend(handles, labels, loc="outside lower center", ncols=min(5, len(labels)), fontsize=9)
     figure.suptitle("Score per task along the stream")
     return _png(figure)
-
-
-def heatmap(report: Mapping, method: str, path: Path) -> Path:
-    """Write one method's accuracy-matrix heatmap as PNG to `path`."""
-    path = Path(path)
-    path.write_bytes(_heatmap_png(report, method))
-    return path
-
-
-def forgetting_curves(report: Mapping, path: Path) -> Path:
-    """Write the per-task forgetting curves of every method as PNG to `path`."""
-    path = Path(path)
-    path.write_bytes(_forgetting_png(report))
-    return path
 
 
 def file_stem(method: str) -> str:

@@ -6,7 +6,7 @@ import pytest
 
 from benchmarks.quality import aggregate, goals, markdown, seeded
 from flows.config import RunConfig
-from many.report import build_report
+from many.report import report_from_matrices
 
 TASKS = ["a", "b"]
 
@@ -15,8 +15,8 @@ def report(many: float, seqlora: float, ties: float, individual: float) -> dict:
     def diagonal(last: float) -> list[list[float | None]]:
         return [[last, None], [last, last]]
 
-    return build_report(TASKS, {"many": [[80.0, None], [many, 80.0]], "seqlora": diagonal(seqlora),
-                                "ties": diagonal(ties), "individual": diagonal(individual)})
+    return report_from_matrices(TASKS, {"many": [[80.0, None], [many, 80.0]], "seqlora": diagonal(seqlora),
+                                         "ties": diagonal(ties), "individual": diagonal(individual)})
 
 
 def test_mean_std_and_goals() -> None:

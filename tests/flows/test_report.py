@@ -1,5 +1,5 @@
-"""Fast tests of the pipeline report: the accuracy matrix from eval score blobs, UCIT metrics, tables and the
-rendered files (many.report.render) that `many report --out` writes."""
+"""Fast tests of the pipeline report: the accuracy matrix from the eval score blobs in the store (flows/report.py),
+UCIT metrics, tables and the rendered files (many.report.render) that `many report --out` writes."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.report import build_report, text_table
-from many.report import markdown_table, render
+from flows.report import build_report
+from many.report import markdown_table, render, text_table
 from tasks.dispatch import StageRecord
 from tasks.store import Store, StoreError
 
@@ -47,7 +47,7 @@ def test_matrix_and_metrics_from_eval_rows(tmp_path: Path) -> None:
 
 def test_a_missing_or_wrong_row_is_an_error(tmp_path: Path) -> None:
     store = Store.open(str(tmp_path / "store"))
-    with pytest.raises(StoreError, match="no eval of many after task\\(s\\) \\['b'\\]"):
+    with pytest.raises(StoreError, match="no eval of many after task\\(s\\) \\['b'\\] in store .*; rerun `many run`"):
         build_report(store, ["a", "b"], ["many"], [("many", 0, eval_record(store, "many", ["a"], [50.0]))])
     with pytest.raises(StoreError, match="expected \\['a', 'b'\\]"):
         build_report(store, ["a", "b"], ["many"], [("many", 1, eval_record(store, "many", ["b"], [50.0]))])

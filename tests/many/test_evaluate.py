@@ -14,6 +14,7 @@ from many.config import EvalConfig, FinetuneConfig, LoraConfig
 from many.data.schema import TaskData
 from many.evaluate import (
     Assembly,
+    EvalResult,
     Router,
     assemble,
     evaluate,
@@ -110,13 +111,16 @@ def test_generation_with_and_without_kv_cache_agrees(trained):
 def test_predictions_parquet_and_routing_accuracy(trained, tmp_path):
     base, processor, task, task_dir, _ = trained
     result = evaluate(assemble(base, _oracle(task_dir)), processor, task, EvalConfig(max_samples=5, max_new_tokens=4))
-    table = pq.read_table(write_predictions(result, tmp_path / "predictions.parquet")).to_pydict()
-    assert table == {
-        "task": ["colour"] * 5,
-        "sample_id": [s.sample_id for s in task.test[:5]],
-        "prediction": [p for _, p, _ in result.predictions],
-        "reference": [s.answer for s in task.test[:5]],
+    other = EvalResult("shape", 50.0, (("s-1", "circle", "square"),))
+    table = pq.read_table(write_predictions([result, other], tmp_path / "predictions.parquet")).to_pydict()
+    assert table == {  # one row per test sample of each task, in order
+        "task": ["colour"] * 5 + ["shape"],
+        "sample_id": [s.sample_id for s in task.test[:5]] + ["s-1"],
+        "prediction": [p for _, p, _ in result.predictions] + ["circle"],
+        "reference": [s.answer for s in task.test[:5]] + ["square"],
     }
+    with pytest.raises(ValueError, match="write_predictions: no results"):
+        write_predictions([], tmp_path / "none.parquet")
     features = image_features(base, processor, task.train[:8])
     mu = cpm.prototype(features)
     assert routing_accuracy([features, -features], torch.stack([mu, -mu])) == 1.0

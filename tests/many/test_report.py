@@ -1,4 +1,5 @@
-"""The report (many/report.py): report JSON and its metrics, markdown tables, shape errors, PNG/HTML rendering."""
+"""The report (many/report.py): report JSON from matrices and from eval scores, its metrics, the terminal and
+markdown tables, shape errors, PNG/HTML rendering."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ import numpy as np
 import pytest
 
 from many.report import (
-    build_report,
+    IncompleteScores,
     file_stem,
-    forgetting_curves,
-    heatmap,
     markdown_table,
     matrix_markdown,
     render,
+    report_from_matrices,
+    report_from_scores,
+    text_table,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -30,7 +32,7 @@ MANY = [[80.0, None, None], [60.0, 90.0, None], [50.0, 70.0, 100.0]]
 @pytest.fixture(scope="module")
 def report() -> dict:
     # seqlora first: the report must keep the caller's method order, not sort it.
-    return build_report(
+    return report_from_matrices(
         TASKS,
         {"seqlora": SEQLORA, "many": MANY},
         extras={"many": {"tau": 0.01, "trainable_parameters": 1234567}},
@@ -56,9 +58,34 @@ def test_metrics_by_hand(report: dict) -> None:
     assert json.loads(json.dumps(report)) == report  # plain JSON
 
 
+def test_report_from_scores_fills_row_t_and_takes_extras_from_the_last_row() -> None:
+    def row(t: int, scores: list[float], **fields) -> dict:
+        return {"method": "m", "tasks": TASKS[: t + 1], "scores": scores, "tau": None, **fields}
+
+    scores = [  # any order; extras of earlier rows and fields outside SCORE_EXTRAS are not shown
+        ("many", 2, row(2, [50, 70.0, 100.0], trainable_parameters=1234567, core_dims=3)),
+        ("many", 0, row(0, [80.0], trainable_parameters=1)),
+        ("seqlora", 0, row(0, [90.0])),
+        ("many", 1, row(1, [60.0, 90.0])),
+        ("seqlora", 1, row(1, [20.0, 95.0])),
+        ("seqlora", 2, row(2, [10.0, 30.0, 98.0])),
+    ]
+    report = report_from_scores(tuple(TASKS), ["seqlora", "many"], scores)
+    assert report == report_from_matrices(
+        TASKS, {"seqlora": SEQLORA, "many": MANY}, extras={"many": {"trainable_parameters": 1234567}}
+    )
+    assert list(report["methods"]) == ["seqlora", "many"]  # the order of `methods`, not of the scores
+
+    with pytest.raises(IncompleteScores, match=r"report: no eval of many after task\(s\) \['chart'\]$"):
+        report_from_scores(TASKS, ["many"], [s for s in scores if s[0] == "many" and s[1] != 1])
+    with pytest.raises(IncompleteScores, match=r"eval of many at row 1 scored tasks \['chart'\], expected "
+                                               r"\['shape', 'chart'\]"):
+        report_from_scores(TASKS, ["many"], [("many", 1, {"tasks": ["chart"], "scores": [1.0]})])
+
+
 def test_upper_triangle_is_dropped_and_numpy_input_accepted() -> None:
     filled = np.array([[80.0, 1.0, np.nan], [60.0, 90.0, 3.0], [np.float32(50.0), 70.0, 100.0]])
-    built = build_report(TASKS, {"many": filled})["methods"]["many"]
+    built = report_from_matrices(TASKS, {"many": filled})["methods"]["many"]
     assert built["matrix"] == MANY
     assert all(type(v) is float for row in built["matrix"] for v in row if v is not None)
     assert built["MFN"] == pytest.approx(220 / 3)
@@ -76,8 +103,20 @@ def test_markdown_table(report: dict) -> None:
     assert len(lines) == 4
 
 
+def test_text_table(report: dict) -> None:
+    assert text_table(report).splitlines() == [
+        "method       MFT     MFN     MAA     BWT  trainable_parameters   last row (shape, chart, count)",
+        "-" * 95,
+        "seqlora     94.3    46.0    64.5   -72.5                     –   10.0 30.0 98.0",
+        "many        90.0    73.3    76.1   -25.0             1,234,567   50.0 70.0 100.0",
+    ]
+    # BWT signed; unlike the markdown (test_markdown_ties_bold_…), a BWT just below zero prints as "-0.0" here
+    tiny_forgetting = report_from_matrices(["a", "b"], {"w": [[50.0, None], [49.96, 50.0]]})
+    assert text_table(tiny_forgetting).splitlines()[2] == "w           50.0    50.0    50.0    -0.0   50.0 50.0"
+
+
 def test_markdown_ties_bold_every_best_and_escapes_pipes() -> None:
-    tied = build_report(["a|b"], {"x|y": [[55.0]], "z": [[55.0]], "w": [[-0.04]]})
+    tied = report_from_matrices(["a|b"], {"x|y": [[55.0]], "z": [[55.0]], "w": [[-0.04]]})
     table = markdown_table(tied)
     assert "| method | a\\|b | MFT |" in table
     assert "| x\\|y | 55.0 | 55.0 | **55.0** | 55.0 | 0.0 |" in table
@@ -134,7 +173,7 @@ BAD_REPORTS = [
 )
 def test_bad_reports(tasks, matrices, extras, fragment) -> None:  # noqa: ANN001
     with pytest.raises(ValueError) as error:
-        build_report(tasks, matrices, extras)
+        report_from_matrices(tasks, matrices, extras)
     assert fragment in str(error.value)
 
 
@@ -151,7 +190,7 @@ def test_file_stem() -> None:
 def test_render_writes_png_markdown_html_json(report: dict, tmp_path) -> None:  # noqa: ANN001
     odd = 'MAny <τ="0.01"> & co/x'
     tasks = ["shape", "chart $x^$", "count"]  # unescaped, "$x^$" would be parsed as mathtext and fail
-    odd_report = build_report(tasks, {"seqlora": SEQLORA, odd: MANY}, extras={odd: {"tau": 0.01}})
+    odd_report = report_from_matrices(tasks, {"seqlora": SEQLORA, odd: MANY}, extras={odd: {"tau": 0.01}})
     written = render(odd_report, tmp_path / "out")
     pngs = ["heatmap_seqlora.png", f"heatmap_{file_stem(odd)}.png", "forgetting.png"]
     assert sorted(written) == sorted([*pngs, "report.md", "report.html", "report.json"])
@@ -179,14 +218,7 @@ def test_render_writes_png_markdown_html_json(report: dict, tmp_path) -> None:  
 
 
 def test_render_refuses_names_that_collide_on_case_insensitive_disks(tmp_path) -> None:  # noqa: ANN001
-    clash = build_report(["a"], {"MAny": [[1.0]], "many": [[2.0]]})
+    clash = report_from_matrices(["a"], {"MAny": [[1.0]], "many": [[2.0]]})
     with pytest.raises(ValueError, match="methods 'MAny' and 'many' map to the same file name heatmap_many.png"):
         render(clash, tmp_path)
     assert list(tmp_path.iterdir()) == []  # nothing written
-
-
-def test_single_plots(report: dict, tmp_path) -> None:  # noqa: ANN001
-    assert heatmap(report, "many", tmp_path / "h.png").read_bytes().startswith(PNG_MAGIC)
-    assert forgetting_curves(report, tmp_path / "f.png").read_bytes().startswith(PNG_MAGIC)
-    with pytest.raises(ValueError, match="unknown method 'nope'"):
-        heatmap(report, "nope", tmp_path / "n.png")
