@@ -28,6 +28,7 @@ from many.config import (
 from many.data import TASK_KINDS, UCIT_ORDER, Metric, MiniUcitConfig
 from tasks.rows import DEFAULT_METHODS, ROWS, MethodSettings, get_row
 
+
 def _known_method(name: str) -> str:
     get_row(name)  # ValueError listing the known rows
     return name

@@ -20,7 +20,8 @@ from typing import Any
 
 from tasks.dispatch import read_json_output
 from tasks.merge import state_gammas
-from tasks.rows.many import LPM_CHAIN, ROW as MANY
+from tasks.rows.many import LPM_CHAIN
+from tasks.rows.many import ROW as MANY
 from tasks.store import Manifest, Store, StoreError, validate_name
 
 

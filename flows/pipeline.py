@@ -24,9 +24,9 @@ from flows.config import RunConfig
 from flows.preflight import preflight
 from flows.report import build_report
 from tasks.dispatch import ClusterSpec, StageRecord, stage_task
-from tasks.runtime import StoreSpec, node_name, ray_started, shutdown_ray
 from tasks.rows import get_row
 from tasks.rows.row import Chain, PerTask, Reuse, Row
+from tasks.runtime import StoreSpec, node_name, ray_started, shutdown_ray
 from tasks.stages import (
     AdapterStageConfig,
     BaseStageConfig,

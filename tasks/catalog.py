@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from tasks import evaluation, stages
-from tasks.rows import chains
 from tasks.cache import Stage
+from tasks.rows import chains
 
 
 def _kinds() -> dict[str, tuple[str, tuple[str, ...], Callable[..., dict[str, Path]]]]:

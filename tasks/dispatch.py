@@ -19,9 +19,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from tasks.runtime import ClusterError, StoreSpec, check_resources, ensure_ray, node_name, ray_get
 from tasks.cache import intact, lookup, run_stage
 from tasks.catalog import compute_of, stage_def
+from tasks.runtime import ClusterError, StoreSpec, check_resources, ensure_ray, node_name, ray_get
 from tasks.store import BlobRef, CorruptArtifact, Manifest, Store, StoreError
 
 

@@ -24,19 +24,15 @@ OUTPUTS = ("predictions", "scores")
 
 def compute_eval(inputs: Mapping[str, Path], workdir: Path, *, config: EvalStageConfig, device: str) -> dict[str, Path]:
     """eval[t] of row `config.method` (module doc)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     from many.data import read_task
-    from many.evaluate import predictions_table
+    from many.evaluate import write_predictions
 
     row = get_row(config.method)
     parsed = EvalInputs.parse(inputs)
     base_model, processor = load_base(parsed.base, config.dtype, device)
     tasks = [read_task(path) for path in parsed.data]
     results, fields = row.evaluate(EvalContext(parsed, base_model, processor, tasks, config))
-    predictions = workdir / "predictions.parquet"
-    pq.write_table(pa.concat_tables([predictions_table(r) for r in results]), predictions)
+    predictions = write_predictions(results, workdir / "predictions.parquet")
     scores = workdir / "scores.json"
     scores.write_text(json.dumps({
         "method": row.name, "tasks": [r.task for r in results], "scores": [r.score for r in results], "tau": None,

@@ -16,14 +16,8 @@ import pytest
 
 from flows.cli import main
 from flows.config import DEFAULT_METHODS, ConfigError, parse_config
-from many.config import FinetuneConfig
 from many.methods.cram import CramConfig
 from many.methods.fwd_prompt import FwdPromptConfig
-from tasks.cache import cache_key
-from tasks.catalog import stage_def
-from tasks.rows.cram import CramStageConfig
-from tasks.rows.fwd_prompt import FwdPromptStageConfig
-from tasks.store import BlobRef
 from tests.flows import e2e
 from tests.flows.e2e import TINY, computed, run
 
@@ -67,25 +61,6 @@ def test_bad_sections_are_one_line_errors(case: str, data: dict, message: str) -
     with pytest.raises(ConfigError) as error:
         parse_config(data, "run.yaml")
     assert str(error.value).startswith("run.yaml: ") and message in str(error.value), str(error.value)
-
-
-REF, OTHER = BlobRef(digest="a" * 64, size=1), BlobRef(digest="b" * 64, size=1)
-
-
-def test_a_chain_link_is_keyed_by_its_config_and_every_earlier_link() -> None:
-    inputs = {"base": REF, "data": REF, "expert_0": REF, "expert_1": REF}
-    cram = stage_def("cram", inputs)
-    assert cram.inputs == ("base", "data", "expert_0", "expert_1") and cram.outputs == ("expert",)
-    config = CramStageConfig(cram=CramConfig(finetune=FinetuneConfig(steps=30)))
-    key = cache_key(cram, config, inputs)
-    assert key != cache_key(cram, config, {**inputs, "expert_0": OTHER})
-    assert key != cache_key(cram, CramStageConfig(cram=CramConfig(ortho_weight=0.5)), inputs)
-    chained = {"base": REF, "data": REF, "previous": REF}
-    fwd = stage_def("fwd_prompt", chained)
-    assert fwd.outputs == ("state",)
-    first = cache_key(fwd, FwdPromptStageConfig(fwd_prompt=FwdPromptConfig()), chained)
-    assert first != cache_key(fwd, FwdPromptStageConfig(fwd_prompt=FwdPromptConfig(lr=0.5)), chained)
-    assert first != cache_key(fwd, FwdPromptStageConfig(fwd_prompt=FwdPromptConfig()), {**chained, "previous": OTHER})
 
 
 # -- slow: the tiny stream end to end --------------------------------------------------------------------------

@@ -11,9 +11,16 @@ from pathlib import Path
 import pytest
 
 from flows.config import ConfigError, parse_config
+from many.config import FinetuneConfig
+from many.methods.cram import CramConfig
+from many.methods.fwd_prompt import FwdPromptConfig
+from tasks.cache import cache_key
 from tasks.catalog import stage_def
 from tasks.rows import BUILT_IN, DEFAULT_METHODS, ROWS, chains, get_row
+from tasks.rows.cram import CramStageConfig
+from tasks.rows.fwd_prompt import FwdPromptStageConfig
 from tasks.rows.row import EvalInputs, PerTask, Reuse
+from tasks.store import BlobRef
 from tests.tasks import toy_row
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,6 +69,25 @@ def test_chain_links_read_their_earlier_links() -> None:
     assert sorted(links[2][2]) == ["base", "data", "expert_0", "expert_1"]
     links, _ = _links("regmean", 2)
     assert sorted(links[1][2]) == ["finetune_0", "finetune_1", "stats_0", "stats_1"]
+
+
+REF, OTHER = BlobRef(digest="a" * 64, size=1), BlobRef(digest="b" * 64, size=1)
+
+
+def test_a_chain_link_is_keyed_by_its_config_and_every_earlier_link() -> None:
+    inputs = {"base": REF, "data": REF, "expert_0": REF, "expert_1": REF}
+    cram = stage_def("cram", inputs)
+    assert cram.inputs == ("base", "data", "expert_0", "expert_1") and cram.outputs == ("expert",)
+    config = CramStageConfig(cram=CramConfig(finetune=FinetuneConfig(steps=30)))
+    key = cache_key(cram, config, inputs)
+    assert key != cache_key(cram, config, {**inputs, "expert_0": OTHER})
+    assert key != cache_key(cram, CramStageConfig(cram=CramConfig(ortho_weight=0.5)), inputs)
+    chained = {"base": REF, "data": REF, "previous": REF}
+    fwd = stage_def("fwd_prompt", chained)
+    assert fwd.outputs == ("state",)
+    first = cache_key(fwd, FwdPromptStageConfig(fwd_prompt=FwdPromptConfig()), chained)
+    assert first != cache_key(fwd, FwdPromptStageConfig(fwd_prompt=FwdPromptConfig(lr=0.5)), chained)
+    assert first != cache_key(fwd, FwdPromptStageConfig(fwd_prompt=FwdPromptConfig()), {**chained, "previous": OTHER})
 
 
 @pytest.mark.parametrize("name", list(ROWS))

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from many.config import LPMConfig
-from tasks.runtime import ClusterError
 from tasks.cache import cache_key
-from tasks.dispatch import StageRecord, _transient
 from tasks.catalog import stage_def
+from tasks.dispatch import StageRecord, _transient
+from tasks.runtime import ClusterError
 from tasks.store import BlobRef, CorruptArtifact, StoreError
 
 REF = BlobRef(digest="a" * 64, size=1)
