@@ -180,7 +180,7 @@ def compute_data(inputs: Mapping[str, Path], workdir: Path, *, config: DataStage
 
 def compute_base(inputs: Mapping[str, Path], workdir: Path, *, config: BaseStageConfig, device: str) -> dict[str, Path]:
     from many.data import pretrain_samples, vocabulary
-    from many.model.pretrain import make_base
+    from many.pretrain import make_base
 
     cfg = config.base.model_copy(update={"device": device})
     if cfg.kind == "tiny":
@@ -196,8 +196,9 @@ def compute_finetune(
     inputs: Mapping[str, Path], workdir: Path, *, config: FinetuneStageConfig, device: str
 ) -> dict[str, Path]:
     """finetune[t] from the base; seqlora[t] continues `previous` (the chain's task dir at t−1)."""
+    from many.adapters import save_task
     from many.data import read_task
-    from many.training import finetune, save_task
+    from many.training import finetune
 
     model, processor = _load_base(inputs["base"], config.dtype, device)
     task = read_task(inputs["data"])
@@ -238,7 +239,7 @@ def compute_stats(inputs: Mapping[str, Path], workdir: Path, *, config: StatsSta
     """Grams under the task's OWN fine-tuned model, over all tokens (DESIGN.md §8 lesson 2)."""
     from many.data import read_task
     from many.stats import collect_grams, save_grams
-    from many.training import load_task
+    from many.adapters import load_task
 
     model, processor = _load_base(inputs["base"], config.dtype, device)
     tuned = load_task(model, inputs["finetune"])
@@ -282,7 +283,7 @@ def compute_batch_merge(inputs: Mapping[str, Path], workdir: Path, *, config: Fr
 
 
 def _average_projector(task_dirs: list[Path]) -> dict[str, Any]:
-    from many.training import projector_state
+    from many.adapters import projector_state
 
     states = [projector_state(d) for d in task_dirs]
     return {k: sum(s[k].double() for s in states).div(len(states)).to(states[0][k].dtype) for k in states[0]}
@@ -369,10 +370,9 @@ def compute_eval(inputs: Mapping[str, Path], workdir: Path, *, config: EvalStage
     """
     from safetensors.torch import load_file
 
-    from many.adapters import lora_factors
+    from many.adapters import lora_factors, projector_state
     from many.data import read_task
     from many.evaluate import Assembly, assemble, cpm_router, evaluate, lora_deltas
-    from many.training import projector_state
 
     base_model, processor = _load_base(inputs["base"], config.dtype, device)
     tasks = [read_task(path) for path in _indexed(inputs, "data")]
