@@ -98,12 +98,12 @@ def lora_sources(inputs: Inputs) -> dict[str, Callable[[int], dict]]:
 
 def evaluate_variants(inputs: Inputs, config: Any) -> tuple[dict[str, list[float]], float]:
     """({variant: score per task (percent)}, CPM routing accuracy on the test images) of one run's final model."""
+    from many.adapters import projector_state
     from many.config import BaseConfig
     from many.data import read_task
     from many.evaluate import Assembly, assemble, cpm_router, evaluate, routing_accuracy
     from many.model.load import load_base
     from many.prototypes import image_features
-    from many.training import projector_state
 
     base_model, processor = load_base(inputs.base, BaseConfig(dtype=config.base.dtype, device="cpu"))
     tasks = [read_task(d) for d in inputs.data]

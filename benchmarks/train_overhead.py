@@ -24,9 +24,11 @@ from PIL import Image
 from many.config import BaseConfig, FinetuneConfig, TinyModelConfig
 from many.data.draw import png_bytes
 from many.data.schema import Sample
-from many.model.pretrain import pretrain
+from many.loop import batch_indices, encode_dataset
+from many.model.parts import max_positions
 from many.model.tiny import build_tiny_llava
-from many.training import batch_indices, encode_dataset, finetune, make_optimizer, max_positions, prepare
+from many.pretrain import pretrain
+from many.training import finetune, make_optimizer, prepare
 
 GOAL_RATIO = 0.9
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}

@@ -53,7 +53,7 @@ class TaskSpec(Frozen):
     test_json: str | None = None
     image_root: str | None = None
     metric: Metric = "exact_match"  # for JSON tasks; a mini-UCIT kind knows its own
-    # This task's own fine-tune, trained elsewhere: a local directory in many.training.save_task's layout
+    # This task's own fine-tune, trained elsewhere: a local directory in many.adapters.save_task's layout
     # (adapter/ with a PEFT LoRA, projector.safetensors). Its finetune stage is replaced by a check against the
     # base; the data still feeds the Grams, the prototypes and the evaluation.
     adapter: str | None = None

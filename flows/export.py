@@ -18,8 +18,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from many.lpm_files import state_gammas
 from tasks.dispatch import read_json_output
-from tasks.merge import state_gammas
 from tasks.rows.many import LPM_CHAIN
 from tasks.rows.many import ROW as MANY
 from tasks.store import Manifest, Store, StoreError, validate_name

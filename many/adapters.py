@@ -1,4 +1,9 @@
-"""Read LoRA factors out of a PEFT adapter dir and write factors back as one (DESIGN.md §1, §5 export).
+"""A task's adapter on disk: the PEFT LoRA dir (read its factors, write merged factors back as one) and the task
+directory around it (DESIGN.md §1, §2 finetune[t], §5 export).
+
+A task directory is `adapter/` (a PEFT LoRA adapter dir) plus `projector.safetensors` (the task's own vision→LLM
+projector): `save_task` writes it, `load_task` and `projector_state` read it, `check_task_dir` checks a user-supplied
+one against a base, `copy_task_dir` copies the files a run reads.
 
 Task i's update of a targeted layer is ΔW_i = s_i · B_i A_i, B_i: (out, r), A_i: (r, in), s_i = lora_alpha / r
 (lora_alpha / √r with rsLoRA; per-module r and alpha from rank_pattern / alpha_pattern). The merged LPM update is an
@@ -9,20 +14,29 @@ safetensors key without ".lora_A.weight".
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from many.model.parts import PEFT_PREFIX, projector_of
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import LlavaForConditionalGeneration
+
+ADAPTER_DIR = "adapter"  # a task directory's PEFT adapter dir ...
+PROJECTOR_FILE = "projector.safetensors"  # ... and its projector's weights
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."  # PeftModel's prefix before the wrapped model's own module names
 _SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B"}
 _UNSUPPORTED = ("use_dora", "lora_bias")  # variants whose update is not s·B·A
 
@@ -87,14 +101,12 @@ def lora_factors(adapter_dir: Path) -> dict[str, tuple[Tensor, Tensor, float]]:
 def check_task_dir(
     task_dir: Path, linears: Mapping[str, tuple[int, int]], projector: Mapping[str, tuple[int, ...]]
 ) -> None:
-    """A task directory in `many.training.save_task`'s layout (adapter/ + projector.safetensors) that fits a base.
+    """A task directory in `save_task`'s layout (adapter/ + projector.safetensors) that fits a base.
 
     `linears`: the base's {PEFT module name: (out, in)}; `projector`: its projector's {key: shape}
     (many.model.shapes). Every LoRA module must wrap one of those layers with B (out, r) and A (r, in), ranks as
     in adapter_config.json, the projector must have exactly the base's keys and shapes, every value finite.
     """
-    from many.training import ADAPTER_DIR, PROJECTOR_FILE
-
     task_dir = Path(task_dir)
     if not task_dir.is_dir():
         raise FileNotFoundError(f"no directory {task_dir}; give one holding {ADAPTER_DIR}/ (PEFT LoRA) and {PROJECTOR_FILE}")
@@ -128,13 +140,47 @@ def write_portable_config(src: Path, dest: Path) -> None:
 def copy_task_dir(src: Path, dest: Path) -> Path:
     """The files of a task directory a run reads — adapter config and weights, projector — into `dest`, the config
     made portable (`write_portable_config`)."""
-    from many.training import ADAPTER_DIR, PROJECTOR_FILE
-
     (dest / ADAPTER_DIR).mkdir(parents=True)
     write_portable_config(Path(src) / ADAPTER_DIR / CONFIG_FILE, dest / ADAPTER_DIR / CONFIG_FILE)
     for name in (f"{ADAPTER_DIR}/{WEIGHTS_FILE}", PROJECTOR_FILE):
         (dest / name).write_bytes((Path(src) / name).read_bytes())
     return dest
+
+
+def save_task(model: PeftModel, out_dir: Path) -> Path:
+    """Write `out_dir/adapter/` (PEFT, safetensors) and `out_dir/projector.safetensors`.
+
+    The files hold no local path: PEFT records where the base was loaded from (`base_model_name_or_path`,
+    and a README model card), which would make equal adapters differ by machine and cache directory —
+    and so every downstream cache key (DESIGN.md §2)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir / ADAPTER_DIR), safe_serialization=True)
+    (out_dir / ADAPTER_DIR / "README.md").unlink(missing_ok=True)
+    config_path = out_dir / ADAPTER_DIR / CONFIG_FILE
+    write_portable_config(config_path, config_path)
+    state = {k: v.detach().cpu().contiguous() for k, v in projector_of(model).state_dict().items()}
+    save_file(state, str(out_dir / PROJECTOR_FILE))
+    return out_dir
+
+
+def projector_state(task_dir: Path) -> dict[str, Tensor]:
+    """A task's projector weights (keys as in the projector module, e.g. "linear_1.weight")."""
+    path = Path(task_dir) / PROJECTOR_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no projector at {path}; is {task_dir} a directory written by save_task?")
+    return load_file(str(path))
+
+
+def load_task(base_model: LlavaForConditionalGeneration, task_dir: Path) -> PeftModel:
+    """A copy of the base with the task's adapter and projector, in eval mode; the base is left unchanged."""
+    from peft import PeftModel  # here, not above: reading factors and checking task dirs need no PEFT
+
+    adapter_dir = Path(task_dir) / ADAPTER_DIR
+    if not (adapter_dir / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"no PEFT adapter at {adapter_dir}; is {task_dir} a directory written by save_task?")
+    model = PeftModel.from_pretrained(copy.deepcopy(base_model), str(adapter_dir))
+    projector_of(model).load_state_dict(projector_state(Path(task_dir)))
+    return model.eval()
 
 
 def write_lora_adapter(

@@ -33,10 +33,8 @@ from many import cpm, metrics
 from many.config import CPMConfig, EvalConfig
 from many.data.schema import Sample, TaskData
 from many.model.chat import decode_answers, encode_for_generation
-from many.model.unwrap import llava
+from many.model.parts import PEFT_PREFIX, llava  # PEFT module name = PEFT_PREFIX + the base model's module name
 from many.prototypes import pooled_features, read_prototypes
-
-PEFT_PREFIX = "base_model.model."  # PEFT module name = PEFT_PREFIX + the base model's module name
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: a field-wise == on tensors has no truth value

@@ -30,7 +30,7 @@ from transformers import LlavaForConditionalGeneration, LlavaProcessor
 from many import cpm
 from many.data.schema import Sample
 from many.model.chat import decode_image
-from many.model.unwrap import llava
+from many.model.parts import llava
 
 
 def pooled_features(model: LlavaForConditionalGeneration | PeftModel, pixel_values: Tensor) -> Tensor:

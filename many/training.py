@@ -8,199 +8,33 @@ language model and its own copy P_t of the vision→LLM projector, with the loss
 The base is deep-copied per task and never modified, so a trained projector cannot leak into the next task.
 SeqLoRA (the forgetting lower bound) is the same trainer started from the previous task's adapter and projector.
 
-The dataset is encoded once; mini-batches are drawn by index from seeded epoch permutations, so a run is
-bit-identical on CPU for the same seed and data. AdamW with two parameter groups (LoRA, projector), linear warmup
-then cosine decay, gradient accumulation, gradient clipping at 1.0, autocast when the base is bf16/fp16.
-The generic loop (`encode_dataset`, `run_steps`) is shared with base pretraining (`many.model.pretrain`).
+AdamW with two parameter groups (LoRA, projector), linear warmup then cosine decay, gradient accumulation, gradient
+clipping at 1.0, autocast when the base is bf16/fp16 — the generic loop of `many.loop`, shared with base
+pretraining (`many.pretrain`). The trained task is written and read back as a task directory (`many.adapters`:
+`save_task`, `load_task`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import math
-import sys
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
 import peft
 import torch
-import torch.nn.functional as F
 from peft import PeftModel
-from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
-from tqdm.auto import tqdm
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-from many.adapters import CONFIG_FILE, write_portable_config
+from many.adapters import ADAPTER_DIR, projector_state
 from many.config import FinetuneConfig, LoraConfig
 from many.data.schema import Sample
-from many.model.chat import IGNORE_INDEX, encode_for_training
+from many.loop import ExtraLoss, StepCallback, encode_dataset, run_steps, seeded, warmup_cosine
+from many.model.parts import PROJECTOR, max_positions, model_device_dtype, projector_of
 
 # PEFT 0.21 still calls a transformers-5 deprecated property on every get_peft_model; nothing for us to change.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-
-PROJECTOR = "multi_modal_projector"
-ADAPTER_DIR = "adapter"
-PROJECTOR_FILE = "projector.safetensors"
-MAX_GRAD_NORM = 1.0
-ENCODE_CHUNK = 256  # samples per processor call while pre-encoding
-StepCallback = Callable[[int, float], None]  # (optimizer step, mean loss over its micro-batches)
-ExtraLoss = Callable[[nn.Module], Tensor]  # a regulariser added to every micro-batch loss (e.g. CRAM's penalty)
-GradientHook = Callable[[nn.Module], None]  # edits .grad in place before each optimizer step (e.g. Fwd-Prompt)
-
-
-@dataclass(frozen=True, eq=False)  # eq=False: a field-wise == on tensors has no truth value
-class Encoded:
-    """A dataset encoded once, right-padded to one length L; a mini-batch is trimmed to its own longest row."""
-
-    input_ids: Tensor  # (N, L)
-    attention_mask: Tensor  # (N, L)
-    labels: Tensor  # (N, L), IGNORE_INDEX off the answer tokens
-    pixel_values: Tensor  # (N, 3, H, W)
-
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
-
-    def batch(self, index: Tensor, device: torch.device) -> dict[str, Tensor]:
-        """Rows `index` (B,), cut to their longest sequence: right padding makes the cut exact."""
-        length = int(self.attention_mask[index].sum(dim=1).max())
-        return {
-            "input_ids": self.input_ids[index, :length].to(device),
-            "attention_mask": self.attention_mask[index, :length].to(device),
-            "labels": self.labels[index, :length].to(device),
-            "pixel_values": self.pixel_values[index].to(device),
-        }
-
-
-def encode_dataset(processor: LlavaProcessor, samples: Sequence[Sample], max_length: int | None = None) -> Encoded:
-    """Encode every sample once (answer-only labels), in chunks, padded to the longest sequence overall."""
-    if not samples:
-        raise ValueError("no training samples: the sample list is empty; check the task's train split")
-    chunks = [
-        encode_for_training(processor, samples[i : i + ENCODE_CHUNK], max_length)
-        for i in range(0, len(samples), ENCODE_CHUNK)
-    ]
-    length = max(chunk["input_ids"].shape[1] for chunk in chunks)
-    fill = {"input_ids": processor.tokenizer.pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
-
-    def padded(key: str) -> Tensor:  # (N, L)
-        return torch.cat([F.pad(c[key], (0, length - c[key].shape[1]), value=fill[key]) for c in chunks])
-
-    return Encoded(
-        input_ids=padded("input_ids"),
-        attention_mask=padded("attention_mask"),
-        labels=padded("labels"),
-        pixel_values=torch.cat([chunk["pixel_values"] for chunk in chunks]),
-    )
-
-
-def batch_indices(n: int, batch_size: int, seed: int) -> Iterator[Tensor]:
-    """Endless seeded epochs: each a random permutation of range(n), cut into (batch_size,) index tensors."""
-    generator = torch.Generator().manual_seed(seed)
-    pending = torch.empty(0, dtype=torch.long)
-    while True:
-        while len(pending) < batch_size:  # a batch may straddle two epochs (and n may be < batch_size)
-            pending = torch.cat([pending, torch.randperm(n, generator=generator)])
-        yield pending[:batch_size]
-        pending = pending[batch_size:]
-
-
-def warmup_cosine(step: int, warmup: int, total: int) -> float:
-    """lr factor: (step+1)/warmup during warmup, then ½(1 + cos(π·p)), p = (step − warmup)/(total − warmup)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-def max_positions(model: nn.Module) -> int:
-    """The longest sequence the language model accepts; longer training samples are an error, not a truncation."""
-    return int(model.config.text_config.max_position_embeddings)
-
-
-def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    """Where the model lives and its compute dtype (the dtype of its frozen weights)."""
-    parameter = next(model.parameters())
-    dtypes = {p.dtype for p in model.parameters()}
-    half = [d for d in (torch.bfloat16, torch.float16) if d in dtypes]
-    return parameter.device, half[0] if half else parameter.dtype
-
-
-@contextlib.contextmanager
-def seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """Run the block with the global RNGs (LoRA init, dropout) seeded, restoring them afterwards."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
-
-def run_steps(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    data: Encoded,
-    *,
-    steps: int,
-    batch_size: int,
-    grad_accum: int,
-    seed: int,
-    progress: bool = True,
-    desc: str = "train",
-    on_step: StepCallback | None = None,
-    extra_loss: ExtraLoss | None = None,
-    before_step: GradientHook | None = None,
-) -> None:
-    """`steps` optimizer steps of `grad_accum` micro-batches each, on the model's own device.
-
-    Autocast in the model's dtype when it is bf16/fp16 (fp16 with a GradScaler). Trains `model` in place:
-    callers pass their own copy. The loss is read back (a device sync) only for the progress bar and `on_step`.
-    `extra_loss(model)` is added to each micro-batch's loss; `before_step(model)` may rewrite the gradients
-    (after unscaling, before clipping) — the hooks the continual-learning baselines need.
-    """
-    device, dtype = model_device_dtype(model)
-    half = dtype in (torch.bfloat16, torch.float16)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    trainable = [p for group in optimizer.param_groups for p in group["params"]]
-    indices = batch_indices(len(data), batch_size, seed)
-    show = progress and sys.stderr.isatty()
-    bar = tqdm(range(steps), desc=desc, disable=not show, dynamic_ncols=True)
-    model.train()
-    for step in bar:
-        step_loss = torch.zeros((), device=device)
-        for _ in range(grad_accum):
-            batch = data.batch(next(indices), device)
-            with torch.autocast(device.type, dtype=dtype, enabled=half):
-                loss = model(**batch, use_cache=False).loss
-                if extra_loss is not None:
-                    loss = loss + extra_loss(model)
-                loss = loss / grad_accum
-            scaler.scale(loss).backward()
-            step_loss += loss.detach()
-        scaler.unscale_(optimizer)
-        if before_step is not None:
-            before_step(model)
-        torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        if on_step is not None:
-            on_step(step, step_loss.item())
-        if show and step % 10 == 0:
-            bar.set_postfix(loss=f"{step_loss.item():.4f}")
-    model.eval()
-
-
-def projector_of(model: nn.Module) -> nn.Module:
-    """The vision→LLM projector module, found by name whether or not PEFT wraps the model."""
-    found = [module for name, module in model.named_modules() if name.split(".")[-1] == PROJECTOR]
-    if len(found) != 1:
-        raise ValueError(f"expected one `{PROJECTOR}` module in the model, found {len(found)}; is it a LLaVA?")
-    return found[0]
 
 
 def peft_lora_config(cfg: LoraConfig) -> peft.LoraConfig:
@@ -284,36 +118,3 @@ def finetune(
     projector_of(model).to(dtype)
     return model.requires_grad_(False)
 
-
-def save_task(model: PeftModel, out_dir: Path) -> Path:
-    """Write `out_dir/adapter/` (PEFT, safetensors) and `out_dir/projector.safetensors`.
-
-    The files hold no local path: PEFT records where the base was loaded from (`base_model_name_or_path`,
-    and a README model card), which would make equal adapters differ by machine and cache directory —
-    and so every downstream cache key (DESIGN.md §2)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out_dir / ADAPTER_DIR), safe_serialization=True)
-    (out_dir / ADAPTER_DIR / "README.md").unlink(missing_ok=True)
-    config_path = out_dir / ADAPTER_DIR / CONFIG_FILE
-    write_portable_config(config_path, config_path)
-    state = {k: v.detach().cpu().contiguous() for k, v in projector_of(model).state_dict().items()}
-    save_file(state, str(out_dir / PROJECTOR_FILE))
-    return out_dir
-
-
-def projector_state(task_dir: Path) -> dict[str, Tensor]:
-    """A task's projector weights (keys as in the projector module, e.g. "linear_1.weight")."""
-    path = Path(task_dir) / PROJECTOR_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no projector at {path}; is {task_dir} a directory written by save_task?")
-    return load_file(str(path))
-
-
-def load_task(base_model: LlavaForConditionalGeneration, task_dir: Path) -> PeftModel:
-    """A copy of the base with the task's adapter and projector, in eval mode; the base is left unchanged."""
-    adapter_dir = Path(task_dir) / ADAPTER_DIR
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"no PEFT adapter at {adapter_dir}; is {task_dir} a directory written by save_task?")
-    model = PeftModel.from_pretrained(copy.deepcopy(base_model), str(adapter_dir))
-    projector_of(model).load_state_dict(projector_state(Path(task_dir)))
-    return model.eval()

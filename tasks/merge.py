@@ -1,17 +1,7 @@
 """The merge[t] stage's work (DESIGN.md §1 LPM, §2): fold task t into the RLS state of tasks < t, one input group
-at a time, and export the merge as a rank-Σr PEFT adapter (many.lpm does the math; this module does the files).
-
-An input group is the set of LoRA layers that read one input (q/k/v after one norm, gate/up after another, o and
-down alone): they share one Gram G_t, hence one C_t = γI + Σ G̃_i and one γ. The Grams file of the stats stage
-names the groups (many.stats); the state keeps that grouping:
-
-    <state>/<group key>.safetensors   one file per input group (group key = its first layer's PEFT name):
-        "C" (in, in) in LPMConfig.state_dtype, "gamma", "tasks", "B.<layer>" (out, Σr) and "AG.<layer>" (Σr, in)
-        float64; metadata {"lpm_group": JSON {"format": "many.lpm.group/1", "layers": [layer names]}}
-        (many.lpm.group_tensors)
-
-R = AGᵀBᵀ is not stored. At LLaVA-1.5-7B shapes a block's state is 3 C's of 4096² and one of 11008², plus the thin
-B and AG.
+at a time, and export the merge as a rank-Σr PEFT adapter. many.lpm does the math, many.lpm_files the state files
+(one per input group: C once, B and AG per layer), many.lpm_checks what they accept; this module plans the per-group
+jobs, runs them, and writes the stage's outputs.
 
 Each group is one job (`merge_group`): read the group's Gram and previous state file, absorb, export the LoRA
 factors, write the new state file and a small factors file, free. Inside Ray (the stage's worker), the jobs fan
@@ -31,82 +21,13 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from many.config import LPMConfig
 from tasks.runtime import ray_get
 
 if TYPE_CHECKING:
     from torch import Tensor
-
-STATE_SUFFIX = ".safetensors"  # merge state: a directory with one file "<group key>.safetensors" per input group
-
-
-# -- the state directory -------------------------------------------------------------------------------------------
-
-
-def save_group(states: Mapping[str, Any], path: Path, c_dtype: str = "float64") -> Path:
-    """One input group's RLS states ({layer: many.lpm.LayerState} sharing one C) as a safetensors file."""
-    from safetensors.torch import save_file
-
-    from many.lpm import group_tensors
-
-    import torch
-
-    tensors, metadata = group_tensors(states, getattr(torch, c_dtype))
-    save_file(tensors, str(path), metadata=metadata)
-    return path
-
-
-def load_group(path: Path, group: str | None = None) -> dict[str, Any]:
-    """{layer: many.lpm.LayerState} of one state file; the layers share one float64 C."""
-    from safetensors import safe_open
-
-    from many.lpm import group_from_tensors
-
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata()
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
-    return group_from_tensors(tensors, metadata, group or Path(path).name.removesuffix(STATE_SUFFIX))
-
-
-def load_state(path: Path, module: str) -> Any:
-    """The many.lpm.LayerState of `module` from the state file of its group (see `state_modules`)."""
-    states = load_group(path)
-    if module not in states:
-        raise ValueError(f"LPM state {path} holds layers {sorted(states)}, not {module!r}")
-    return states[module]
-
-
-def _file_layers(path: Path) -> list[str]:
-    from safetensors import safe_open
-
-    from many.lpm import group_layers
-
-    with safe_open(str(path), framework="pt") as f:
-        return group_layers(f.metadata(), str(path))
-
-
-def state_files(state_dir: Path) -> list[Path]:
-    return sorted(Path(state_dir).glob(f"*{STATE_SUFFIX}"))
-
-
-def state_modules(state_dir: Path) -> dict[str, Path]:
-    """{PEFT module name: its group's state file} of a merge state directory (headers only are read)."""
-    return {layer: path for path in state_files(state_dir) for layer in _file_layers(path)}
-
-
-def state_gammas(state_dir: Path) -> dict[str, float]:
-    """Each layer's ridge γ (shared by its group), read without loading the matrices (for `many export`)."""
-    from safetensors import safe_open
-
-    from many.lpm import group_layers
-
-    gammas = {}
-    for path in state_files(state_dir):
-        with safe_open(str(path), framework="pt") as f:
-            gammas |= dict.fromkeys(group_layers(f.metadata(), str(path)), float(f.get_tensor("gamma").item()))
-    return gammas
 
 
 # -- planning: which layers form a job, checked on names only ------------------------------------------------------
@@ -123,18 +44,12 @@ class GroupJob:
 
 def plan_groups(layers: list[str], gram_groups: Mapping[str, str], previous: Mapping[str, Path] | None) -> list[GroupJob]:
     """The jobs of one merge step: the task's LoRA `layers` grouped as the Grams file groups them ({layer: group key}),
-    each with the one previous state file that holds exactly its layers (`previous`: `state_modules` of the previous
-    state dir, {layer: its file}). Raises ValueError naming what differs."""
-    if not layers:
-        raise ValueError("LPM: the task has no LoRA layers")
-    no_gram = sorted(set(layers) - set(gram_groups))
-    if no_gram:
-        raise ValueError(f"LPM: missing Grams for layers {no_gram}")
-    if previous is not None and set(previous) != set(layers):
-        raise ValueError(
-            f"LPM: the task's LoRA layers and the merge state differ: missing states for {sorted(set(layers) - set(previous))}, "
-            f"missing LoRAs for {sorted(set(previous) - set(layers))}"
-        )
+    each with the one previous state file that holds exactly its layers (`previous`: {layer: its file}, the
+    many.lpm_files.state_modules of the previous state dir). Raises ValueError naming what differs; the layer names
+    are checked as many.lpm.absorb_model checks them (many.lpm_checks.model_layers)."""
+    from many import lpm_checks
+
+    lpm_checks.model_layers(layers, gram_groups, previous)
     members: dict[str, list[str]] = {}
     for layer in layers:
         members.setdefault(gram_groups[layer], []).append(layer)
@@ -194,6 +109,7 @@ def merge_group(
     from safetensors.torch import save_file
 
     from many.lpm import absorb_group, export_group, truncate
+    from many.lpm_files import load_group, save_group
 
     with _one_thread():
         loras = _read_loras(adapter_file, scales)
@@ -220,14 +136,13 @@ def job_bytes(job: GroupJob, adapter_file: str, grams_file: str) -> int:
     C, G̃, new C or its factor) plus, per layer, the thin B (out, Σr) and AG (Σr, in) in float64, old and new."""
     from safetensors import safe_open
 
+    from many.lpm_files import state_ranks
+
     with safe_open(grams_file, framework="pt") as grams:
         n_in = grams.get_slice(job.group).get_shape()[0]
     with safe_open(adapter_file, framework="pt") as adapter:
         thin = {layer: adapter.get_slice(f"{layer}.lora_B.weight").get_shape() for layer in job.layers}  # (out, r)
-    before = {}
-    if job.previous is not None:
-        with safe_open(str(job.previous), framework="pt") as state:
-            before = {layer: state.get_slice(f"AG.{layer}").get_shape()[0] for layer in job.layers}  # Σr so far
+    before = {} if job.previous is None else state_ranks(job.previous, job.layers)  # Σr so far
     return 8 * (3 * n_in * n_in + sum(2 * (out + n_in) * (before.get(layer, 0) + r) for layer, (out, r) in thin.items()))
 
 
@@ -285,10 +200,11 @@ def merge_step(inputs: Mapping[str, Path], workdir: Path, config: LPMConfig, fan
     "previous" (merge[t−1]'s state dir): {"state": state dir, "adapter": merged PEFT adapter dir} under `workdir`."""
     from safetensors.torch import load_file
 
-    from many.adapters import WEIGHTS_FILE, lora_factors, read_adapter_config, write_lora_adapter
+    from many.adapters import ADAPTER_DIR, WEIGHTS_FILE, lora_factors, read_adapter_config, write_lora_adapter
+    from many.lpm_files import state_file, state_modules
     from many.stats import read_gram_groups
 
-    adapter_dir = inputs["finetune"] / "adapter"
+    adapter_dir = inputs["finetune"] / ADAPTER_DIR
     scales = {layer: scale for layer, (_, _, scale) in lora_factors(adapter_dir).items()}  # validates the adapter
     previous = state_modules(inputs["previous"]) if "previous" in inputs else None
     jobs = plan_groups(list(scales), read_gram_groups(inputs["grams"]), previous)
@@ -297,7 +213,7 @@ def merge_step(inputs: Mapping[str, Path], workdir: Path, config: LPMConfig, fan
     factors_dir.mkdir()
     calls = [
         (job, {layer: scales[layer] for layer in job.layers}, str(adapter_dir / WEIGHTS_FILE), str(inputs["grams"]),
-         str(state_dir / f"{job.group}{STATE_SUFFIX}"), str(factors_dir / f"{job.group}{STATE_SUFFIX}"), config)
+         str(state_file(state_dir, job.group)), str(factors_dir / f"{job.group}.safetensors"), config)
         for job in jobs
     ]
     merged: dict[str, Tensor] = {}
@@ -309,7 +225,4 @@ def merge_step(inputs: Mapping[str, Path], workdir: Path, config: LPMConfig, fan
     return {"state": state_dir, "adapter": workdir / "adapter"}
 
 
-__all__: list[str] = [
-    "GroupJob", "STATE_SUFFIX", "job_bytes", "load_group", "load_state", "merge_group", "merge_step", "plan_groups",
-    "run_jobs", "save_group", "state_gammas", "state_modules",
-]
+__all__: list[str] = ["GroupJob", "job_bytes", "merge_group", "merge_step", "plan_groups", "run_jobs"]

@@ -112,7 +112,7 @@ def compute_data(inputs: Mapping[str, Path], workdir: Path, *, config: DataStage
 
 def compute_base(inputs: Mapping[str, Path], workdir: Path, *, config: BaseStageConfig, device: str) -> dict[str, Path]:
     from many.data import pretrain_samples, vocabulary
-    from many.model.pretrain import make_base
+    from many.pretrain import make_base
 
     cfg = config.base.model_copy(update={"device": device})
     if cfg.kind == "tiny":
@@ -128,8 +128,9 @@ def compute_finetune(
     inputs: Mapping[str, Path], workdir: Path, *, config: FinetuneStageConfig, device: str
 ) -> dict[str, Path]:
     """finetune[t] from the base; with a `previous` input (a chain's task dir at t−1) it continues that fine-tune."""
+    from many.adapters import save_task
     from many.data import read_task
-    from many.training import finetune, save_task
+    from many.training import finetune
 
     model, processor = load_base(inputs["base"], config.dtype, device)
     task = read_task(inputs["data"])
@@ -168,9 +169,9 @@ def compute_prototypes(
 
 def compute_stats(inputs: Mapping[str, Path], workdir: Path, *, config: StatsStageConfig, device: str) -> dict[str, Path]:
     """Grams under the task's OWN fine-tuned model, over all tokens (DESIGN.md §8 lesson 2)."""
+    from many.adapters import load_task
     from many.data import read_task
     from many.stats import collect_grams, save_grams
-    from many.training import load_task
 
     model, processor = load_base(inputs["base"], config.dtype, device)
     tuned = load_task(model, inputs["finetune"])

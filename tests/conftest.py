@@ -84,7 +84,7 @@ def tiny_base(tiny_base_dir: Path):
 def pretrained_base_dir(tiny_base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The fixture model briefly pretrained on shape answers: a random output head caps what a LoRA can learn."""
     from many.model.load import load_base, save_base
-    from many.model.pretrain import pretrain
+    from many.pretrain import pretrain
 
     model, processor = load_base(tiny_base_dir, FIXTURE_BASE)
     cfg = FIXTURE_BASE.model_copy(update={"pretrain_steps": 30, "pretrain_batch_size": 8, "pretrain_lr": 1e-2})

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-from many.adapters import PEFT_PREFIX
 from many.config import BaseConfig
+from many.model.parts import PEFT_PREFIX, projector_of
 
 Shape = tuple[int, ...]
 
@@ -37,8 +37,6 @@ def architecture(cfg: BaseConfig) -> LlavaConfig:
 
 
 def base_shapes(cfg: BaseConfig) -> BaseShapes:
-    from many.training import projector_of
-
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(architecture(cfg))
     linears = {

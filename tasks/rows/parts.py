@@ -23,15 +23,15 @@ def task_deltas(task_dir: Path) -> dict[str, Any]:
 
 def own(task_dir: Path) -> Any:
     """The Assembly of one task directory: its own LoRA and its own projector."""
+    from many.adapters import projector_state
     from many.evaluate import Assembly
-    from many.training import projector_state
 
     return Assembly(task_deltas(task_dir), (projector_state(task_dir),))
 
 
 def averaged_projector(task_dirs: Sequence[Path]) -> dict[str, Any]:
     """The element-wise mean of the tasks' projector weights (computed in float64, stored in their dtype)."""
-    from many.training import projector_state
+    from many.adapters import projector_state
 
     states = [projector_state(d) for d in task_dirs]
     return {k: sum(s[k].double() for s in states).div(len(states)).to(states[0][k].dtype) for k in states[0]}
@@ -40,9 +40,9 @@ def averaged_projector(task_dirs: Sequence[Path]) -> dict[str, Any]:
 def routed(ctx: EvalContext, deltas: Mapping[str, Any]) -> tuple[Any, float]:
     """MAny's assembly at t: `deltas` on every layer and the tasks' own projectors mixed per image by CPM,
     w = softmax(cos(f(x), μ_i) / τ) over the prototypes of tasks ≤ t; returns it with the τ it uses."""
+    from many.adapters import projector_state
     from many.config import CPMConfig
     from many.evaluate import Assembly, cpm_router
-    from many.training import projector_state
 
     router = cpm_router(ctx.inputs.prototypes, ctx.config.cpm or CPMConfig())
     projectors = tuple(projector_state(d) for d in ctx.inputs.finetune)

@@ -11,8 +11,8 @@ from benchmarks.synthetic import Shape, merge_stream, write_task
 from many.adapters import lora_factors
 from many.config import LPMConfig
 from many.lpm import batch_merge
+from many.lpm_files import state_gammas
 from many.stats import load_grams
-from tasks.merge import state_gammas
 from tasks.store import Store
 
 

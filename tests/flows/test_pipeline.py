@@ -90,7 +90,7 @@ def check_export(out: Path, store_url: str, summary: dict) -> None:
     from many.data import MiniUcitConfig, make_task
     from many.evaluate import generate_answers
     from many.model.load import load_base
-    from many.training import projector_of
+    from many.model.parts import projector_of
     from tasks.store import Store
 
     tasks = summary["tasks"]

@@ -18,6 +18,7 @@ from many.adapters import lora_factors
 from many.config import EvalConfig, FinetuneConfig, LoraConfig
 from many.data.schema import Sample, TaskData
 from many.evaluate import Assembly, assemble, evaluate, lora_deltas
+from many.loop import encode_dataset, seeded
 from many.methods.cram import (
     CramConfig,
     RankAllocation,
@@ -37,8 +38,9 @@ from many.methods.cram import (
 from many.methods.cram.rank import targeted_linears
 from many.model.chat import encode_for_training
 from many.model.load import load_base
+from many.model.parts import projector_of
 from many.prototypes import image_features
-from many.training import encode_dataset, prepare, projector_of, seeded
+from many.training import prepare
 from tests.conftest import FIXTURE_BASE, make_samples
 
 FINETUNE = FinetuneConfig(lora=LoraConfig(rank=4, alpha=8.0), steps=80, batch_size=8, lr=1e-2, projector_lr=1e-2,

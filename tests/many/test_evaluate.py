@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from many import cpm
-from many.adapters import lora_factors
+from many.adapters import lora_factors, projector_state, save_task
 from many.config import EvalConfig, FinetuneConfig, LoraConfig
 from many.data.schema import TaskData
 from many.evaluate import (
@@ -25,8 +25,9 @@ from many.evaluate import (
 )
 from many.model.chat import encode_for_training
 from many.model.load import load_base
+from many.model.parts import projector_of
 from many.prototypes import image_features
-from many.training import finetune, projector_of, projector_state, save_task
+from many.training import finetune
 from tests.conftest import FIXTURE_BASE, make_samples
 
 EVAL = EvalConfig(batch_size=16, max_new_tokens=4)

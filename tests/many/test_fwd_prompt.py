@@ -26,9 +26,9 @@ from many.methods.fwd_prompt import (
 from many.methods.fwd_prompt.subspace import energy_basis, extend_core, update_basis
 from many.methods.fwd_prompt.train import initial_prompts, pretrained_basis
 from many.model.chat import encode_for_generation, encode_for_training
+from many.loop import batch_indices, encode_dataset
 from many.model.load import load_base
-from many.model.pretrain import pretrain
-from many.training import batch_indices, encode_dataset
+from many.pretrain import pretrain
 from tests.conftest import FIXTURE_BASE, FIXTURE_MODEL, make_samples
 
 D = FIXTURE_MODEL.text_hidden

@@ -1,5 +1,6 @@
 """LPM (many/lpm.py) against its algebra: recursion == batch formula, order invariance, limits, exact LoRA export,
-optimality of the merge, and a table of bad inputs."""
+optimality of the merge; its state as tensors and back (many/lpm_files.py); and a table of bad inputs
+(many/lpm_checks.py)."""
 
 from __future__ import annotations
 
@@ -18,12 +19,11 @@ from many.lpm import (
     batch_merge,
     export_group,
     export_lora,
-    group_from_tensors,
-    group_tensors,
     regularize,
     solve,
     truncate,
 )
+from many.lpm_files import group_from_tensors, group_tensors
 
 OUT, IN, RANK = 12, 10, 3
 LAYER = "model.language_model.layers.0.self_attn.q_proj"

@@ -7,8 +7,8 @@ import torch
 
 from many.model.chat import encode_for_training
 from many.model.load import load_base
-from many.model.pretrain import make_base, pretrain
 from many.model.tiny import build_tiny_llava
+from many.pretrain import make_base, pretrain
 from tests.conftest import FIXTURE_BASE, FIXTURE_MODEL, FIXTURE_VOCAB, make_samples
 
 CAPTIONS = make_samples(32, "shape", seed=5)

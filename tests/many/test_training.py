@@ -11,19 +11,13 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
-from many.adapters import lora_factors, write_lora_adapter
+from many.adapters import load_task, lora_factors, projector_state, save_task, write_lora_adapter
 from many.config import FinetuneConfig, LoraConfig
+from many.loop import batch_indices, encode_dataset
 from many.model.chat import encode_for_training
 from many.model.load import load_base
-from many.training import (
-    batch_indices,
-    encode_dataset,
-    finetune,
-    load_task,
-    projector_of,
-    projector_state,
-    save_task,
-)
+from many.model.parts import projector_of
+from many.training import finetune
 from tests.conftest import FIXTURE_BASE, FIXTURE_MODEL, make_samples
 
 CFG = FinetuneConfig(lora=LoraConfig(rank=4, alpha=8.0), steps=20, batch_size=8, lr=5e-3, projector_lr=5e-3,

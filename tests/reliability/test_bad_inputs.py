@@ -103,10 +103,11 @@ def test_gpu_requested_with_none_present_is_exit_2_before_anything_runs(store_di
 @pytest.fixture(scope="module")
 def task_and_grams(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A real finetune output dir (PEFT adapter + projector) and its Grams, from the shared tiny base."""
+    from many.adapters import save_task
     from many.config import FinetuneConfig, LoraConfig, StatsConfig
     from many.model.load import load_base
     from many.stats import collect_grams, save_grams
-    from many.training import finetune, save_task
+    from many.training import finetune
     from tests.conftest import FIXTURE_BASE, make_samples
 
     out = tmp_path_factory.mktemp("adapter")

@@ -1,5 +1,6 @@
-"""The merge stage's files and fan-out (tasks/merge.py): one state file per input group with C stored once, every
-module's state loadable from it, and the same bytes whether the groups run one after another or as Ray tasks."""
+"""The merge stage's files and fan-out (tasks/merge.py, writing many/lpm_files.py's state files): one state file per
+input group with C stored once, every module's state loadable from it, and the same bytes whether the groups run one
+after another or as Ray tasks."""
 
 from __future__ import annotations
 
@@ -14,10 +15,9 @@ from benchmarks.synthetic import Shape, write_task
 from many.adapters import lora_factors
 from many.config import LPMConfig
 from many.lpm import batch_merge, solve
+from many.lpm_files import load_group, state_files, state_gammas, state_modules
 from many.stats import load_grams, save_grams
-from tasks.merge import (
-    job_bytes, load_group, load_state, merge_step, plan_groups, state_files, state_gammas, state_modules,
-)
+from tasks.merge import job_bytes, merge_step, plan_groups
 
 SHAPE = Shape(layers=2, hidden=16, intermediate=24, rank=2)
 
@@ -59,7 +59,7 @@ def test_state_has_one_file_per_input_group_and_every_module_loads(tmp_path: Pat
     loras = [lora_factors(task_dir / "adapter") for task_dir, _ in tasks]
     grams = [load_grams(path) for _, path in tasks]
     for module, path in modules.items():
-        layer = load_state(path, module)
+        layer = load_group(path)[module]
         assert layer.tasks == 2
         expected = batch_merge([lora[module] for lora in loras], [g[module] for g in grams], LPMConfig(), module)
         torch.testing.assert_close(solve(layer, module), expected, rtol=1e-6, atol=1e-9)
@@ -86,6 +86,23 @@ def test_state_grouped_otherwise_than_the_grams_is_rejected(tmp_path: Path) -> N
     regrouped = {layer: layer for layer in previous}  # as if the Grams were stored one per layer
     with pytest.raises(ValueError, match="groups them differently; recompute the merge chain"):
         plan_groups(list(previous), regrouped, previous)
+
+
+@pytest.mark.parametrize("layers, grams, states, message", [
+    ([], {}, None, "the task has no LoRA layers"),
+    (["q", "v"], {"q": "q"}, None, "missing Grams for layers ['v']"),
+    (["k"], {"k": "k"}, {"q": "q"}, "missing states for ['k'], missing LoRAs for ['q']"),
+])
+def test_plan_groups_checks_layer_names_as_absorb_model_does(layers, grams, states, message) -> None:
+    from many.lpm import absorb_model
+
+    with pytest.raises(ValueError) as planned:
+        plan_groups(layers, grams, None if states is None else {name: Path(f"{name}.safetensors") for name in states})
+    lora, gram = (torch.ones(2, 1), torch.ones(1, 2), 1.0), torch.eye(2)
+    before = None if states is None else absorb_model(None, dict.fromkeys(states, lora), {"q": gram}, LPMConfig())
+    with pytest.raises(ValueError) as absorbed:
+        absorb_model(before, dict.fromkeys(layers, lora), dict.fromkeys(grams, gram), LPMConfig())
+    assert message in str(planned.value) and str(planned.value) == str(absorbed.value)
 
 
 def test_job_bytes_is_three_C_matrices_and_the_thin_factors_old_and_new(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ Training task t (old experts frozen on disk, never touched):
     3. r_t  = clip(⌈ρ · r_gap⌉, r_min, r_max)                                (rank.allocate_rank)
     4. train a fresh rank-r_t LoRA + projector on  L_t + λ Σ_l ‖A_l Q_l‖_F²   (penalty.orthogonality_penalty)
 
-On disk an expert is `many.training.save_task`'s layout plus `cram.json` ({"rank", "gap_ratio", "energy_rank"}),
+On disk an expert is `many.adapters.save_task`'s layout plus `cram.json` ({"rank", "gap_ratio", "energy_rank"}),
 written last so a directory with it is complete. Its routing centroid is the task's CPM prototype (the
 prototypes[t] stage, `many.prototypes`): the same normalised mean of pooled vision features, so it is not stored
 twice.
@@ -26,7 +26,7 @@ from peft import PeftModel
 from torch import Tensor
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-from many.adapters import lora_factors
+from many.adapters import ADAPTER_DIR, lora_factors, projector_state, save_task
 from many.config import FinetuneConfig
 from many.data.schema import Sample
 from many.methods.cram.config import CramConfig
@@ -38,7 +38,8 @@ from many.methods.cram.rank import (
     estimate_gradients,
     expert_bases,
 )
-from many.training import ADAPTER_DIR, finetune, model_device_dtype, projector_state, save_task
+from many.model.parts import model_device_dtype
+from many.training import finetune
 
 EXPERT_FILE = "cram.json"
 

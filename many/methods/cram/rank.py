@@ -29,10 +29,10 @@ import torch
 from torch import Tensor, nn
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-from many.adapters import PEFT_PREFIX
 from many.data.schema import Sample
+from many.loop import batch_indices, encode_dataset
 from many.methods.cram.config import CramConfig
-from many.training import batch_indices, encode_dataset, max_positions, model_device_dtype
+from many.model.parts import PEFT_PREFIX, max_positions, model_device_dtype
 
 BASIS_TOLERANCE = 1e-6  # singular values below this share of the largest are not part of a span
 ORTHONORMAL_TOLERANCE = 1e-4  # max |QᵀQ − I| accepted from a caller's basis

@@ -5,7 +5,7 @@ randomly drawn vocabulary embeddings (Lester et al. 2021) and an empty core:
 
 1. P (d, k_p) = energy basis (share `energy_pretrained`) of the base token-embedding matrix E (V, d), from EᵀE/V;
    Q = basis of span(P) ∩ span(U_{t−1})^⊥ (subspace.update_basis).
-2. Train the prompts only (base frozen, base projector, no LoRA) on the answer-token loss of many.training, with
+2. Train the prompts only (base frozen, base projector, no LoRA) on the answer-token loss of many.loop, with
    every gradient projected before clipping and the step: g ← g Q Qᵀ. SGD with momentum: the momentum buffer
    and the step are linear combinations of projected gradients, so p_t − p_{t−1} ∈ span(Q) exactly (Adam's
    per-coordinate 1/√v would rotate it out).
@@ -29,19 +29,11 @@ from torch import Tensor, nn
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from many.data.schema import Sample
+from many.loop import Encoded, StepCallback, encode_dataset, run_steps, seeded, warmup_cosine
 from many.methods.fwd_prompt.prompts import PromptedEmbedding, attach_prompts, prompted_samples
 from many.methods.fwd_prompt.state import FwdPromptConfig, FwdPromptState
 from many.methods.fwd_prompt.subspace import energy_basis, extend_core, project_onto, update_basis
-from many.training import (
-    Encoded,
-    StepCallback,
-    encode_dataset,
-    max_positions,
-    model_device_dtype,
-    run_steps,
-    seeded,
-    warmup_cosine,
-)
+from many.model.parts import max_positions, model_device_dtype
 
 EMBEDDING_CHUNK = 4096  # vocabulary rows per float64 product while forming EᵀE
 

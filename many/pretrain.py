@@ -4,7 +4,7 @@ copied to a local dir, so every downstream stage reads an ordinary HF checkpoint
 Pretraining is full-parameter next-token training with the loss on the caption tokens only,
 AdamW at `pretrain_lr`, 5 % linear warmup then cosine decay, in fp32 (the saved checkpoint is cast to
 `dtype` when loaded). DESIGN.md §8: the from-scratch vision tower is the quality bottleneck, so a longer
-pretraining helps every method.
+pretraining helps every method. The step loop is `many.loop`'s, the one task fine-tuning runs.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from many.config import BaseConfig
 from many.data.schema import Sample
+from many.loop import encode_dataset, run_steps, seeded, warmup_cosine
 from many.model.load import load_base, resolve_device, save_base
+from many.model.parts import max_positions, model_device_dtype
 from many.model.tiny import build_tiny_llava
-from many.training import encode_dataset, max_positions, model_device_dtype, run_steps, seeded, warmup_cosine
 
 WARMUP_FRACTION = 0.05
 
