@@ -1,4 +1,4 @@
-"""The tiny pipeline on one Ray node vs a simulated 3-node cluster (DESIGN.md §4, issue #7): the same cold
+"""The tiny pipeline on one Ray node vs a simulated 3-node cluster (docs/design.md §4, issue #7): the same cold
 run, once on a local single-node Ray and once joined (`ray.address`) to a `ray.cluster_utils.Cluster` on this
 machine — a CPU head, a worker advertising one (fake) GPU that the finetunes request, and a CPU-only worker.
 Both get the same number of CPU slots (3), so the difference is the cost of multi-node scheduling and

@@ -1,4 +1,4 @@
-"""Incremental cost of the cached pipeline (DESIGN.md §2 "Cache key"): what adding one task and rerunning
+"""Incremental cost of the cached pipeline (docs/design.md §2 "Cache key"): what adding one task and rerunning
 cost against a cold run, measured in one process, one after the other, on fresh stores.
 
     cold(T+1)      the stream's first T+1 tasks into an empty store (the denominator)

@@ -1,4 +1,4 @@
-"""Cost of one LPM merge step against a bare float64 solve (DESIGN.md §1).
+"""Cost of one LPM merge step against a bare float64 solve (docs/design.md §1).
 
 A step absorbs task t into the RLS state of tasks 1..t−1 and solves for the merged update
 (`many.lpm.absorb` + `many.lpm.solve`). Goals: the step should not grow with t — step(t=20) / step(t=2) ≤ 1.2

@@ -1,4 +1,4 @@
-"""Quality of every method on the mini-UCIT stream through the real pipeline (issue #8, DESIGN.md §1 "Metrics").
+"""Quality of every method on the mini-UCIT stream through the real pipeline (issue #8, docs/design.md §1 "Metrics").
 
 For each seed s and task order (UCIT order, and its reverse) one `flows.pipeline.continual_update` run with
 base.seed = finetune.seed = data.mini_ucit.seed = s, all into ONE store, so whatever two runs share is computed

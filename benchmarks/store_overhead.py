@@ -1,4 +1,4 @@
-"""Overhead of the artifact store (DESIGN.md §3) against a plain fsspec copy, on a local directory and on
+"""Overhead of the artifact store (docs/design.md §3) against a plain fsspec copy, on a local directory and on
 an S3 server (moto over HTTP), in the same run.
 
 One round trip = put a safetensors file, then get it back to a local path. Through the store, put streams

@@ -1,4 +1,4 @@
-"""Trainer overhead: steps/s of `many.training.finetune` vs a bare PyTorch loop (DESIGN.md §8 timings).
+"""Trainer overhead: steps/s of `many.training.finetune` vs a bare PyTorch loop (docs/design.md §8 timings).
 
 Both train the same PEFT model (`many.training.prepare`) on the same pre-encoded batches with the same AdamW;
 the bare loop drops the schedule, clipping, grad scaler and progress bar. Runs alternate (finetune, bare) for

@@ -1,4 +1,4 @@
-"""The `many` command line (DESIGN.md §5).
+"""The `many` command line (docs/design.md §5).
 
     many run    [--config FILE] [--store URL] [--tasks N] [--json] [--repair]
     many report [--store URL] [--json] [--out DIR]

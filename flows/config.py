@@ -1,7 +1,7 @@
-"""The run config of `many run` (DESIGN.md §5): one YAML file validated by frozen pydantic models.
+"""The run config of `many run` (docs/design.md §5): one YAML file validated by frozen pydantic models.
 
 Every section is the sub-config of the stages that read it, and goes unchanged into their cache keys
-(DESIGN.md §2). A typo is an error (`extra="forbid"`); `load_config` turns any problem into one
+(docs/design.md §2). A typo is an error (`extra="forbid"`); `load_config` turns any problem into one
 `ConfigError` line naming the file and the key. With no file, `RunConfig()` is the built-in mini-UCIT
 default: the six UCIT-like tasks, the tiny LLaVA and every default method row. The choices of `methods`, and the
 top-level sections that belong to method rows (tasks.rows.MethodSettings), come from the registry of rows

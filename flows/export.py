@@ -1,4 +1,4 @@
-"""`many export` (DESIGN.md §5): the latest run's artifacts as standard files, readable without `many`.
+"""`many export` (docs/design.md §5): the latest run's artifacts as standard files, readable without `many`.
 
     DIR/tasks/<task>/adapter/              PEFT LoRA (PeftModel.from_pretrained on DIR/base)
     DIR/tasks/<task>/projector.safetensors the task's own projector

@@ -1,4 +1,4 @@
-"""The `continual_update` flow (DESIGN.md §2, §4): the whole stream as one recipe of cached stages.
+"""The `continual_update` flow (docs/design.md §2, §4): the whole stream as one recipe of cached stages.
 
 The configured method rows (tasks.rows) say what they read; the flow submits the shared stages that some row
 needs — all finetunes at once (they depend only on the base), so they run as parallel as the Ray cluster allows —
@@ -71,7 +71,7 @@ Submit = Callable[..., PrefectFuture]
 
 @flow(name="continual-update", task_runner=ThreadPoolTaskRunner(max_workers=64), persist_result=False, validate_parameters=False)
 def continual_update(config: RunConfig, run_id: str | None = None, progress: bool = False, repair: bool = False) -> dict[str, Any]:
-    """Run the configured stream through every configured method; return the run summary (DESIGN.md §5).
+    """Run the configured stream through every configured method; return the run summary (docs/design.md §5).
 
     With `repair`, every cached stage's blobs are re-hashed and a stage with a missing or corrupt blob (or an
     unreadable manifest) is recomputed (`tasks.cache.run_stage(repair=True)`)."""

@@ -1,4 +1,4 @@
-"""Checks of a run config that need no stage, done in the driver before anything is written (DESIGN.md §5).
+"""Checks of a run config that need no stage, done in the driver before anything is written (docs/design.md §5).
 
 A bad input found here is a `PreflightError` (a ValueError: exit 2) and leaves the store exactly as it was;
 found later, inside a stage, the same problem would cost the stages before it and litter the store.

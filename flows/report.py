@@ -1,4 +1,4 @@
-"""The store side of the report (DESIGN.md §1 "Metrics", §5 `report --json`): find the eval stages of a run and
+"""The store side of the report (docs/design.md §1 "Metrics", §5 `report --json`): find the eval stages of a run and
 read their scores.json from the store, so `many report` needs nothing but cached stages. Everything else — the
 accuracy matrices, the UCIT metrics, the terminal and markdown tables, heatmaps, forgetting curves and HTML page —
 is `many.report`'s.

@@ -1,4 +1,4 @@
-"""Scheduled continual updates (DESIGN.md §5 `many serve`): a Prefect deployment that reruns the stream.
+"""Scheduled continual updates (docs/design.md §5 `many serve`): a Prefect deployment that reruns the stream.
 
 The deployment's parameters are the config file's path and the store URL (deployments keep parameters in
 the Prefect API as JSON). Each scheduled run loads the config, reads the task stream — a growing directory

@@ -1,4 +1,4 @@
-"""A growing task stream (DESIGN.md §5 `many serve`): the tasks of a run read from a directory or S3 prefix.
+"""A growing task stream (docs/design.md §5 `many serve`): the tasks of a run read from a directory or S3 prefix.
 
     <source>/manifest.yaml   optional: a YAML list of spec file names — the stream's order
     <source>/<file>.yaml     one task spec each: a TaskSpec mapping (`name` defaults to the file stem),
@@ -6,7 +6,7 @@
 
 Without a manifest the order is the file names' order (name them `001-….yaml`, `002-….yaml`). With one,
 only the files it lists are in the stream, so a spec can be uploaded first and published by appending its
-name. The stream only grows: merges are a chain (DESIGN.md §2), so each scheduled run computes just the
+name. The stream only grows: merges are a chain (docs/design.md §2), so each scheduled run computes just the
 stages of the tasks that appeared since the last run; reordering or removing a task recomputes every merge
 after it.
 """

@@ -1,5 +1,5 @@
 """A task's adapter on disk: the PEFT LoRA dir (read its factors, write merged factors back as one) and the task
-directory around it (DESIGN.md §1, §2 finetune[t], §5 export).
+directory around it (docs/design.md §1, §2 finetune[t], §5 export).
 
 A task directory is `adapter/` (a PEFT LoRA adapter dir) plus `projector.safetensors` (the task's own vision→LLM
 projector): `save_task` writes it, `load_task` and `projector_state` read it, `check_task_dir` checks a user-supplied
@@ -132,7 +132,7 @@ def check_task_dir(
 def write_portable_config(src: Path, dest: Path) -> None:
     """adapter_config.json from `src` to `dest` (may be the same file) with `base_model_name_or_path` cleared: PEFT
     records where the base was loaded from, a local path that would make equal adapters differ by machine (and so
-    every downstream cache key, DESIGN.md §2)."""
+    every downstream cache key, docs/design.md §2)."""
     config = json.loads(Path(src).read_text())
     Path(dest).write_text(json.dumps({**config, "base_model_name_or_path": None}, indent=2, sort_keys=True))
 
@@ -152,7 +152,7 @@ def save_task(model: PeftModel, out_dir: Path) -> Path:
 
     The files hold no local path: PEFT records where the base was loaded from (`base_model_name_or_path`,
     and a README model card), which would make equal adapters differ by machine and cache directory —
-    and so every downstream cache key (DESIGN.md §2)."""
+    and so every downstream cache key (docs/design.md §2)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir / ADAPTER_DIR), safe_serialization=True)
     (out_dir / ADAPTER_DIR / "README.md").unlink(missing_ok=True)

@@ -1,5 +1,5 @@
 """Typed, frozen configs of the method. Each stage receives only the sub-config it reads,
-and that sub-config is exactly what goes into the stage's cache key (DESIGN.md §2)."""
+and that sub-config is exactly what goes into the stage's cache key (docs/design.md §2)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
-# LoRA on the language model's linear layers only: the CLIP tower also has q/k/v_proj (DESIGN.md §8).
+# LoRA on the language model's linear layers only: the CLIP tower also has q/k/v_proj (docs/design.md §8).
 LLAMA_LORA_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 
 
@@ -18,7 +18,7 @@ class Frozen(BaseModel):
 
 
 class TinyModelConfig(Frozen):
-    """The embedded tiny LLaVA (DESIGN.md §7, §8): CLIP-style ViT + Llama decoder, built from config."""
+    """The embedded tiny LLaVA (docs/design.md §7, §8): CLIP-style ViT + Llama decoder, built from config."""
 
     image_size: PositiveInt = 32
     patch_size: PositiveInt = 4
@@ -54,7 +54,7 @@ class LoraConfig(Frozen):
 
 
 class FinetuneConfig(Frozen):
-    """One task's LoRA + its own projector, trained from the base (DESIGN.md §1)."""
+    """One task's LoRA + its own projector, trained from the base (docs/design.md §1)."""
 
     lora: LoraConfig = LoraConfig()
     steps: PositiveInt = 600
@@ -68,14 +68,14 @@ class FinetuneConfig(Frozen):
 
 
 class StatsConfig(Frozen):
-    """Gram statistics G_i = X_iᵀX_i / N_i per LoRA-targeted layer, over all tokens (DESIGN.md §1, §8)."""
+    """Gram statistics G_i = X_iᵀX_i / N_i per LoRA-targeted layer, over all tokens (docs/design.md §1, §8)."""
 
     batch_size: PositiveInt = 32
     max_samples: int | None = Field(None, ge=1)  # None: every training sample
 
 
 class LPMConfig(Frozen):
-    """Low-rank parameter merging by recursive least squares (DESIGN.md §1).
+    """Low-rank parameter merging by recursive least squares (docs/design.md §1).
 
     a:     RegMean off-diagonal scale, G̃ = a·G + (1−a)·diag(G).
     gamma: ridge. `gamma_mode="relative"`: γ = gamma · mean(diag(G̃_1)) of the layer's first task
@@ -93,7 +93,7 @@ class LPMConfig(Frozen):
 
 
 class CPMConfig(Frozen):
-    """Cross-modal projection merging: w = softmax(cos(f(x), μ_i) / τ) (DESIGN.md §1).
+    """Cross-modal projection merging: w = softmax(cos(f(x), μ_i) / τ) (docs/design.md §1).
 
     tau None: calibrated at merge time — the largest τ that puts ≥ `calibration_target` mean weight on
     the right task for the tasks' own training images.

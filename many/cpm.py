@@ -1,4 +1,4 @@
-"""Cross-modal projection merging (CPM) — MAny (arXiv 2604.14016), DESIGN.md §1.
+"""Cross-modal projection merging (CPM) — MAny (arXiv 2604.14016), docs/design.md §1.
 
 Each task i trains its own projector P_i (vision → LLM connector) and has a visual prototype
 μ_i = normalize(mean_j normalize(f(x_j))) over its training images, f = the frozen vision encoder's pooled
@@ -7,7 +7,7 @@ kept to the top-k tasks) and its visual tokens are H = Σ_i w_i P_i(z(x)).
 
 τ is calibrated from the training features alone (`calibrate_tau`): the largest τ for which every task's
 own images put, on average, at least `target` weight on that task. Too soft a τ leaks weight into wrong
-projectors when prototypes are close (DESIGN.md §8).
+projectors when prototypes are close (docs/design.md §8).
 """
 
 from __future__ import annotations

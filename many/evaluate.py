@@ -1,4 +1,4 @@
-"""Build the model of any method from its parts, and score it on a task (DESIGN.md §1, §2 eval[t]).
+"""Build the model of any method from its parts, and score it on a task (docs/design.md §1, §2 eval[t]).
 
 Every method is evaluated through one harness. An `Assembly` names what differs between methods:
 
@@ -9,7 +9,7 @@ Every method is evaluated through one harness. An `Assembly` names what differs 
 Individual (task-id oracle) = task j's ΔW_j + its own projector; SeqLoRA = the chain's adapter + projector;
 the merges = merged ΔW + CPM routing (MAny) or one averaged projector. `assemble` returns a new model (the
 base is deep-copied, never changed); `evaluate` generates greedily with the KV cache, cuts answers at EOS
-(DESIGN.md §8) and scores them with many.metrics (percent).
+(docs/design.md §8) and scores them with many.metrics (percent).
 """
 
 from __future__ import annotations

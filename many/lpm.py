@@ -1,4 +1,4 @@
-"""Low-rank parameter merging (LPM) by recursive least squares — MAny (arXiv 2604.14016), DESIGN.md §1.
+"""Low-rank parameter merging (LPM) by recursive least squares — MAny (arXiv 2604.14016), docs/design.md §1.
 
 For one LoRA-targeted linear layer with frozen weight W0 (out×in), task i contributes the update
 ΔW_i = s_i·B_i A_i and the Gram G_i = X_iᵀX_i / N_i of the layer's inputs. The merge is the ridge

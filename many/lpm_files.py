@@ -1,4 +1,4 @@
-"""The LPM state files (DESIGN.md §1 LPM, §2 merge[t]): how a merge state (many.lpm.LayerState per layer) is stored
+"""The LPM state files (docs/design.md §1 LPM, §2 merge[t]): how a merge state (many.lpm.LayerState per layer) is stored
 between tasks, read back, and listed.
 
 An input group is the set of LoRA layers that read one input (q/k/v after one norm, gate/up after another, o and

@@ -1,4 +1,4 @@
-"""Scores and continual-learning metrics of the UCIT protocol (DESIGN.md §1 "Metrics (UCIT protocol)";
+"""Scores and continual-learning metrics of the UCIT protocol (docs/design.md §1 "Metrics (UCIT protocol)";
 UCIT / HiDe-LLaVA, Guo et al. 2025).
 
 Per task: QA tasks are scored by exact match after `normalize_answer`; caption tasks by the mean of

@@ -1,9 +1,9 @@
-"""The `base` stage (DESIGN.md §2, §7): the embedded tiny LLaVA pretrained on generic captions, or a HF LLaVA
+"""The `base` stage (docs/design.md §2, §7): the embedded tiny LLaVA pretrained on generic captions, or a HF LLaVA
 copied to a local dir, so every downstream stage reads an ordinary HF checkpoint from disk.
 
 Pretraining is full-parameter next-token training with the loss on the caption tokens only,
 AdamW at `pretrain_lr`, 5 % linear warmup then cosine decay, in fp32 (the saved checkpoint is cast to
-`dtype` when loaded). DESIGN.md §8: the from-scratch vision tower is the quality bottleneck, so a longer
+`dtype` when loaded). docs/design.md §8: the from-scratch vision tower is the quality bottleneck, so a longer
 pretraining helps every method. The step loop is `many.loop`'s, the one task fine-tuning runs.
 """
 

@@ -1,4 +1,4 @@
-"""Visual prototypes for CPM routing (DESIGN.md §1 "CPM", §2 prototypes[t]).
+"""Visual prototypes for CPM routing (docs/design.md §1 "CPM", §2 prototypes[t]).
 
 f(x) is the frozen vision tower's pooled feature: the mean over the patch tokens that LLaVA hands to the
 projector (hidden state at `vision_feature_layer`, CLS dropped under the "default" strategy). Not CLIP's

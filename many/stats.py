@@ -1,18 +1,18 @@
-"""Gram statistics of LoRA-targeted layers for LPM (DESIGN.md §1 "LPM", §2 stats[t], §8 lesson 2).
+"""Gram statistics of LoRA-targeted layers for LPM (docs/design.md §1 "LPM", §2 stats[t], §8 lesson 2).
 
 For every LoRA-wrapped linear layer the same input X feeds the frozen W0 and the LoRA, so the layer's
 least-squares merge needs only
 
     G_i = X_iᵀ X_i / N_i        (in × in),   X_i: N_i × in
 
-over task i's training tokens. DESIGN.md §8 measured that G must come from task i's OWN fine-tuned model
+over task i's training tokens. docs/design.md §8 measured that G must come from task i's OWN fine-tuned model
 (its LoRA and its projector) and cover ALL non-padding tokens of each sequence — image, prompt and answer;
 Grams of the base model, or of answer tokens only, ruin the merge.
 
 The sum XᵀX is accumulated in float64 batch by batch with forward pre-hooks (activations are never held),
 then divided by N. Layers fed by the same tensor (q/k/v after one norm, gate/up after another) form an input
 group: the product is computed and summed once, for the group's first layer, and every layer of the group gets
-that same Gram tensor object. Grams are stored float32 (DESIGN.md §2), ONCE per input group, and read back as
+that same Gram tensor object. Grams are stored float32 (docs/design.md §2), ONCE per input group, and read back as
 float64, keyed by PEFT module name (the adapter's keys minus ".lora_A.weight"):
 
     safetensors tensors   {group key: G (in, in) float32}, group key = the name of the group's first layer
@@ -142,7 +142,7 @@ def gram_groups(grams: Mapping[str, Tensor]) -> dict[str, str]:
 
 
 def save_grams(grams: Mapping[str, Tensor], path: str | Path) -> Path:
-    """Write Grams as float32 safetensors (DESIGN.md §2), one tensor per input group (layers mapped to the same
+    """Write Grams as float32 safetensors (docs/design.md §2), one tensor per input group (layers mapped to the same
     tensor object, as `collect_grams` returns them), with the layer → group map in the metadata."""
     bad = [name for name, gram in grams.items() if gram.ndim != 2 or gram.shape[0] != gram.shape[1]]
     if bad:

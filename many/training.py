@@ -1,4 +1,4 @@
-"""Per-task fine-tuning: a PEFT LoRA on the language model plus a task-own projector (DESIGN.md §1, §2 finetune[t]).
+"""Per-task fine-tuning: a PEFT LoRA on the language model plus a task-own projector (docs/design.md §1, §2 finetune[t]).
 
 From the frozen base, task t trains ΔW_t = s·B_t A_t (s = lora_alpha / r) on every targeted linear layer of the
 language model and its own copy P_t of the vision→LLM projector, with the loss on answer tokens only:

@@ -1,4 +1,4 @@
-"""Stages and the stage cache (DESIGN.md §2 "Cache key", §3): the cache logic every stage shares.
+"""Stages and the stage cache (docs/design.md §2 "Cache key", §3): the cache logic every stage shares.
 
 A stage's cache key is the sha256 of the canonical JSON (sorted keys, no whitespace, shortest round-trip
 floats, see `canonical_json`) of

@@ -1,4 +1,4 @@
-"""How one stage runs (DESIGN.md §2, §5): a Prefect task looks the stage's cache key up in the store and, only on a
+"""How one stage runs (docs/design.md §2, §4): a Prefect task looks the stage's cache key up in the store and, only on a
 miss, starts Ray (lazily, once per process) and runs the stage's compute (tasks.catalog.compute_of) through
 tasks.cache.run_stage as a Ray remote function with the resources the flow chose. Only small values cross
 processes: sub-configs and blob references in, `StageRecord`s of blob references out; workers read and write the
@@ -27,7 +27,7 @@ from tasks.store import BlobRef, CorruptArtifact, Manifest, Store, StoreError
 
 @dataclass(frozen=True)
 class StageRecord:
-    """What a stage run returns to the flow: small references only (DESIGN.md §5 `--json` stage entry)."""
+    """What a stage run returns to the flow: small references only (docs/design.md §5 `--json` stage entry)."""
 
     stage: str
     task: str | None

@@ -1,4 +1,4 @@
-"""The merge[t] stage's work (DESIGN.md §1 LPM, §2): fold task t into the RLS state of tasks < t, one input group
+"""The merge[t] stage's work (docs/design.md §1 LPM, §2): fold task t into the RLS state of tasks < t, one input group
 at a time, and export the merge as a rank-Σr PEFT adapter. many.lpm does the math, many.lpm_files the state files
 (one per input group: C once, B and AG per layer), many.lpm_checks what they accept; this module plans the per-group
 jobs, runs them, and writes the stage's outputs.

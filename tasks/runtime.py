@@ -1,4 +1,4 @@
-"""Where stages run (DESIGN.md §4): the store every process reopens from its URL, and a Ray cluster
+"""Where stages run (docs/design.md §4): the store every process reopens from its URL, and a Ray cluster
 started lazily — only when some stage must compute — or joined at a configured address.
 
 A Ray task asking for GPUs on a GPU-less cluster would wait forever, so `check_resources` fails fast

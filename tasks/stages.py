@@ -1,4 +1,4 @@
-"""The shared stages (DESIGN.md §2): what each reads and writes, its compute (a thin call into `many`), and the
+"""The shared stages (docs/design.md §2): what each reads and writes, its compute (a thin call into `many`), and the
 sub-configs that key their cache entries. Every method row reads these; tasks.catalog adds the eval stage and the
 rows' own chain stages (tasks.rows), and tasks.dispatch runs any of them through the store's cache.
 
@@ -168,7 +168,7 @@ def compute_prototypes(
 
 
 def compute_stats(inputs: Mapping[str, Path], workdir: Path, *, config: StatsStageConfig, device: str) -> dict[str, Path]:
-    """Grams under the task's OWN fine-tuned model, over all tokens (DESIGN.md §8 lesson 2)."""
+    """Grams under the task's OWN fine-tuned model, over all tokens (docs/design.md §8 lesson 2)."""
     from many.adapters import load_task
     from many.data import read_task
     from many.stats import collect_grams, save_grams

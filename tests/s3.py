@@ -1,4 +1,4 @@
-"""A real S3 server for the tests (moto over HTTP on loopback, DESIGN.md §3 / STYLE.md "real components"), a
+"""A real S3 server for the tests (moto over HTTP on loopback, docs/design.md §3 / docs/design.md §11 "real components"), a
 fault-injecting proxy in front of it, and helpers that reach around the store to inspect or damage what it
 wrote. The fixtures are registered for every test directory by tests/conftest.py."""
 

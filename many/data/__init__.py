@@ -1,4 +1,4 @@
-"""Task data (DESIGN.md §7): the sample schema, the synthetic mini-UCIT stream, Parquet IO, the LLaVA/UCIT JSON
+"""Task data (docs/design.md §7): the sample schema, the synthetic mini-UCIT stream, Parquet IO, the LLaVA/UCIT JSON
 loader and validation."""
 
 from many.data.draw import png_bytes

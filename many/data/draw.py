@@ -1,4 +1,4 @@
-"""Drawing primitives shared by the mini-UCIT generators (DESIGN.md §7): a small palette, shapes legible at
+"""Drawing primitives shared by the mini-UCIT generators (docs/design.md §7): a small palette, shapes legible at
 32 px, textured backgrounds, and deterministic PNG encoding. PIL's ImageDraw does not antialias, and all
 randomness comes from the caller's numpy Generator, so the same seed gives byte-identical images."""
 

@@ -1,4 +1,4 @@
-"""Task data as Parquet (DESIGN.md §3, §7): one row per sample (sample_id, image PNG bytes, prompt, answer);
+"""Task data as Parquet (docs/design.md §3, §7): one row per sample (sample_id, image PNG bytes, prompt, answer);
 a task is a directory with train.parquet, test.parquet and task.json ({"name", "metric"}).
 
 `where` is a local path or a binary file object (an fsspec file works: it is used duck-typed)."""

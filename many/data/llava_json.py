@@ -1,4 +1,4 @@
-"""Real UCIT data (DESIGN.md §7): LLaVA conversation JSON plus an image folder, local or remote.
+"""Real UCIT data (docs/design.md §7): LLaVA conversation JSON plus an image folder, local or remote.
 
     [{"id": "…", "image": "relative/path.jpg",
       "conversations": [{"from": "human", "value": "<image>\\n…"}, {"from": "gpt", "value": "…"}, …]}, …]

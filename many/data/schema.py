@@ -1,4 +1,4 @@
-"""One instruction sample and one task's data: the unit every stage reads (DESIGN.md §7)."""
+"""One instruction sample and one task's data: the unit every stage reads (docs/design.md §7)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Checks on task data before any stage trains on it (DESIGN.md §7): every error names the problem,
+"""Checks on task data before any stage trains on it (docs/design.md §7): every error names the problem,
 where it is (file / task / sample id) and what to fix."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The merge baselines of DESIGN.md §1 ("Comparison methods"), one module each, in a plain registry
-(mergekit style; STYLE.md "Registries over if-chains").
+"""The merge baselines of docs/design.md §1 ("Comparison methods"), one module each, in a plain registry
+(mergekit style; docs/design.md §11 "Registries over if-chains").
 
 Every merger works on ONE layer:
 

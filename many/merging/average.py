@@ -1,4 +1,4 @@
-"""Average merging: the plain mean of the tasks' updates (DESIGN.md §1, comparison methods).
+"""Average merging: the plain mean of the tasks' updates (docs/design.md §1, comparison methods).
 
     M = (1/T) Σ_i ΔW_i
 

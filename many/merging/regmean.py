@@ -1,5 +1,5 @@
 """RegMean: the batch least-squares merge of linear layers (Jin et al. 2023, "Dataless knowledge fusion
-by merging weights of language models"; DESIGN.md §1, comparison methods).
+by merging weights of language models"; docs/design.md §1, comparison methods).
 
     G̃_i = a·G_i + (1−a)·diag(G_i)                      (in, in)
     C   = Σ_i G̃_i + γ·mean(diag(Σ_i G̃_i))·I             (in, in)

@@ -1,5 +1,5 @@
 """Task arithmetic: add the scaled sum of the task vectors (Ilharco et al. 2023, "Editing models with
-task arithmetic"; DESIGN.md §1, comparison methods).
+task arithmetic"; docs/design.md §1, comparison methods).
 
     M = λ Σ_i ΔW_i
 

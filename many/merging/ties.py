@@ -1,5 +1,5 @@
 """TIES merging: trim, elect sign, disjoint merge (Yadav et al. 2023, "TIES-Merging: resolving
-interference when merging models"; DESIGN.md §1, comparison methods).
+interference when merging models"; docs/design.md §1, comparison methods).
 
     trim:     T_i = ΔW_i with all but its top-k magnitudes zeroed (per task, per layer)
     elect:    σ = sign(Σ_i T_i)                                         (entry-wise)

@@ -1,4 +1,4 @@
-"""The embedded tiny LLaVA (DESIGN.md §7, §8): transformers' own CLIP vision tower + Llama decoder,
+"""The embedded tiny LLaVA (docs/design.md §7, §8): transformers' own CLIP vision tower + Llama decoder,
 a word-level tokenizer saved as a real HF tokenizer, and a CLIP image processor — so the saved
 directory is an ordinary HF checkpoint that `from_pretrained` loads like any LLaVA."""
 
@@ -53,7 +53,7 @@ def tiny_llava_config(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerFast) 
     """The tiny LLaVA's architecture for `tokenizer`'s vocabulary.
 
     Image tokens per image = (image_size / patch_size)² : the "default" feature strategy drops CLS.
-    `vision_feature_layer=-1` because with so few vision layers the usual −2 would skip one (DESIGN.md §8).
+    `vision_feature_layer=-1` because with so few vision layers the usual −2 would skip one (docs/design.md §8).
     """
     num_patches = (cfg.image_size // cfg.patch_size) ** 2
     vision = CLIPVisionConfig(

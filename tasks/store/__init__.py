@@ -1,4 +1,4 @@
-"""The artifact store and its records (DESIGN.md §3); see `tasks.store.store` for the layout and guarantees."""
+"""The artifact store and its records (docs/design.md §3); see `tasks.store.store` for the layout and guarantees."""
 
 from tasks.store.errors import BadName, BadStoreURL, CorruptArtifact, StoreError, StoreUnreachable
 from tasks.store.records import BlobRef, DirListing, GcReport, LsRow, Manifest, canonical_json, validate_name

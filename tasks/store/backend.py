@@ -1,4 +1,4 @@
-"""Where the store's bytes live (DESIGN.md §3): a local directory or an S3 prefix, behind fsspec.
+"""Where the store's bytes live (docs/design.md §3): a local directory or an S3 prefix, behind fsspec.
 
 The two backends differ only in how a write is made atomic and exclusive:
 

@@ -1,4 +1,4 @@
-"""Errors of the artifact store (DESIGN.md §3, §5).
+"""Errors of the artifact store (docs/design.md §3, §5).
 
 Every message is one line naming the problem, where, and what to fix. The CLI maps `ValueError`
 subclasses (bad URL, bad name) to exit code 2 and every other `StoreError` to exit code 1.

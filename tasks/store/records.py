@@ -1,4 +1,4 @@
-"""The store's JSON records (DESIGN.md §3): blob references, stage manifests, directory listings,
+"""The store's JSON records (docs/design.md §3): blob references, stage manifests, directory listings,
 and the rows of `ls` / the report of `gc`. Names used as path components are validated here."""
 
 from __future__ import annotations

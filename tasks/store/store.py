@@ -1,4 +1,4 @@
-"""The content-addressed artifact store (DESIGN.md §3).
+"""The content-addressed artifact store (docs/design.md §3).
 
     <root>/blobs/sha256/ab/cdef…          immutable content, written once, verified on every read
     <root>/stages/<stage>/<key>.json      manifest, written LAST and create-exclusive
@@ -327,7 +327,7 @@ class Store:
 
     @_translated("writing a run summary")
     def write_run(self, run_id: str, summary: dict[str, Any]) -> None:
-        """Write `runs/<run_id>.json`; `summary["stages"]` lists `{"stage", "key", ...}` (DESIGN.md §5)."""
+        """Write `runs/<run_id>.json`; `summary["stages"]` lists `{"stage", "key", ...}` (docs/design.md §5)."""
         validate_name("run", run_id)
         stages = summary.get("stages")
         if not isinstance(stages, list) or not all(

@@ -1,4 +1,4 @@
-"""A multi-node Ray cluster on one machine (issue #7 §3–4, DESIGN.md §4): `ray.cluster_utils.Cluster` with a
+"""A multi-node Ray cluster on one machine (issue #7 §3–4, docs/design.md §4): `ray.cluster_utils.Cluster` with a
 CPU head, a worker advertising one (fake) GPU and a CPU-only worker; the tiny stream joins it by
 `ray.address`. Finetunes ask for a GPU and must land on a GPU node (running on its CPU: the node has no
 CUDA); merges ask for CPU only and must land elsewhere. The GPU worker is killed while it runs a finetune and

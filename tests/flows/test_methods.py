@@ -1,4 +1,4 @@
-"""CRAM and Fwd-Prompt as method rows of the pipeline (DESIGN.md §1 "Comparison methods", §2 caching contract).
+"""CRAM and Fwd-Prompt as method rows of the pipeline (docs/design.md §1 "Comparison methods", §2 caching contract).
 
 Fast: the run config selects them and validates their sections (a typo is an error; both train with the run's
 finetune budget unless their section says otherwise); their stages are keyed by config and by earlier links.

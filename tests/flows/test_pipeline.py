@@ -1,5 +1,5 @@
 """End to end (slow): the real flow on a real Prefect test harness and a real local Ray, on the tiny stream
-of examples/tiny.yaml. Asserts on the `--json` stage list of `many run` (DESIGN.md §2 caching contract):
+of examples/tiny.yaml. Asserts on the `--json` stage list of `many run` (docs/design.md §2 caching contract):
 cold → every stage computed; rerun → every stage cached and Ray never started; one more task → exactly that
 task's stages, merges and eval row; a new τ → only the routed methods' evals; a new LPM γ → only the LPM
 merges and their evals; export → the merged adapter

@@ -50,7 +50,7 @@ EVAL = EvalConfig(batch_size=24, max_new_tokens=3)
 
 
 def _restyled(samples: tuple[Sample, ...], style: str) -> tuple[Sample, ...]:
-    """The samples with their images restyled so the two tasks' vision features separate (DESIGN.md §7: tasks
+    """The samples with their images restyled so the two tasks' vision features separate (docs/design.md §7: tasks
     differ in rendition); "striped": every other row black, "inverted": colour-inverted (a dark background)."""
     out = []
     for sample in samples:

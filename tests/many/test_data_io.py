@@ -1,4 +1,4 @@
-"""Parquet IO of samples and tasks (DESIGN.md §3, §7): exact round trips, fixed schema, file objects, clear errors."""
+"""Parquet IO of samples and tasks (docs/design.md §3, §7): exact round trips, fixed schema, file objects, clear errors."""
 
 from __future__ import annotations
 

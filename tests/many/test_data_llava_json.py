@@ -1,4 +1,4 @@
-"""The UCIT / LLaVA conversation-JSON loader (DESIGN.md §7), on a small fixture written into tmp_path."""
+"""The UCIT / LLaVA conversation-JSON loader (docs/design.md §7), on a small fixture written into tmp_path."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""mini-UCIT (DESIGN.md §7): deterministic disjoint splits, a closed vocabulary, tasks that differ in images and
+"""mini-UCIT (docs/design.md §7): deterministic disjoint splits, a closed vocabulary, tasks that differ in images and
 instruction formats."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Validation of task data (DESIGN.md §7): each bad input raises DataError naming the problem and the sample."""
+"""Validation of task data (docs/design.md §7): each bad input raises DataError naming the problem and the sample."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""One harness for every method: W0 + ΔW, the projector(s), generate, score (DESIGN.md §1, §2 eval[t])."""
+"""One harness for every method: W0 + ΔW, the projector(s), generate, score (docs/design.md §1, §2 eval[t])."""
 
 import copy
 import math

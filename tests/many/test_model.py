@@ -1,4 +1,4 @@
-"""The tiny LLaVA recipe and the chat encoding (DESIGN.md §7, §8)."""
+"""The tiny LLaVA recipe and the chat encoding (docs/design.md §7, §8)."""
 
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration

@@ -1,4 +1,4 @@
-"""The `base` stage: tiny LLaVA pretraining and the HF copy path (DESIGN.md §2, §7)."""
+"""The `base` stage: tiny LLaVA pretraining and the HF copy path (docs/design.md §2, §7)."""
 
 from __future__ import annotations
 

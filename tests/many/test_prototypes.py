@@ -1,4 +1,4 @@
-"""Visual prototypes: the frozen tower's pooled features and their Parquet table (DESIGN.md §1 CPM)."""
+"""Visual prototypes: the frozen tower's pooled features and their Parquet table (docs/design.md §1 CPM)."""
 
 import pyarrow as pa
 import pyarrow.parquet as pq

@@ -1,4 +1,4 @@
-"""Gram statistics G = XᵀX / N over all non-padding tokens, under the task's own model (DESIGN.md §1, §8)."""
+"""Gram statistics G = XᵀX / N over all non-padding tokens, under the task's own model (docs/design.md §1, §8)."""
 
 import copy
 import json

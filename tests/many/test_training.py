@@ -1,4 +1,4 @@
-"""Per-task LoRA + projector fine-tuning and adapter factor I/O (DESIGN.md §1, §5)."""
+"""Per-task LoRA + projector fine-tuning and adapter factor I/O (docs/design.md §1, §5)."""
 
 from __future__ import annotations
 
@@ -141,7 +141,7 @@ def test_written_adapter_equals_adding_ba_by_hand(base, task_dir, tmp_path):
     factors = {}
     for i, (name, (B, A, _)) in enumerate(lora_factors(task_dir / "adapter").items()):
         rank = 2 if i == 0 else 6  # one module off the common rank → rank_pattern
-        factors[name] = (0.05 * torch.randn(B.shape[0], rank, generator=generator),  # B non-zero (STYLE.md)
+        factors[name] = (0.05 * torch.randn(B.shape[0], rank, generator=generator),  # B non-zero (docs/design.md §11)
                          0.05 * torch.randn(rank, A.shape[1], generator=generator))
     out = write_lora_adapter(factors, config, tmp_path / "merged")
     loaded = PeftModel.from_pretrained(copy.deepcopy(model), out).eval()

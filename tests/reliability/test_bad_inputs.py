@@ -1,5 +1,5 @@
 """Bad inputs (issue #9.5): each case names the input, the one-line message expected on stderr, the exit
-code (2: bad input; 1 where DESIGN.md §5 calls it a runtime failure), and the store listing unchanged.
+code (2: bad input; 1 where docs/design.md §5 calls it a runtime failure), and the store listing unchanged.
 
 Config, task-name and store-URL cases fail before any flow starts (fast). Data cases (missing image,
 corrupt PNG, empty task, answerless conversation) fail in the data stage of a real flow (slow). A task's own

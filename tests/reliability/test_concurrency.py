@@ -1,4 +1,4 @@
-"""Concurrency (issue #9.3, DESIGN.md §3 "create-exclusive manifests"): two identical `many run` processes
+"""Concurrency (issue #9.3, docs/design.md §3 "create-exclusive manifests"): two identical `many run` processes
 on one store at once both succeed with identical results, every manifest exists once and parses (no torn
 file, no leftover temp file), and the result is the reference's bit for bit; a run with a different config
 on the same base then finds every stage it shares (base, data, finetune, prototypes, stats) cached."""

@@ -1,4 +1,4 @@
-"""kill -9 anywhere, then resume (issue #9.1, DESIGN.md §3: "a crash leaves at most orphan blobs").
+"""kill -9 anywhere, then resume (issue #9.1, docs/design.md §3: "a crash leaves at most orphan blobs").
 
 `many run` of the small stream runs as a subprocess in its own session and is SIGKILLed — driver, Ray and
 workers at once — then rerun, over and over on one store: at every stage boundary (the test hook

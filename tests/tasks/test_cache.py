@@ -1,4 +1,4 @@
-"""Stage cache keys and `run_stage` (DESIGN.md §2 "Cache key", §3; issue #5) on a local and an S3 store."""
+"""Stage cache keys and `run_stage` (docs/design.md §2 "Cache key", §3; issue #5) on a local and an S3 store."""
 
 from __future__ import annotations
 

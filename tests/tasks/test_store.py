@@ -1,4 +1,4 @@
-"""The artifact store (DESIGN.md §3, issue #5) against a local directory and a real S3 server (moto)."""
+"""The artifact store (docs/design.md §3, issue #5) against a local directory and a real S3 server (moto)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""chart-qa, the ArxivQA analogue (DESIGN.md §7): a bar chart on white grid paper, a multiple-choice question
+"""chart-qa, the ArxivQA analogue (docs/design.md §7): a bar chart on white grid paper, a multiple-choice question
 about the tallest or shortest bar with colour options a) … d) → one letter."""
 
 from __future__ import annotations

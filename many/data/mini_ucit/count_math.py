@@ -1,4 +1,4 @@
-"""count-math, the CLEVR-Math analogue (DESIGN.md §7): a few objects on a grey studio floor; "subtract all red
+"""count-math, the CLEVR-Math analogue (docs/design.md §7): a few objects on a grey studio floor; "subtract all red
 objects. how many objects are left?" → a number word."""
 
 from __future__ import annotations

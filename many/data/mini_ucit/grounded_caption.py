@@ -1,4 +1,4 @@
-"""grounded-caption, the Flickr30k analogue (DESIGN.md §7): two objects in an outdoor scene (sky over ground)
+"""grounded-caption, the Flickr30k analogue (docs/design.md §7): two objects in an outdoor scene (sky over ground)
 → a caption naming both objects' colours, shapes and where one is relative to the other."""
 
 from __future__ import annotations

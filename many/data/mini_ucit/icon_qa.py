@@ -1,4 +1,4 @@
-"""icon-qa, the IconQA analogue (DESIGN.md §7): a 3×3 grid of small icons on pastel card, asking either
+"""icon-qa, the IconQA analogue (docs/design.md §7): a 3×3 grid of small icons on pastel card, asking either
 how many icons there are (→ a digit) or which icon is missing from a row pattern (→ the icon's name)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What a mini-UCIT task kind is (DESIGN.md §7): an image distribution with its own instruction format,
+"""What a mini-UCIT task kind is (docs/design.md §7): an image distribution with its own instruction format,
 plus generic captions of the same images for base pretraining."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""noisy-caption, the VizWiz-caption analogue (DESIGN.md §7): a dim "photo" of one object, degraded by blur,
+"""noisy-caption, the VizWiz-caption analogue (docs/design.md §7): a dim "photo" of one object, degraded by blur,
 darkness, tilt or a covering hand → a short caption naming the defect and the object."""
 
 from __future__ import annotations

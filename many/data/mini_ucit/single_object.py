@@ -1,4 +1,4 @@
-"""Pretraining-only images (DESIGN.md §7): one shape on a plain backdrop, captioned "a red circle on a blue
+"""Pretraining-only images (docs/design.md §7): one shape on a plain backdrop, captioned "a red circle on a blue
 background", so the base learns colour and shape words before any task arrives."""
 
 from __future__ import annotations

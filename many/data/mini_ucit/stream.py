@@ -1,4 +1,4 @@
-"""The mini-UCIT stream (DESIGN.md §7): the task-kind registry in UCIT order, deterministic task splits,
+"""The mini-UCIT stream (docs/design.md §7): the task-kind registry in UCIT order, deterministic task splits,
 generic pretraining captions of every image kind, and the closed vocabulary of everything emitted."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""style-cls, the ImageNet-R analogue (DESIGN.md §7): name one shape drawn in one of several renditions
+"""style-cls, the ImageNet-R analogue (docs/design.md §7): name one shape drawn in one of several renditions
 (outline, solid, striped, noisy, inverted) on grainy paper → one word."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The word-level text convention of mini-UCIT (DESIGN.md §7).
+"""The word-level text convention of mini-UCIT (docs/design.md §7).
 
 Tokenisation rule, shared with the tiny model's word-level tokenizer: text is lowercase; a token is either one
 of the punctuation characters in PUNCTUATION (each its own token) or a maximal run of other non-whitespace

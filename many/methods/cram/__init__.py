@@ -1,5 +1,5 @@
 """CRAM baseline: task-isolated LoRA experts with adaptive rank, an orthogonality penalty and centroid routing
-(seed system of DESIGN.md §1 "Comparison methods"; run in the same harness as MAny).
+(seed system of docs/design.md §1 "Comparison methods"; run in the same harness as MAny).
 
 CRAM isolates each task in its own module to avoid forgetting; it sizes each new expert by the capability gap
 between the existing experts and the new task's demands (adaptive-rank instantiation, `rank`), keeps new updates

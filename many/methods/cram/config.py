@@ -1,4 +1,4 @@
-"""The configuration of the CRAM baseline (many.methods.cram; DESIGN.md §1 "Comparison methods")."""
+"""The configuration of the CRAM baseline (many.methods.cram; docs/design.md §1 "Comparison methods")."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Fwd-Prompt (Zheng et al., "Beyond Anti-Forgetting: Multimodal Continual Instruction Tuning with Positive Forward
-Transfer", arXiv 2401.09181), a comparison system of DESIGN.md §1: n soft prompts on the frozen LLaVA, trained task
+Transfer", arXiv 2401.09181), a comparison system of docs/design.md §1: n soft prompts on the frozen LLaVA, trained task
 after task, each gradient projected onto the residual of the earlier tasks' input-embedding core subspace and onto
 the pre-trained token-embedding subspace. No old samples are kept — only the prompts and the core basis.
 

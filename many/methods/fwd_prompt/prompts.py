@@ -1,4 +1,4 @@
-"""Soft prompts on a frozen LLaVA through ordinary prompt tokens (Fwd-Prompt's prompt tuning; DESIGN.md §1).
+"""Soft prompts on a frozen LLaVA through ordinary prompt tokens (Fwd-Prompt's prompt tuning; docs/design.md §1).
 
 n special tokens "<prompt_0>" … "<prompt_{n-1}>" are added to a copy of the tokenizer and written in front of every
 user prompt ("USER: <image>\\n<prompt_0> … <prompt_{n-1}> {prompt} ASSISTANT:"), so encoding, training, generation
@@ -8,7 +8,7 @@ and evaluation run unchanged on prompted samples. The model's input embedding is
             E[id]            otherwise                       (the frozen base token embedding)
 
 Why a wrapper rather than `resize_token_embeddings` + a gradient mask on the new rows: LLaVA's lm_head is untied
-(DESIGN.md §8), so resizing would also add n output logits — the base would change its answer distribution before
+(docs/design.md §8), so resizing would also add n output logits — the base would change its answer distribution before
 any training and could emit prompt tokens — and the optimizer and the gradient projection would see the whole
 (V, d) matrix. The wrapper keeps the output vocabulary, makes the (n, d) prompts the only trainable tensor, and
 works whether the new token ids fall past the embedding (the tiny tokenizer) or on its padded rows (LLaVA-1.5's

@@ -1,4 +1,4 @@
-"""Fwd-Prompt's configuration and its explicit state between tasks: the prompts and the core basis (DESIGN.md §1).
+"""Fwd-Prompt's configuration and its explicit state between tasks: the prompts and the core basis (docs/design.md §1).
 
 No old samples are stored — only the n soft prompts (n, d) and the orthonormal core basis U (d, k) of the earlier
 tasks' input embeddings (many.methods.fwd_prompt.subspace). The state of task t is a pure function of the state of

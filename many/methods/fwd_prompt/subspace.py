@@ -1,5 +1,5 @@
 """Fwd-Prompt's subspaces and gradient projection (Zheng et al., "Beyond Anti-Forgetting: Multimodal Continual
-Instruction Tuning with Positive Forward Transfer", arXiv 2401.09181; DESIGN.md §1 "Comparison methods").
+Instruction Tuning with Positive Forward Transfer", arXiv 2401.09181; docs/design.md §1 "Comparison methods").
 
 Pure float64 linear algebra on d-dimensional LLM input embeddings; every basis has orthonormal columns.
 

@@ -1,4 +1,4 @@
-"""Fwd-Prompt training of one task, continuing the previous task's prompts (DESIGN.md §1 "Comparison methods").
+"""Fwd-Prompt training of one task, continuing the previous task's prompts (docs/design.md §1 "Comparison methods").
 
 Task t, from state (prompts p_{t−1} (n, d), core U_{t−1} (d, k)) — or, for the first task, n prompts copied from
 randomly drawn vocabulary embeddings (Lester et al. 2021) and an empty core:
