@@ -17,7 +17,8 @@ the tables and figures mark caption tasks with "†". Every table and page expla
 
 `text_table` is the terminal table of `many run` and `many report`; `markdown_table` and `matrix_markdown` the
 markdown. Rendering (`render`) writes report.json, report.md, one heatmap PNG per method (one colour scale shared
-by every method), forgetting.png and a self-contained report.html. Figures use matplotlib's object API (`Figure`, Agg), never pyplot, so no global
+by every method), forgetting.png, with a run's stage spans (`StageSpan`) timeline.png, and a self-contained
+report.html. Figures use matplotlib's object API (`Figure`, Agg), never pyplot, so no global
 backend or figure state is touched.
 """
 
@@ -32,12 +33,14 @@ import math
 import numbers
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, NamedTuple, get_args
 
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 from many.data.schema import Metric
 from many.metrics import summarize
@@ -443,6 +446,119 @@ def _forgetting_figure(report: Mapping) -> Figure:
     return figure
 
 
+class StageSpan(NamedTuple):
+    """One stage of a run on the timeline: when it computed (POSIX seconds) and where. `cached`: this run found it
+    in the store, so the span is when an earlier run computed it."""
+
+    stage: str
+    task: str | None
+    method: str | None
+    host: str
+    start: float
+    end: float
+    cached: bool = False
+
+
+TIMELINE_CAPTION = (
+    "One bar per stage, from its manifest: it ends when the manifest was written and starts its recorded seconds "
+    "earlier. One lane group per host (Ray node); a host's concurrent stages stack in sub-lanes. The critical path "
+    "runs back from the last bar to end through the bars that ended just before each one started. Colours are "
+    "stage kinds (legend: count, total time). "
+    "Stages this run found cached are drawn faded at the time they were computed, possibly by an earlier run."
+)
+
+
+def _spans(timeline: Iterable[Sequence[Any]]) -> list[StageSpan]:
+    """StageSpan of each (stage, task, method, host, start, end[, cached]), sorted by start; ValueError naming a
+    span with a non-finite time or an end before its start."""
+    spans = []
+    for item in timeline:
+        span = StageSpan(*item)
+        if not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in (span.start, span.end)):
+            raise ValueError(f"timeline: stage {span.stage!r} has start {span.start!r}, end {span.end!r}; need finite "
+                             f"POSIX seconds")
+        if span.end < span.start:
+            raise ValueError(f"timeline: stage {span.stage!r} ends ({span.end}) before it starts ({span.start})")
+        spans.append(span._replace(start=float(span.start), end=float(span.end)))
+    return sorted(spans, key=lambda s: (s.start, s.end, s.host, s.stage, s.task or "", s.method or ""))
+
+
+def _lanes(spans: Sequence[StageSpan]) -> tuple[list[int], list[tuple[str, int, int]]]:
+    """Each span's row (sorted spans in): per host, greedy sub-lanes so no two bars of one lane overlap; and per
+    host (name, first row, row count), hosts in order of their first stage."""
+    ends: dict[str, list[float]] = {}
+    placed = []
+    for span in spans:
+        lanes = ends.setdefault(span.host, [])
+        lane = next((k for k, end in enumerate(lanes) if end <= span.start), len(lanes))
+        if lane == len(lanes):
+            lanes.append(span.end)
+        lanes[lane] = span.end
+        placed.append((span.host, lane))
+    groups, first = [], 0
+    for host, lanes in ends.items():
+        groups.append((host, first, len(lanes)))
+        first += len(lanes)
+    offset = {host: row for host, row, _ in groups}
+    return [offset[host] + lane for host, lane in placed], groups
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _timeline_figure(timeline: Iterable[Sequence[Any]]) -> Figure:
+    """The Gantt chart of a run's stages (`TIMELINE_CAPTION`); x = time since the first stage started."""
+    spans = _spans(timeline)
+    if not spans:
+        raise ValueError("timeline: no stages to draw")
+    rows, groups = _lanes(spans)
+    origin = spans[0].start
+    total = max(span.end for span in spans) - origin
+    unit, per = ("s", 1.0) if total < 120 else ("min", 60.0) if total < 7200 else ("h", 3600.0)
+    kinds = list(dict.fromkeys(span.stage for span in spans))
+    palette = colormaps["tab10" if len(kinds) <= 10 else "tab20"].colors
+    colour = {kind: palette[k % len(palette)] for k, kind in enumerate(kinds)}
+    n_rows = sum(count for _, _, count in groups)
+    width = 11.0
+    figure = Figure(figsize=(width, 1.9 + 0.26 * n_rows), layout="constrained")
+    ax = figure.add_subplot()
+    extent = max(total, 1e-9) / per
+    for span, row in zip(spans, rows, strict=True):
+        left, length = (span.start - origin) / per, (span.end - span.start) / per
+        ax.barh(row, length, left=left, height=0.8, color=colour[span.stage], alpha=0.4 if span.cached else 1.0,
+                edgecolor="black", linewidth=0.3)
+        label = span.method or span.task or ""
+        if label and len(label) * 0.075 < 0.85 * width * length / extent:  # only where the text fits the bar
+            ax.text(left + length / 2, row, _plain(label), ha="center", va="center", fontsize=6.5, clip_on=True)
+    ax.set_yticks([row + (count - 1) / 2 for _, row, count in groups], [_plain(host) for host, _, _ in groups])
+    for _, row, _ in groups[1:]:
+        ax.axhline(row - 0.5, color="gray", linewidth=0.6)
+    ax.set_ylim(n_rows - 0.5, -0.5)  # the first host on top
+    ax.set_xlim(0.0, extent * 1.01)
+    ax.grid(axis="x", alpha=0.3)
+    started = datetime.fromtimestamp(origin, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    ax.set_xlabel(f"{unit} since the first stage started ({started})")
+    busy = {kind: 0.0 for kind in kinds}
+    count = {kind: 0 for kind in kinds}
+    for span in spans:
+        busy[span.stage] += span.end - span.start
+        count[span.stage] += 1
+    handles = [
+        Patch(facecolor=colour[kind], edgecolor="black", linewidth=0.3,
+              label=_plain(f"{kind} ×{count[kind]}, {_duration(busy[kind])}"))
+        for kind in kinds
+    ]
+    figure.legend(handles=handles, loc="outside lower center", ncols=min(6, len(kinds)), fontsize=8)
+    ax.set_title(f"Stage timeline — {len(spans)} stages, wall {_duration(total)}, "
+                 f"stage time {_duration(sum(busy.values()))}")
+    return figure
+
+
 def file_stem(method: str) -> str:
     """A filename-safe, deterministic stem for a method name.
 
@@ -487,10 +603,11 @@ def _html_legend(report: Mapping) -> str:
     return f'<dl class="legend">{items}</dl>'
 
 
-def render(report: Mapping, out_dir: Path) -> dict[str, Path]:
-    """Write report.json, report.md, heatmap_<method>.png per method (one colour scale for all), forgetting.png
-    and a self-contained report.html (tables, legend, every PNG as a base64 data URI) into `out_dir`; returns
-    {file name: path}.
+def render(report: Mapping, out_dir: Path, timeline: Iterable[Sequence[Any]] | None = None) -> dict[str, Path]:
+    """Write report.json, report.md, heatmap_<method>.png per method (one colour scale for all), forgetting.png,
+    with a non-empty `timeline` (StageSpan or plain (stage, task, method, host, start, end[, cached]) per stage)
+    timeline.png, and a self-contained report.html (tables, legend, every PNG as a base64 data URI) into
+    `out_dir`; returns {file name: path}.
 
     Every figure is rendered in memory first and report.json is written last, so a failure while plotting
     leaves no partial report behind.
@@ -509,6 +626,13 @@ def render(report: Mapping, out_dir: Path) -> dict[str, Path]:
     scale = score_scale(report)
     heatmaps = {method: _png(_heatmap_figure(report, method, scale)) for method in methods}
     forgetting = _png(_forgetting_figure(report))
+    spans = _spans(timeline or ())
+    gantt = _png(_timeline_figure(spans)) if spans else None
+    timeline_md = [f"## Stage timeline\n\n![stage timeline](timeline.png)\n\n{TIMELINE_CAPTION}\n"] if gantt else []
+    timeline_html = (
+        ["<h2>Stage timeline</h2>", _img(gantt, "stage timeline"), f"<p>{html.escape(TIMELINE_CAPTION)}</p>"]
+        if gantt else []
+    )
     markdown = "\n".join(
         [
             "# many report\n",
@@ -519,6 +643,7 @@ def render(report: Mapping, out_dir: Path) -> dict[str, Path]:
                 f"## {_md_cell(m)}\n\n{matrix_markdown(report, m)}\n![{_md_cell(m)}](heatmap_{stems[m]}.png)\n"
                 for m in methods
             ),
+            *timeline_md,
         ]
     )
     page = "\n".join(
@@ -537,11 +662,14 @@ def render(report: Mapping, out_dir: Path) -> dict[str, Path]:
                 f"{_number(scale[0])} to {_number(scale[1])}.</p>"
             ),
             *(f"<h3>{html.escape(m)}</h3>\n{_img(heatmaps[m], f'accuracy matrix of {m}')}" for m in methods),
+            *timeline_html,
             "</body></html>\n",
         ]
     )
     files: dict[str, bytes] = {f"heatmap_{stems[m]}.png": heatmaps[m] for m in methods}
     files["forgetting.png"] = forgetting
+    if gantt is not None:
+        files["timeline.png"] = gantt
     files["report.md"] = markdown.encode()
     files["report.html"] = page.encode()
     files["report.json"] = (json.dumps(report, indent=2, allow_nan=False) + "\n").encode()

@@ -328,3 +328,61 @@ def test_heatmaps_share_one_colour_scale_and_label_caption_scores(tmp_path, monk
     assert [ax.get_title() for ax in forgetting.axes if ax.get_visible()][1] == "2. noisy-caption †"
     unknown = module._heatmap_figure(report_from_matrices(TASKS, {"many": MANY}), "many", (0.0, 100.0))
     assert unknown.axes[1].get_ylabel() == "score (% for exact match; caption score ×100 for caption tasks)"
+
+
+T0 = 1_700_000_000.0
+SPANS = [  # (stage, task, method, host, start, end[, cached])
+    ("base", None, None, "node-a", T0, T0 + 100.0),
+    ("finetune", "shape", None, "node-a", T0 + 100.0, T0 + 300.0),
+    ("finetune", "chart", None, "node-a", T0 + 110.0, T0 + 250.0),  # overlaps the first: a second lane
+    ("finetune", "count", None, "node-b", T0 + 100.0, T0 + 280.0),
+    ("eval", "chart", "many", "node-a", T0 + 300.0, T0 + 330.0, True),  # after both: back in lane 0
+]
+
+
+def test_timeline_one_bar_per_stage_lanes_per_host_coloured_by_kind() -> None:
+    import many.report as module
+
+    figure = module._timeline_figure(SPANS)
+    ax = figure.axes[0]
+    bars = ax.patches
+    assert len(bars) == len(SPANS)
+    # x = seconds since the first start (total 330 s → minutes), width = the stage's duration
+    assert sorted((round(b.get_x() * 60, 6), round(b.get_width() * 60, 6)) for b in bars) == sorted(
+        (s[4] - T0, s[5] - s[4]) for s in SPANS)
+    rows = {round(b.get_x() * 60): b.get_y() + b.get_height() / 2 for b in bars if b.get_x() * 60 != 100.0}
+    centres = sorted({b.get_y() + b.get_height() / 2 for b in bars})
+    assert centres == [0.0, 1.0, 2.0]  # node-a: two lanes (two concurrent finetunes), node-b: one
+    assert rows[0] == rows[300] == 0.0 and rows[110] == 1.0  # the eval reuses lane 0 once the first finetune ends
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["node-a", "node-b"]
+    finetunes = [b for b in bars if round(b.get_width() * 60) in (200, 140, 180)]
+    assert len({b.get_facecolor()[:3] for b in finetunes}) == 1  # one colour per stage kind
+    assert len({b.get_facecolor()[:3] for b in bars}) == 3
+    cached = [b for b in bars if round(b.get_x() * 60) == 300]
+    assert cached[0].get_alpha() == 0.4 and all(b.get_alpha() == 1.0 for b in bars if b not in cached)
+    assert ax.get_xlabel() == "min since the first stage started (2023-11-14 22:13:20 UTC)"
+    assert ax.get_title() == "Stage timeline — 5 stages, wall 5.5 min, stage time 10.8 min"
+    legend = [t.get_text() for t in figure.legends[0].get_texts()]
+    assert legend == ["base ×1, 100.0 s", "finetune ×3, 8.7 min", "eval ×1, 30.0 s"]
+
+    with pytest.raises(ValueError, match="timeline: stage 'eval' ends"):
+        module._timeline_figure([("eval", "a", "m", "h", T0 + 5, T0)])
+    with pytest.raises(ValueError, match="timeline: stage 'eval' has start nan"):
+        module._timeline_figure([("eval", "a", "m", "h", float("nan"), T0)])
+
+
+def test_render_writes_the_timeline_into_png_markdown_and_html(report: dict, tmp_path) -> None:
+    from many.report import TIMELINE_CAPTION, StageSpan
+
+    written = render(report, tmp_path / "out", timeline=[StageSpan(*span) for span in SPANS])
+    assert set(written) == {"heatmap_seqlora.png", "heatmap_many.png", "forgetting.png", "timeline.png",
+                            "report.md", "report.html", "report.json"}
+    png = written["timeline.png"].read_bytes()
+    assert png.startswith(PNG_MAGIC) and len(png) > 5000
+    page = written["report.html"].read_text()
+    assert f'<img alt="stage timeline" src="data:image/png;base64,{base64.b64encode(png).decode()}">' in page
+    assert "Stages this run found cached are drawn faded at the time they were computed" in page
+    assert "![stage timeline](timeline.png)" in written["report.md"].read_text()
+    assert TIMELINE_CAPTION in written["report.md"].read_text()
+    assert json.loads(written["report.json"].read_text()) == report  # the timeline is not part of the report
+    assert "timeline.png" not in render(report, tmp_path / "empty", timeline=[])
