@@ -1,4 +1,4 @@
-"""The store side of the report (DESIGN.md §1 "Metrics", §5 `report --json`): find the stages of a run and read
+"""The store side of the report (docs/design.md §1.3, §5.2 `report --json`): find the stages of a run and read
 from the store what the report shows — the eval stages' scores.json, each task's metric (the data stage's
 task.json) and every stage's manifest times for the timeline — so `many report` needs nothing but cached stages.
 Everything else — the accuracy matrices, the UCIT metrics, the terminal and markdown tables, heatmaps, forgetting

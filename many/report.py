@@ -1,9 +1,11 @@
-"""The report of a continual run: accuracy matrices, UCIT metrics, tables and plots (DESIGN.md §1 "Metrics",
-§5 `many report`). The one owner of the report: flows/report.py only reads the eval scores from the store.
+"""The report of a continual run: accuracy matrices, UCIT metrics, tables and plots (docs/design.md §1.3, §5
+`many report`). The one owner of the report: flows/report.py only reads from the store what it shows (the eval
+scores, the tasks' metrics, the stages' manifest times).
 
 One method's accuracy matrix A (T×T, percent) holds A[t][j] = score on task j after learning tasks 0..t; only the
 lower triangle j ≤ t is read. `report_from_scores` builds it from the eval stages' scores.json (row t = the scores
-of eval[t][method]), `report_from_matrices` from the matrices themselves. The report is plain JSON (DESIGN.md §5):
+of eval[t][method]), `report_from_matrices` from the matrices themselves. The report is plain JSON
+(docs/design.md §5.2):
 
     {"tasks": [names], "task_metrics"?: [metric per task], "methods": {name: {"matrix": A, "MFT", "MFN", "MAA",
                                                                               "BWT", **extras}}}
@@ -136,7 +138,7 @@ def report_from_matrices(
     extras: Mapping[str, Mapping[str, object]] | None = None,
     task_metrics: Sequence[str] | None = None,
 ) -> dict:
-    """The report JSON of DESIGN.md §5 for the given task order and per-method accuracy matrices (percent).
+    """The report JSON of docs/design.md §5.2 for the given task order and per-method accuracy matrices (percent).
 
     Methods keep the mapping's order. `extras[method]` adds scalar fields to that method's entry;
     `task_metrics` (one per task, "exact_match" or "caption") adds the top-level "task_metrics".
