@@ -523,7 +523,7 @@ def _timeline_figure(timeline: Iterable[Sequence[Any]]) -> Figure:
     total = max(span.end for span in spans) - origin
     unit, per = ("s", 1.0) if total < 120 else ("min", 60.0) if total < 7200 else ("h", 3600.0)
     kinds = list(dict.fromkeys(span.stage for span in spans))
-    palette = colormaps["tab10" if len(kinds) <= 10 else "tab20"].colors
+    palette = colormaps["tab20"].colors[::2] + colormaps["tab20"].colors[1::2]  # ten distinct, then their tints
     colour = {kind: palette[k % len(palette)] for k, kind in enumerate(kinds)}
     n_rows = sum(count for _, _, count in groups)
     width = 11.0
