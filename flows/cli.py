@@ -140,13 +140,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from flows.report import report_from_run
+    from flows.report import report_from_run, timeline_from_run
     from many.report import render, text_table
 
     store = _store(args.store)
-    report = report_from_run(store, _latest(store))
+    summary = _latest(store)
+    report = report_from_run(store, summary)
     if args.out:
-        for path in render(report, Path(args.out)).values():
+        for path in render(report, Path(args.out), timeline=timeline_from_run(store, summary)).values():
             print(f"wrote {path}", file=sys.stderr)
     print(json.dumps(report, indent=2) if args.json else text_table(report))
     return 0

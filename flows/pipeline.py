@@ -22,7 +22,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.config import RunConfig
 from flows.preflight import preflight
-from flows.report import build_report
+from flows.report import build_report, timeline_from_run
 from tasks.dispatch import ClusterSpec, StageRecord, stage_task
 from tasks.rows import get_row
 from tasks.rows.row import Chain, PerTask, Reuse, Row
@@ -110,7 +110,8 @@ def continual_update(config: RunConfig, run_id: str | None = None, progress: boo
         started_ray = ray_started()
     finally:
         shutdown_ray()
-    report = build_report(store.open(), names, config.methods, [(m, t, f.result()) for m, t, f in evals])
+    report = build_report(store.open(), names, config.methods, [(m, t, f.result()) for m, t, f in evals],
+                          data=[f.result() for f in shared.data])
     summary = {
         "run_id": run_id,
         "tasks": names,
@@ -122,7 +123,7 @@ def continual_update(config: RunConfig, run_id: str | None = None, progress: boo
     }
     store.open().write_run(run_id, summary)
     store.open().write_run("latest", summary)
-    _publish_artifacts(report)
+    _publish_artifacts(report, timeline_from_run(store.open(), summary))
     return summary
 
 
@@ -203,22 +204,23 @@ def _results(futures: list[PrefectFuture]) -> list[StageRecord]:
     return records
 
 
-def _publish_artifacts(report: dict[str, Any]) -> None:
-    """The summary table and accuracy matrices (markdown) and every report image (PNG as a data URL: the
-    heatmap per method and the forgetting curves, from many.report.render) as Prefect artifacts."""
+def _publish_artifacts(report: dict[str, Any], timeline: list[Any]) -> None:
+    """The summary table with its legend and accuracy matrices (markdown) and every report image (PNG as a data
+    URL: the heatmap per method, the forgetting curves and the stage timeline, from many.report.render) as
+    Prefect artifacts."""
     import base64
     import tempfile
     from pathlib import Path
 
     from prefect.artifacts import create_image_artifact, create_markdown_artifact
 
-    from many.report import markdown_table, matrix_markdown, render
+    from many.report import markdown_legend, markdown_table, matrix_markdown, render
 
     matrices = [f"**{m}** — A[t][j] after learning tasks ≤ t\n\n{matrix_markdown(report, m)}" for m in report["methods"]]
-    create_markdown_artifact(markdown="\n".join([markdown_table(report), *matrices]), key="accuracy-matrix",
-                             description="MAny run report")
+    create_markdown_artifact(markdown="\n".join([markdown_table(report), markdown_legend(report), *matrices]),
+                             key="accuracy-matrix", description="MAny run report")
     with tempfile.TemporaryDirectory(prefix="many-report-") as scratch:
-        for path in render(report, Path(scratch)).values():
+        for path in render(report, Path(scratch), timeline=timeline).values():
             if path.suffix == ".png":
                 url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
                 key = "report-" + "".join(c if c.isalnum() else "-" for c in path.stem.lower())

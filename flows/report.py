@@ -1,43 +1,97 @@
-"""The store side of the report (docs/design.md §1 "Metrics", §5 `report --json`): find the eval stages of a run and
-read their scores.json from the store, so `many report` needs nothing but cached stages. Everything else — the
-accuracy matrices, the UCIT metrics, the terminal and markdown tables, heatmaps, forgetting curves and HTML page —
-is `many.report`'s.
+"""The store side of the report (docs/design.md §1.3, §5.2 `report --json`): find the stages of a run and read
+from the store what the report shows — the eval stages' scores.json, each task's metric (the data stage's
+task.json) and every stage's manifest times for the timeline — so `many report` needs nothing but cached stages.
+Everything else — the accuracy matrices, the UCIT metrics, the terminal and markdown tables, heatmaps, forgetting
+curves, the timeline figure and the HTML page — is `many.report`'s.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from typing import Any
 
-from many.report import IncompleteScores, report_from_scores
+from many.data.io import TASK_FILE
+from many.report import IncompleteScores, StageSpan, report_from_scores
 from tasks.dispatch import StageRecord, read_json_output
 from tasks.store import Manifest, Store, StoreError
 
 
+def task_metrics(store: Store, data: Sequence[StageRecord | Manifest]) -> list[str]:
+    """Each task's metric ("exact_match" or "caption") from its data stage's output: the task directory's
+    task.json (two small blobs per task: the directory listing and task.json; no split is downloaded)."""
+    metrics = []
+    for record in data:
+        context = f"stage {record.stage}, key {record.key[:12]}, output task"
+        listing = store.read_listing(record.outputs["task"], context=context)
+        if TASK_FILE not in listing.files:
+            raise StoreError(f"{context}: the task directory in store {store.url} has no {TASK_FILE}")
+        header = json.loads(store.get_bytes(listing.files[TASK_FILE].digest, context=f"{context}, file {TASK_FILE}"))
+        metrics.append(header["metric"])
+    return metrics
+
+
 def build_report(
-    store: Store, tasks: Sequence[str], methods: Sequence[str], evals: Sequence[tuple[str, int, StageRecord | Manifest]]
+    store: Store,
+    tasks: Sequence[str],
+    methods: Sequence[str],
+    evals: Sequence[tuple[str, int, StageRecord | Manifest]],
+    data: Sequence[StageRecord | Manifest] | None = None,
 ) -> dict[str, Any]:
     """many.report.report_from_scores of the scores.json that each eval (method, row t, its record or manifest)
-    stored; StoreError when the evals do not fill every method's accuracy matrix."""
+    stored, with the tasks' metrics read from `data` (each task's data stage, in task order) when given;
+    StoreError when the evals do not fill every method's accuracy matrix."""
     scores = [(method, t, read_json_output(store, record, "scores")) for method, t, record in evals]
+    metrics = None if data is None else task_metrics(store, data)
     try:
-        return report_from_scores(tasks, methods, scores)
+        return report_from_scores(tasks, methods, scores, metrics)
     except IncompleteScores as error:
         raise StoreError(f"{error} in store {store.url}; rerun `many run` to complete the stream") from None
 
 
+def _manifest(store: Store, entry: dict[str, Any]) -> Manifest:
+    manifest = store.read_manifest(entry["stage"], entry["key"])
+    if manifest is None:
+        of = (f" of {entry['method']}" if entry.get("method") else "") + (f" on {entry['task']}" if entry.get("task") else "")
+        raise StoreError(
+            f"{entry['stage']} stage {entry['key'][:12]}{of} is no longer in the store {store.url} (collected?); "
+            f"rerun `many run`"
+        )
+    return manifest
+
+
 def report_from_run(store: Store, summary: dict[str, Any]) -> dict[str, Any]:
-    """Rebuild a run's report from the eval manifests its summary lists (`many report`)."""
+    """Rebuild a run's report from the eval and data manifests its summary lists (`many report`)."""
     tasks = summary["tasks"]
-    evals = []
+    evals = [
+        (entry["method"], tasks.index(entry["task"]), _manifest(store, entry))
+        for entry in summary["stages"] if entry["stage"] == "eval"
+    ]
+    data_entries = {entry["task"]: entry for entry in summary["stages"] if entry["stage"] == "data"}
+    data = [_manifest(store, data_entries[task]) for task in tasks] if set(tasks) <= set(data_entries) else None
+    return build_report(store, tasks, summary["methods"], evals, data)
+
+
+def stage_span(manifest: Manifest, task: str | None, method: str | None, cached: bool = False) -> StageSpan:
+    """A stage on the timeline: it ended when its manifest was written (`created`) and started `seconds` (its
+    compute time) before; the manifest has no start time of its own."""
+    end = datetime.fromisoformat(manifest.created).timestamp()
+    return StageSpan(manifest.stage, task, method, manifest.host, end - manifest.seconds, end, cached)
+
+
+def timeline_from_run(store: Store, summary: dict[str, Any]) -> list[StageSpan]:
+    """One StageSpan per stage the run summary lists, from its manifest (a cached stage: when it was computed,
+    possibly by an earlier run), in the summary's order. The manifests are read 16 at a time (one small GET each
+    on S3). Stages whose manifest is gone are left out: the timeline is a view, not the report."""
+    first: dict[tuple[str, str], dict[str, Any]] = {}
     for entry in summary["stages"]:
-        if entry["stage"] != "eval":
-            continue
-        manifest = store.read_manifest("eval", entry["key"])
-        if manifest is None:
-            raise StoreError(
-                f"eval stage {entry['key'][:12]} of {entry['method']} on {entry['task']} is no longer in the store "
-                f"{store.url} (collected?); rerun `many run`"
-            )
-        evals.append((entry["method"], tasks.index(entry["task"]), manifest))
-    return build_report(store, tasks, summary["methods"], evals)
+        first.setdefault((entry["stage"], entry["key"]), entry)
+    entries = list(first.values())
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        manifests = list(pool.map(lambda e: store.read_manifest(e["stage"], e["key"]), entries))
+    return [
+        stage_span(manifest, entry.get("task"), entry.get("method"), entry.get("status") == "cached")
+        for entry, manifest in zip(entries, manifests, strict=True) if manifest is not None
+    ]

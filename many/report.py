@@ -1,19 +1,26 @@
-"""The report of a continual run: accuracy matrices, UCIT metrics, tables and plots (docs/design.md §1 "Metrics",
-§5 `many report`). The one owner of the report: flows/report.py only reads the eval scores from the store.
+"""The report of a continual run: accuracy matrices, UCIT metrics, tables and plots (docs/design.md §1.3, §5
+`many report`). The one owner of the report: flows/report.py only reads from the store what it shows (the eval
+scores, the tasks' metrics, the stages' manifest times).
 
 One method's accuracy matrix A (T×T, percent) holds A[t][j] = score on task j after learning tasks 0..t; only the
 lower triangle j ≤ t is read. `report_from_scores` builds it from the eval stages' scores.json (row t = the scores
-of eval[t][method]), `report_from_matrices` from the matrices themselves. The report is plain JSON (docs/design.md §5):
+of eval[t][method]), `report_from_matrices` from the matrices themselves. The report is plain JSON
+(docs/design.md §5.2):
 
-    {"tasks": [names], "methods": {name: {"matrix": A, "MFT", "MFN", "MAA", "BWT", **extras}}}
+    {"tasks": [names], "task_metrics"?: [metric per task], "methods": {name: {"matrix": A, "MFT", "MFN", "MAA",
+                                                                              "BWT", **extras}}}
 
 with MFT = mean_t A[t][t], MFN ("Last") = mean_j A[T−1][j], MAA = mean_t mean_{j≤t} A[t][j] and
 BWT = mean_{j<T−1} (A[T−1][j] − A[j][j]) from `many.metrics.summarize`; entries above the diagonal are null.
 `extras` are per-method scalars the pipeline adds (e.g. "trainable_parameters", "tau"), shown as extra columns.
+`task_metrics` (when the caller knows them: the pipeline reads them from the data stages) says how each task is
+scored, "exact_match" (percent) or "caption" (100 × mean of BLEU-1..4, METEOR, ROUGE-L, CIDEr: can exceed 100);
+the tables and figures mark caption tasks with "†". Every table and page explains the four metrics (`LEGEND`).
 
 `text_table` is the terminal table of `many run` and `many report`; `markdown_table` and `matrix_markdown` the
-markdown. Rendering (`render`) writes report.json, report.md, one heatmap PNG per method, forgetting.png and a
-self-contained report.html. Figures use matplotlib's object API (`Figure`, Agg), never pyplot, so no global
+markdown. Rendering (`render`) writes report.json, report.md, one heatmap PNG per method (one colour scale shared
+by every method), forgetting.png, with a run's stage spans (`StageSpan`) timeline.png, and a self-contained
+report.html. Figures use matplotlib's object API (`Figure`, Agg), never pyplot, so no global
 backend or figure state is touched.
 """
 
@@ -28,13 +35,16 @@ import math
 import numbers
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, get_args
 
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
+from many.data.schema import Metric
 from many.metrics import summarize
 
 METRICS = ("MFT", "MFN", "MAA", "BWT")
@@ -42,6 +52,17 @@ METRIC_HEADERS = {"MFT": "MFT", "MFN": "MFN (Last)", "MAA": "MAA", "BWT": "BWT"}
 RESERVED_FIELDS = ("matrix", *METRICS)
 SCORE_EXTRAS = ("trainable_parameters",)  # scalars of an eval's scores.json that the report shows per method
 Extra = bool | int | float | str | None
+
+CAPTION_MARK = "†"
+# One line per metric (docs/design.md §1.3), in every table and page of the report; A is 0-based, T tasks.
+LEGEND = (
+    ("A[t][j]", "score on task j after learning tasks 0..t (rows: after learning; columns: evaluated on)"),
+    ("MFT", "mean of the diagonal A[t][t]: each task's score right after learning it (plasticity)"),
+    ("MFN (Last)", "mean of the last row A[T−1][j]: every task's score after learning the whole stream"),
+    ("MAA", "mean over t of the mean of A[t][j≤t]: the average over the tasks learned so far, along the stream"),
+    ("BWT", "mean over j<T−1 of A[T−1][j] − A[j][j]: change since each task was learned; negative = forgetting"),
+)
+CAPTION_SCORE = "100 × mean of BLEU-1..4, METEOR, ROUGE-L, CIDEr (CIDEr is 0–10, so it can exceed 100)"
 
 
 class IncompleteScores(ValueError):
@@ -100,14 +121,27 @@ def _validated_extras(method: str, fields: Mapping[str, object]) -> dict[str, Ex
     return checked
 
 
+def _validated_metrics(tasks: Sequence[str], task_metrics: Sequence[str]) -> list[str]:
+    known = get_args(Metric)
+    metrics = list(task_metrics)
+    if len(metrics) != len(tasks):
+        raise ValueError(f"report: {len(metrics)} task metrics for {len(tasks)} tasks; give one metric per task")
+    for name, metric in zip(tasks, metrics, strict=True):
+        if metric not in known:
+            raise ValueError(f"report: task {name!r} has metric {metric!r}; known: {', '.join(known)}")
+    return metrics
+
+
 def report_from_matrices(
     tasks: Sequence[str],
     matrices: Mapping[str, Sequence[Sequence[float | None]]],
     extras: Mapping[str, Mapping[str, object]] | None = None,
+    task_metrics: Sequence[str] | None = None,
 ) -> dict:
-    """The report JSON of docs/design.md §5 for the given task order and per-method accuracy matrices (percent).
+    """The report JSON of docs/design.md §5.2 for the given task order and per-method accuracy matrices (percent).
 
-    Methods keep the mapping's order. `extras[method]` adds scalar fields to that method's entry.
+    Methods keep the mapping's order. `extras[method]` adds scalar fields to that method's entry;
+    `task_metrics` (one per task, "exact_match" or "caption") adds the top-level "task_metrics".
     """
     tasks = list(tasks)
     if not tasks:
@@ -130,18 +164,24 @@ def report_from_matrices(
             raise ValueError(f"report: method name {method!r}; method names must be non-empty strings")
         rows = _validated_matrix(method, tasks, matrix)
         methods[method] = {"matrix": rows, **summarize(rows), **_validated_extras(method, extras.get(method, {}))}
-    return {"tasks": tasks, "methods": methods}
+    if task_metrics is None:
+        return {"tasks": tasks, "methods": methods}
+    return {"tasks": tasks, "task_metrics": _validated_metrics(tasks, task_metrics), "methods": methods}
 
 
 def report_from_scores(
-    tasks: Sequence[str], methods: Sequence[str], scores: Iterable[tuple[str, int, Mapping[str, Any]]]
+    tasks: Sequence[str],
+    methods: Sequence[str],
+    scores: Iterable[tuple[str, int, Mapping[str, Any]]],
+    task_metrics: Sequence[str] | None = None,
 ) -> dict:
     """The report of `methods` from their eval scores: (method, t, scores.json of eval[t][method]) per eval, where
     scores.json is {"tasks": tasks[:t+1], "scores": [percent per task], **fields}; row t of the method's matrix.
 
     Extras: the SCORE_EXTRAS fields that a method's last-row eval wrote (CRAM's and Fwd-Prompt's
-    trainable_parameters after the whole stream), shown beside the accuracy columns. IncompleteScores when an
-    eval scored other tasks than tasks[:t+1] or a method has no eval for some row.
+    trainable_parameters after the whole stream), shown beside the accuracy columns. `task_metrics` as in
+    `report_from_matrices`. IncompleteScores when an eval scored other tasks than tasks[:t+1] or a method has no
+    eval for some row.
     """
     tasks = list(tasks)
     T = len(tasks)
@@ -159,7 +199,7 @@ def report_from_scores(
         missing = [t for t in range(T) if matrix[t][t] is None]
         if missing:
             raise IncompleteScores(f"report: no eval of {method} after task(s) {[tasks[t] for t in missing]}")
-    return report_from_matrices(tasks, matrices, extras)
+    return report_from_matrices(tasks, matrices, extras, task_metrics)
 
 
 def _number(value: float) -> str:
@@ -192,10 +232,49 @@ def _extra_fields(report: Mapping) -> list[str]:
     return list(names)
 
 
+def _caption_tasks(report: Mapping) -> set[int] | None:
+    """Indices of the caption tasks; None when the report does not say how its tasks are scored."""
+    metrics = report.get("task_metrics")
+    return None if metrics is None else {j for j, metric in enumerate(metrics) if metric == "caption"}
+
+
+def task_labels(report: Mapping) -> list[str]:
+    """Task names, a caption task's followed by " †" (its score is not a percentage)."""
+    captions = _caption_tasks(report) or set()
+    return [f"{task} {CAPTION_MARK}" if j in captions else task for j, task in enumerate(report["tasks"])]
+
+
+def score_note(report: Mapping) -> str:
+    """What the scores are: exact match in percent, and the caption score for the tasks marked †."""
+    captions = _caption_tasks(report)
+    if captions is None:
+        return f"exact match in % for QA tasks; caption tasks: {CAPTION_SCORE}"
+    if not captions:
+        return "exact match in % (every task)"
+    return f"exact match in %; {CAPTION_MARK} caption tasks: {CAPTION_SCORE}"
+
+
+def score_label(report: Mapping) -> str:
+    """The axis / colour bar label of a score."""
+    captions = _caption_tasks(report)
+    if captions is None:
+        return "score (% for exact match; caption score ×100 for caption tasks)"
+    if not captions:
+        return "exact match (%)"
+    if len(captions) == len(report["tasks"]):
+        return "caption score (×100)"
+    return f"score (% for exact match; caption score ×100 for {CAPTION_MARK} tasks)"
+
+
+def legend_lines(report: Mapping) -> list[tuple[str, str]]:
+    """(term, one-line definition): the accuracy matrix, MFT, MFN (Last), MAA, BWT, then what the scores are."""
+    return [*LEGEND, ("scores", score_note(report))]
+
+
 def _summary(report: Mapping) -> tuple[list[str], list[list[str]], list[bool]]:
     """Header, cell texts and "has the best Last" per method: final score per task, metrics, extras."""
     extra_fields = _extra_fields(report)
-    header = ["method", *report["tasks"], *(METRIC_HEADERS[m] for m in METRICS), *extra_fields]
+    header = ["method", *task_labels(report), *(METRIC_HEADERS[m] for m in METRICS), *extra_fields]
     best_last = max(entry["MFN"] for entry in report["methods"].values())
     rows, best = [], []
     for method, entry in report["methods"].items():
@@ -214,8 +293,8 @@ def _summary(report: Mapping) -> tuple[list[str], list[list[str]], list[bool]]:
 
 def text_table(report: Mapping) -> str:
     """The comparison table printed at the end of `many run` and by `many report`: per method MFT, MFN, MAA, BWT,
-    the SCORE_EXTRAS any method has, and its last row of scores."""
-    tasks = report["tasks"]
+    the SCORE_EXTRAS any method has, and its last row of scores; then one line per metric (`legend_lines`)."""
+    tasks = task_labels(report)
     width = max([len(m) for m in report["methods"]] + [8])
     extras = [k for k in SCORE_EXTRAS if any(k in row for row in report["methods"].values())]
     head = (f"{'method':<{width}}  " + "  ".join(f"{k:>6}" for k in METRICS) + "".join(f"  {k}" for k in extras)
@@ -226,6 +305,9 @@ def text_table(report: Mapping) -> str:
         values = "  ".join(f"{_terminal_number(row[k], k == 'BWT'):>6}" for k in METRICS)
         values += "".join(f"  {'–' if row.get(k) is None else f'{row[k]:,}':>{len(k)}}" for k in extras)
         lines.append(f"{method:<{width}}  {values}   " + " ".join(_terminal_number(v) for v in last))
+    legend = legend_lines(report)
+    term_width = max(len(term) for term, _ in legend)
+    lines += ["", *(f"{term:<{term_width}}  {text}" for term, text in legend)]
     return "\n".join(lines)
 
 
@@ -242,8 +324,14 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def markdown_legend(report: Mapping) -> str:
+    """`legend_lines` as a markdown list."""
+    return "".join(f"- **{_md_cell(term)}**: {_md_cell(text)}\n" for term, text in legend_lines(report))
+
+
 def markdown_table(report: Mapping) -> str:
-    """One row per method: final score per task, MFT, MFN (Last), MAA, BWT, extras; the best Last in bold."""
+    """One row per method: final score per task (caption tasks marked †), MFT, MFN (Last), MAA, BWT, extras; the
+    best Last in bold. `markdown_legend` explains the columns."""
     header, rows, best = _summary(report)
     last = header.index(METRIC_HEADERS["MFN"])
     for row, is_best in zip(rows, best, strict=True):
@@ -261,12 +349,11 @@ def _entry(report: Mapping, method: str) -> Mapping:
 def matrix_markdown(report: Mapping, method: str) -> str:
     """The lower-triangular accuracy matrix of one method, rows labelled "after <task>"."""
     matrix = _entry(report, method)["matrix"]
-    tasks = report["tasks"]
     rows = [
         [f"after {task}", *(_number(v) if v is not None else "" for v in row)]
-        for task, row in zip(tasks, matrix, strict=True)
+        for task, row in zip(report["tasks"], matrix, strict=True)
     ]
-    return _md_table(["", *tasks], rows)
+    return _md_table(["", *task_labels(report)], rows)
 
 
 def _plain(text: str) -> str:
@@ -280,32 +367,41 @@ def _png(figure: Figure) -> bytes:
     return buffer.getvalue()
 
 
-def _heatmap_png(report: Mapping, method: str) -> bytes:
-    """Accuracy matrix as an image: rows = after learning task t, columns = evaluated on task j; j > t blank."""
+def score_scale(report: Mapping) -> tuple[float, float]:
+    """(vmin, vmax) of every heatmap of the report: 0 … the largest score of any method, at least 100 (caption
+    scores can exceed 100). One scale for all methods, so one colour is one score across the heatmaps."""
+    scores = [v for entry in report["methods"].values() for row in entry["matrix"] for v in row if v is not None]
+    return 0.0, max([100.0, *scores])
+
+
+def _heatmap_figure(report: Mapping, method: str, scale: tuple[float, float]) -> Figure:
+    """Accuracy matrix as an image: rows = after learning task t, columns = evaluated on task j; j > t blank.
+    Colours span `scale` (`score_scale`: shared by every method of the report)."""
     entry = _entry(report, method)
     tasks = report["tasks"]
     T = len(tasks)
+    vmin, vmax = scale
     values = np.array([[np.nan if v is None else v for v in row] for row in entry["matrix"]])  # (T, T)
-    vmax = max(100.0, float(np.nanmax(values)))  # caption scores can exceed 100 (CIDEr ranges 0–10)
     cmap = colormaps["viridis"].with_extremes(bad="white")
     side = 2.2 + 0.9 * T
-    figure = Figure(figsize=(side + 1.2, side), layout="constrained")
+    figure = Figure(figsize=(side + 1.6, side), layout="constrained")
     ax = figure.add_subplot()
-    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0.0, vmax=vmax)
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=vmin, vmax=vmax)
     for t in range(T):
         for j in range(t + 1):
-            r, g, b, _ = cmap(values[t, j] / vmax)
+            r, g, b, _ = cmap(image.norm(values[t, j]))
             ink = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
             ax.text(j, t, _number(values[t, j]), ha="center", va="center", color=ink, fontsize=10)
-    ax.set_xticks(range(T), [_plain(task) for task in tasks], rotation=35, ha="right", rotation_mode="anchor")
+    ax.set_xticks(range(T), [_plain(task) for task in task_labels(report)], rotation=35, ha="right",
+                  rotation_mode="anchor")
     ax.set_yticks(range(T), [_plain(f"after {task}") for task in tasks])
     ax.set_xlabel("evaluated on")
     ax.set_title(f"{_plain(method)} — Last {_number(entry['MFN'])}")
-    figure.colorbar(image, ax=ax, label="score (%)", shrink=0.8)
-    return _png(figure)
+    figure.colorbar(image, ax=ax, label=_plain(score_label(report)), shrink=0.8)
+    return figure
 
 
-def _forgetting_png(report: Mapping) -> bytes:
+def _forgetting_figure(report: Mapping) -> Figure:
     """One panel per task j: its score after each learning step t ≥ j, one line per method.
 
     Panels per task (not per method) put every method's curve for the same task on the same axis and the same
@@ -313,6 +409,7 @@ def _forgetting_png(report: Mapping) -> bytes:
     comparisons across 8–10 panels and mix metric scales within one.
     """
     tasks, methods = report["tasks"], report["methods"]
+    labels, captions = task_labels(report), _caption_tasks(report)
     T = len(tasks)
     columns = min(3, T)
     panel_rows = math.ceil(T / columns)
@@ -333,12 +430,14 @@ def _forgetting_png(report: Mapping) -> bytes:
                 linewidth=1.6,
                 label=_plain(method),
             )
-        ax.set_title(_plain(f"{j + 1}. {task}"), fontsize=10)
+        ax.set_title(_plain(f"{j + 1}. {labels[j]}"), fontsize=10)
         ax.set_xticks(range(1, T + 1))
         ax.set_xlim(0.7, T + 0.3)
         ax.grid(alpha=0.3)
-        if j % columns == 0:
-            ax.set_ylabel("score (%)")
+        if captions is not None:  # each panel is one task: its own metric
+            ax.set_ylabel("caption score (×100)" if j in captions else "exact match (%)")
+        elif j % columns == 0:
+            ax.set_ylabel("score (% or caption ×100)")
         if j // columns == panel_rows - 1 or j + columns >= T:
             ax.set_xlabel("tasks learned")
     for k in range(T, panel_rows * columns):
@@ -346,7 +445,120 @@ def _forgetting_png(report: Mapping) -> bytes:
     handles, labels = axes[0][0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="outside lower center", ncols=min(5, len(labels)), fontsize=9)
     figure.suptitle("Score per task along the stream")
-    return _png(figure)
+    return figure
+
+
+class StageSpan(NamedTuple):
+    """One stage of a run on the timeline: when it computed (POSIX seconds) and where. `cached`: this run found it
+    in the store, so the span is when an earlier run computed it."""
+
+    stage: str
+    task: str | None
+    method: str | None
+    host: str
+    start: float
+    end: float
+    cached: bool = False
+
+
+TIMELINE_CAPTION = (
+    "One bar per stage, from its manifest: it ends when the manifest was written and starts its recorded seconds "
+    "earlier. One lane group per host (Ray node); a host's concurrent stages stack in sub-lanes. The critical path "
+    "runs back from the last bar to end through the bars that ended just before each one started. Colours are "
+    "stage kinds (legend: count, total time). "
+    "Stages this run found cached are drawn faded at the time they were computed, possibly by an earlier run."
+)
+
+
+def _spans(timeline: Iterable[Sequence[Any]]) -> list[StageSpan]:
+    """StageSpan of each (stage, task, method, host, start, end[, cached]), sorted by start; ValueError naming a
+    span with a non-finite time or an end before its start."""
+    spans = []
+    for item in timeline:
+        span = StageSpan(*item)
+        if not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in (span.start, span.end)):
+            raise ValueError(f"timeline: stage {span.stage!r} has start {span.start!r}, end {span.end!r}; need finite "
+                             f"POSIX seconds")
+        if span.end < span.start:
+            raise ValueError(f"timeline: stage {span.stage!r} ends ({span.end}) before it starts ({span.start})")
+        spans.append(span._replace(start=float(span.start), end=float(span.end)))
+    return sorted(spans, key=lambda s: (s.start, s.end, s.host, s.stage, s.task or "", s.method or ""))
+
+
+def _lanes(spans: Sequence[StageSpan]) -> tuple[list[int], list[tuple[str, int, int]]]:
+    """Each span's row (sorted spans in): per host, greedy sub-lanes so no two bars of one lane overlap; and per
+    host (name, first row, row count), hosts in order of their first stage."""
+    ends: dict[str, list[float]] = {}
+    placed = []
+    for span in spans:
+        lanes = ends.setdefault(span.host, [])
+        lane = next((k for k, end in enumerate(lanes) if end <= span.start), len(lanes))
+        if lane == len(lanes):
+            lanes.append(span.end)
+        lanes[lane] = span.end
+        placed.append((span.host, lane))
+    groups, first = [], 0
+    for host, lanes in ends.items():
+        groups.append((host, first, len(lanes)))
+        first += len(lanes)
+    offset = {host: row for host, row, _ in groups}
+    return [offset[host] + lane for host, lane in placed], groups
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _timeline_figure(timeline: Iterable[Sequence[Any]]) -> Figure:
+    """The Gantt chart of a run's stages (`TIMELINE_CAPTION`); x = time since the first stage started."""
+    spans = _spans(timeline)
+    if not spans:
+        raise ValueError("timeline: no stages to draw")
+    rows, groups = _lanes(spans)
+    origin = spans[0].start
+    total = max(span.end for span in spans) - origin
+    unit, per = ("s", 1.0) if total < 120 else ("min", 60.0) if total < 7200 else ("h", 3600.0)
+    kinds = list(dict.fromkeys(span.stage for span in spans))
+    palette = colormaps["tab20"].colors[::2] + colormaps["tab20"].colors[1::2]  # ten distinct, then their tints
+    colour = {kind: palette[k % len(palette)] for k, kind in enumerate(kinds)}
+    n_rows = sum(count for _, _, count in groups)
+    width = 11.0
+    figure = Figure(figsize=(width, 1.9 + 0.26 * n_rows), layout="constrained")
+    ax = figure.add_subplot()
+    extent = max(total, 1e-9) / per
+    for span, row in zip(spans, rows, strict=True):
+        left, length = (span.start - origin) / per, (span.end - span.start) / per
+        ax.barh(row, length, left=left, height=0.8, color=colour[span.stage], alpha=0.4 if span.cached else 1.0,
+                edgecolor="black", linewidth=0.3)
+        label = span.method or span.task or ""
+        if label and len(label) * 0.075 < 0.85 * width * length / extent:  # only where the text fits the bar
+            ax.text(left + length / 2, row, _plain(label), ha="center", va="center", fontsize=6.5, clip_on=True)
+    ax.set_yticks([row + (count - 1) / 2 for _, row, count in groups], [_plain(host) for host, _, _ in groups])
+    for _, row, _ in groups[1:]:
+        ax.axhline(row - 0.5, color="gray", linewidth=0.6)
+    ax.set_ylim(n_rows - 0.5, -0.5)  # the first host on top
+    ax.set_xlim(0.0, extent * 1.01)
+    ax.grid(axis="x", alpha=0.3)
+    started = datetime.fromtimestamp(origin, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    ax.set_xlabel(f"{unit} since the first stage started ({started})")
+    busy = {kind: 0.0 for kind in kinds}
+    count = {kind: 0 for kind in kinds}
+    for span in spans:
+        busy[span.stage] += span.end - span.start
+        count[span.stage] += 1
+    handles = [
+        Patch(facecolor=colour[kind], edgecolor="black", linewidth=0.3,
+              label=_plain(f"{kind} ×{count[kind]}, {_duration(busy[kind])}"))
+        for kind in kinds
+    ]
+    figure.legend(handles=handles, loc="outside lower center", ncols=min(6, len(kinds)), fontsize=8)
+    ax.set_title(f"Stage timeline — {len(spans)} stages, wall {_duration(total)}, "
+                 f"stage time {_duration(sum(busy.values()))}")
+    return figure
 
 
 def file_stem(method: str) -> str:
@@ -382,12 +594,22 @@ HTML_STYLE = """body { font-family: sans-serif; margin: 2em; }
 table { border-collapse: collapse; margin-bottom: 1.5em; }
 th, td { border: 1px solid #bbb; padding: 0.3em 0.6em; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
-img { max-width: 100%; display: block; margin-bottom: 1.5em; }"""
+img { max-width: 100%; display: block; margin-bottom: 1.5em; }
+dl.legend { display: grid; grid-template-columns: max-content auto; gap: 0.2em 1em; margin-bottom: 1.5em; }
+dl.legend dt { font-weight: bold; }
+dl.legend dd { margin: 0; }"""
 
 
-def render(report: Mapping, out_dir: Path) -> dict[str, Path]:
-    """Write report.json, report.md, heatmap_<method>.png per method, forgetting.png and a self-contained
-    report.html (table plus every PNG as a base64 data URI) into `out_dir`; returns {file name: path}.
+def _html_legend(report: Mapping) -> str:
+    items = "".join(f"<dt>{html.escape(term)}</dt><dd>{html.escape(text)}</dd>" for term, text in legend_lines(report))
+    return f'<dl class="legend">{items}</dl>'
+
+
+def render(report: Mapping, out_dir: Path, timeline: Iterable[Sequence[Any]] | None = None) -> dict[str, Path]:
+    """Write report.json, report.md, heatmap_<method>.png per method (one colour scale for all), forgetting.png,
+    with a non-empty `timeline` (StageSpan or plain (stage, task, method, host, start, end[, cached]) per stage)
+    timeline.png, and a self-contained report.html (tables, legend, every PNG as a base64 data URI) into
+    `out_dir`; returns {file name: path}.
 
     Every figure is rendered in memory first and report.json is written last, so a failure while plotting
     leaves no partial report behind.
@@ -403,17 +625,27 @@ def render(report: Mapping, out_dir: Path) -> dict[str, Path]:
                 f"heatmap_{stem}.png on case-insensitive file systems; rename one"
             )
         folded[stem.casefold()] = method
-    heatmaps = {method: _heatmap_png(report, method) for method in methods}
-    forgetting = _forgetting_png(report)
+    scale = score_scale(report)
+    heatmaps = {method: _png(_heatmap_figure(report, method, scale)) for method in methods}
+    forgetting = _png(_forgetting_figure(report))
+    spans = _spans(timeline or ())
+    gantt = _png(_timeline_figure(spans)) if spans else None
+    timeline_md = [f"## Stage timeline\n\n![stage timeline](timeline.png)\n\n{TIMELINE_CAPTION}\n"] if gantt else []
+    timeline_html = (
+        ["<h2>Stage timeline</h2>", _img(gantt, "stage timeline"), f"<p>{html.escape(TIMELINE_CAPTION)}</p>"]
+        if gantt else []
+    )
     markdown = "\n".join(
         [
             "# many report\n",
             markdown_table(report),
+            markdown_legend(report),
             "![forgetting curves](forgetting.png)\n",
             *(
                 f"## {_md_cell(m)}\n\n{matrix_markdown(report, m)}\n![{_md_cell(m)}](heatmap_{stems[m]}.png)\n"
                 for m in methods
             ),
+            *timeline_md,
         ]
     )
     page = "\n".join(
@@ -423,15 +655,23 @@ def render(report: Mapping, out_dir: Path) -> dict[str, Path]:
             f"<style>\n{HTML_STYLE}\n</style></head><body>",
             "<h1>many report</h1>",
             _html_table(*_summary(report)),
+            _html_legend(report),
             "<h2>Forgetting curves</h2>",
             _img(forgetting, "forgetting curves"),
             "<h2>Accuracy matrices</h2>",
+            (
+                f"<p>One colour scale for every method: {html.escape(score_label(report))}, "
+                f"{_number(scale[0])} to {_number(scale[1])}.</p>"
+            ),
             *(f"<h3>{html.escape(m)}</h3>\n{_img(heatmaps[m], f'accuracy matrix of {m}')}" for m in methods),
+            *timeline_html,
             "</body></html>\n",
         ]
     )
     files: dict[str, bytes] = {f"heatmap_{stems[m]}.png": heatmaps[m] for m in methods}
     files["forgetting.png"] = forgetting
+    if gantt is not None:
+        files["timeline.png"] = gantt
     files["report.md"] = markdown.encode()
     files["report.html"] = page.encode()
     files["report.json"] = (json.dumps(report, indent=2, allow_nan=False) + "\n").encode()

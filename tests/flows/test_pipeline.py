@@ -42,7 +42,7 @@ def test_cold_cached_incremental_tau_export_report(tmp_path: Path, capsys) -> No
     assert {s["stage"] for s in cold["stages"]} >= {"base", "data", "finetune", "prototypes", "stats", "merge", "eval"}
     assert all(set(s) >= {"stage", "task", "key", "status", "seconds", "node"} for s in cold["stages"])
     report = cold["report"]
-    assert report["tasks"] == ["style-cls", "chart-qa"]
+    assert report["tasks"] == ["style-cls", "chart-qa"] and report["task_metrics"] == ["exact_match", "exact_match"]
     assert set(report["methods"]) == set(METHODS)
     for row in report["methods"].values():
         assert row["matrix"][0][1] is None and all(v is not None for v in row["matrix"][1])
@@ -70,7 +70,8 @@ def test_cold_cached_incremental_tau_export_report(tmp_path: Path, capsys) -> No
     capsys.readouterr()
     assert main(["report", "--store", store, "--json", "--out", str(tmp_path / "report")]) == 0
     assert json.loads(capsys.readouterr().out) == reridged["report"]
-    assert all((tmp_path / "report" / name).stat().st_size > 0 for name in ("report.html", "forgetting.png", "heatmap_many.png"))
+    assert all((tmp_path / "report" / name).stat().st_size > 0
+               for name in ("report.html", "forgetting.png", "heatmap_many.png", "timeline.png"))
     assert main(["ls", "--store", store]) == 0
     assert main(["gc", "--store", store, "--dry-run"]) == 0
 
