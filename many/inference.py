@@ -23,12 +23,12 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Union
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    ImageInput = Union[Image.Image, str, Path, bytes]
+    ImageInput = Image.Image | str | Path | bytes
 
 INFERENCE_FILE = "inference.json"  # in an export dir: tasks, max_new_tokens, dtype, tau, top_k, calibration_target
 
@@ -127,7 +127,7 @@ def read_image(image: ImageInput) -> bytes:
     elif isinstance(image, bytes):
         data, name = image, "bytes"
     else:
-        raise ValueError(f"image must be a PIL image, a path or bytes, got {type(image).__name__}")
+        raise TypeError(f"image must be a PIL image, a path or bytes, got {type(image).__name__}")
     try:
         Image.open(io.BytesIO(data)).convert("RGB")
     except (UnidentifiedImageError, OSError) as error:
@@ -153,9 +153,9 @@ class Predictor:
         self.tau: float | None = None
         self.max_new_tokens = parts.max_new_tokens
 
-        if recipe.update == "task" or recipe.projector in ("cpm", "average"):
-            if len(parts.task_dirs) != len(parts.tasks):
-                raise ValueError(f"method {method!r} needs every task's adapter and projector; "
+        needs_tasks = recipe.update == "task" or recipe.projector in ("cpm", "average")
+        if needs_tasks and len(parts.task_dirs) != len(parts.tasks):
+            raise ValueError(f"method {method!r} needs every task's adapter and projector; "
                                  f"{len(parts.task_dirs)} of {len(parts.tasks)} given")
         if recipe.update == "merged" and parts.merged is None:
             raise ValueError(f"method {method!r} needs its merged update, which this source does not have")

@@ -26,7 +26,12 @@ from many.evaluate import Assembly, assemble, lora_deltas
 from many.inference import METHODS, Parts, build, load
 from many.model.chat import encode_for_generation
 from many.model.load import load_base
-from many.prototypes import image_features, pooled_features, prototype_table, read_prototypes
+from many.prototypes import (
+    image_features,
+    pooled_features,
+    prototype_table,
+    read_prototypes,
+)
 from many.training import prepare, projector_of, projector_state, save_task
 from tests.conftest import FIXTURE_BASE, make_samples
 
@@ -116,7 +121,7 @@ def test_an_image_is_a_path_a_pil_image_or_bytes(model, image: Path) -> None:
         model.generate(image.parent / "missing.png", question)
     with pytest.raises(ValueError, match="not a readable image"):
         model.generate(b"not a png", question)
-    with pytest.raises(ValueError, match="a PIL image, a path or bytes"):
+    with pytest.raises(TypeError, match="a PIL image, a path or bytes"):
         model.generate(3, question)
     with pytest.raises(ValueError, match="the question is empty"):
         model.generate(image, "  ")
