@@ -4,6 +4,7 @@
     many report [--store URL] [--json] [--out DIR]
     many ls     [--store URL] [--json]
     many export [--store URL] --out DIR
+    many predict IMAGE [QUESTION] [--export DIR | --store URL] [--method M] [--task T] [--json] [--interactive]
     many gc     [--store URL] [--dry-run]
     many serve  [--config FILE] [--store URL] [--name NAME] --cron "…"
 
@@ -75,6 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="write the latest run's artifacts as standard files")
     export.add_argument("--out", required=True)
     store_option(export)
+    predict = commands.add_parser("predict", help="answer a question about an image with the continual model")
+    predict.add_argument("image", help="an image file (PNG, JPEG, …)")
+    predict.add_argument("question", nargs="?", help="the question (with --interactive: read from stdin, one a line)")
+    predict.add_argument("--export", metavar="DIR", help="the model of an export directory (`many export --out DIR`) "
+                         "instead of the store's latest run")
+    predict.add_argument("--method", default="many", help="the method's model (default many: LPM + CPM); an export "
+                         "serves many, many_lpm_only, individual; a store every method it ran but cram, fwd_prompt")
+    predict.add_argument("--task", help="the task whose own model answers (method individual)")
+    predict.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    predict.add_argument("--json", action="store_true", help="print the answer and the routing weights as JSON")
+    predict.add_argument("--interactive", action="store_true",
+                         help="one question a line from stdin; `:image PATH` switches the image, `:quit` ends")
+    store_option(predict)
     gc = commands.add_parser("gc", help="delete orphan blobs and runs whose stages are gone")
     gc.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
     gc.add_argument("--min-age-seconds", type=float, default=3600.0, help="spare files younger than this")
@@ -190,6 +204,36 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from many.inference import read_image
+
+    if args.question is None and not args.interactive:
+        raise UsageError("many predict: give a QUESTION, or --interactive to read questions from stdin")
+    read_image(args.image)  # a missing image is exit 2 before the model loads
+    if not args.debug:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    from flows.predict import answer_record, interact, load, routing_line
+
+    predictor = load(args.export, args.store, args.method, args.task, args.device)
+    if args.interactive:
+        if sys.stdin.isatty():
+            print(f"{predictor!r}: ask about {args.image}; `:image PATH` switches the image, `:quit` ends", file=sys.stderr)
+        from itertools import chain
+
+        questions = chain([args.question] if args.question else [], sys.stdin)  # lazily: answer as lines come
+        interact(predictor, args.image, questions, sys.stdout, sys.stderr, as_json=args.json)
+        return 0
+    record = answer_record(predictor, args.image, args.question)
+    if args.json:
+        print(json.dumps(record, indent=2))
+    else:
+        print(record["answer"])
+        print(routing_line(predictor, record["routing"]))
+    return 0
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
     store = _store(args.store)
     report = store.gc(delete=not args.dry_run, min_age_seconds=args.min_age_seconds)
@@ -221,6 +265,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "report": cmd_report, "ls": cmd_ls, "export": cmd_export, "gc": cmd_gc, "serve": cmd_serve}
+COMMANDS["predict"] = cmd_predict
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,13 @@
     DIR/merged/projectors.safetensors      every task's projector, keys "<task>.<parameter>"
     DIR/prototypes.parquet                 image + prototype rows of every task
     DIR/base/                              the HF model dir
+    DIR/inference.json                     {"tasks", "max_new_tokens", "dtype", "tau", "top_k", "calibration_target"}:
+                                           the last eval's settings, what many.load needs beyond the files
+    DIR/README.md                          the model card (flows/model_card.py)
+
+Every exported adapter's `base_model_name_or_path` is the absolute path of DIR/base, so
+`AutoPeftModel.from_pretrained(DIR/merged/adapter)` loads base and LoRA in one call (PEFT resolves a relative
+path against the working directory, not the adapter's).
 """
 
 from __future__ import annotations
@@ -18,6 +25,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from flows.model_card import model_card
+from many.adapters import CONFIG_FILE
+from many.inference import INFERENCE_FILE
 from many.lpm_files import state_gammas
 from tasks.dispatch import read_json_output
 from tasks.rows.many import LPM_CHAIN
@@ -44,6 +54,30 @@ def _copy(store: Store, manifest: Manifest, output: str, dest: Path) -> Path:
     return dest
 
 
+def _point_at_base(adapter_dir: Path, base_dir: Path) -> None:
+    """Record the exported base in the adapter's config, as an absolute path (module doc)."""
+    path = adapter_dir / CONFIG_FILE
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, "base_model_name_or_path": str(base_dir.resolve())}, indent=2, sort_keys=True))
+
+
+def _settings(store: Store, find: Any, task: str) -> dict[str, Any]:
+    """inference.json: the settings of the last task's eval — MAny's if it ran, else any row's."""
+    from tasks.rows import ROWS
+
+    evaluations = [(name, find("eval", task, name)) for name in [MANY.name, *ROWS]]
+    name, manifest = next(((n, m) for n, m in evaluations if m is not None), (None, None))
+    if manifest is None:
+        return {}
+    config = manifest.config
+    cpm = config.get("cpm") or {}
+    settings = {"max_new_tokens": config["eval"]["max_new_tokens"], "dtype": config.get("dtype", "float32")}
+    if name == MANY.name:
+        settings |= {"tau": read_json_output(store, manifest, "scores").get("tau"), "top_k": cpm.get("top_k"),
+                     "calibration_target": cpm.get("calibration_target", 0.9)}
+    return settings
+
+
 def export(store: Store, summary: dict[str, Any], out_dir: Path) -> list[Path]:
     """Write the standard artifacts of the run `summary` under `out_dir`; return the top-level paths."""
     import pyarrow as pa
@@ -65,6 +99,7 @@ def export(store: Store, summary: dict[str, Any], out_dir: Path) -> list[Path]:
         raise StoreError(f"the latest run in {store.url} has no base stage; run `many run` first")
     out_dir.mkdir(parents=True, exist_ok=True)
     _copy(store, base, "model", out_dir / "base")
+    adapters: list[Path] = []
     projectors: dict[str, Any] = {}
     for task in tasks:
         tuned = find("finetune", task) or find("adapter", task)  # trained here, or brought by the task config
@@ -74,6 +109,7 @@ def export(store: Store, summary: dict[str, Any], out_dir: Path) -> list[Path]:
                 "reads the tasks' own fine-tunes (only rows that train their own way ran?)"
             )
         _copy(store, tuned, "task", out_dir / "tasks" / task)
+        adapters.append(out_dir / "tasks" / task / "adapter")
         for key, value in load_file(str(out_dir / "tasks" / task / "projector.safetensors")).items():
             projectors[f"{task}.{key}"] = value
         stats = find("stats", task)
@@ -85,6 +121,7 @@ def export(store: Store, summary: dict[str, Any], out_dir: Path) -> list[Path]:
     merge = find(LPM_CHAIN.stage, tasks[-1], LPM_CHAIN.method)
     if merge is not None:
         _copy(store, merge, "adapter", merged_dir / "adapter")
+        adapters.append(merged_dir / "adapter")
         gammas = state_gammas(store.materialize(merge.outputs["state"], context="export: merge state"))
         tau = None
         evaluation = find("eval", tasks[-1], MANY.name)
@@ -98,4 +135,11 @@ def export(store: Store, summary: dict[str, Any], out_dir: Path) -> list[Path]:
               for m in (find("prototypes", t) for t in tasks) if m is not None]
     if tables:
         pq.write_table(pa.concat_tables(tables), out_dir / "prototypes.parquet")
+    for adapter in adapters:
+        _point_at_base(adapter, out_dir / "base")
+    settings = _settings(store, find, tasks[-1])
+    (out_dir / INFERENCE_FILE).write_text(json.dumps({"tasks": tasks, **settings}, indent=2, sort_keys=True))
+    (out_dir / "README.md").write_text(model_card(
+        out_dir, summary, merged=merge is not None, routed=bool(tables), tau=settings.get("tau"),
+    ))
     return sorted(p for p in out_dir.iterdir())

@@ -148,11 +148,15 @@ def _projector(template: nn.Module, state: Mapping[str, Tensor], index: int) -> 
     return projector
 
 
-def assemble(base_model: LlavaForConditionalGeneration, assembly: Assembly) -> LlavaForConditionalGeneration:
-    """A new model (eval mode): the base deep-copied, W0 + ΔW on every listed layer, projector(s) swapped in."""
+def assemble(
+    base_model: LlavaForConditionalGeneration, assembly: Assembly, *, copy_base: bool = True
+) -> LlavaForConditionalGeneration:
+    """A new model (eval mode): the base deep-copied, W0 + ΔW on every listed layer, projector(s) swapped in.
+    `copy_base=False` changes `base_model` itself instead (one model in memory, when the caller has no other use
+    for the base)."""
     if isinstance(base_model, PeftModel):
         raise ValueError("assemble: pass the base LLaVA, not a PeftModel; its LoRA goes into Assembly.deltas")
-    model = copy.deepcopy(base_model)
+    model = copy.deepcopy(base_model) if copy_base else base_model
     modules = dict(model.named_modules())
     for name, delta in assembly.deltas.items():
         _add_delta(modules, name, delta)

@@ -7,7 +7,7 @@ injected, the stages count the retries their workers made, no manifest points at
 local reference run's. A permanent fault (403 on every request) ends with one line and exit 1, the store
 unchanged; a deleted bucket is a bad store URL (exit 2). The fake credentials given through the environment
 appear nowhere: not in the store, the run's output and logs, the Prefect database or the export, and the
-export holds safetensors, Parquet and JSON files only (plus the HF tokenizer's text files).
+export holds safetensors, Parquet and JSON files only (plus the HF tokenizer's text files and the model card).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from tests.s3 import FAKE_KEY_ID, FAKE_SECRET, FaultyS3, stored_objects
 pytestmark = pytest.mark.slow
 FAULT_FRACTION = 0.08
 # What a HF model dir holds besides safetensors and JSON (the tokenizer's chat template is plain text).
-EXPORT_SUFFIXES = {".safetensors", ".parquet", ".json", ".jinja", ".txt"}
+EXPORT_SUFFIXES = {".safetensors", ".parquet", ".json", ".jinja", ".txt", ".md"}  # .md: the model card
 
 
 def secrets_in(root: Path) -> list[str]:
