@@ -42,6 +42,7 @@ def _quiet_environment(debug: bool) -> None:
         "PREFECT_LOGGING_LEVEL": "INFO" if debug else "CRITICAL",
         "PREFECT_SERVER_LOGGING_LEVEL": "WARNING" if debug else "CRITICAL",
         "RAY_USAGE_STATS_ENABLED": "0",
+        "DO_NOT_TRACK": "1",
         "RAY_AUTH_MODE": "disabled",
         "TOKENIZERS_PARALLELISM": "false",
     }
