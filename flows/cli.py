@@ -5,7 +5,7 @@
     many ls     [--store URL] [--json]
     many export [--store URL] --out DIR
     many predict IMAGE [QUESTION] [--export DIR | --store URL] [--method M] [--task T] [--json] [--interactive]
-    many gc     [--store URL] [--dry-run]
+    many gc     [--config FILE] [--store URL] [--keep-last N] [--dry-run] [--json] [--min-age-seconds S]
     many serve  [--config FILE] [--store URL] [--name NAME] --cron "…"
 
 Errors: one line on stderr, exit 2 for bad input (config, URL, task kind, data), 1 for runtime failures;
@@ -43,6 +43,7 @@ def _quiet_environment(debug: bool) -> None:
         "PREFECT_LOGGING_LEVEL": "INFO" if debug else "CRITICAL",
         "PREFECT_SERVER_LOGGING_LEVEL": "WARNING" if debug else "CRITICAL",
         "RAY_USAGE_STATS_ENABLED": "0",
+        "DO_NOT_TRACK": "1",
         "RAY_AUTH_MODE": "disabled",
         "TOKENIZERS_PARALLELISM": "false",
     }
@@ -89,8 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--interactive", action="store_true",
                          help="one question a line from stdin; `:image PATH` switches the image, `:quit` ends")
     store_option(predict)
-    gc = commands.add_parser("gc", help="delete orphan blobs and runs whose stages are gone")
+    gc = commands.add_parser("gc", help="delete orphan blobs, stale runs and, with --keep-last, superseded stages")
+    gc.add_argument("--keep-last", type=_keep_last, metavar="N",
+                    help="keep the newest N runs per config and what they need; delete stages no kept run lists "
+                         "(default: the config's store.keep_last, else keep every run)")
+    gc.add_argument("--config", help="YAML run config whose store section (url, S3 settings, keep_last) gc uses")
     gc.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
+    gc.add_argument("--json", action="store_true", help="print the report as JSON")
     gc.add_argument("--min-age-seconds", type=float, default=3600.0, help="spare files younger than this")
     store_option(gc)
     serve = commands.add_parser("serve", help="a Prefect deployment running `many run` on a cron schedule")
@@ -234,14 +240,37 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keep_last(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number ≥ 1")
+    return int(text)
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
-    store = _store(args.store)
-    report = store.gc(delete=not args.dry_run, min_age_seconds=args.min_age_seconds)
+    from flows.config import StoreConfig, load_config
+    from tasks.store import BadStoreURL, Store, StoreUnreachable
+
+    spec = load_config(args.config).store if args.config else StoreConfig()
+    url = args.store or spec.url
+    keep_last = args.keep_last if args.keep_last is not None else spec.keep_last
+    try:  # never creates a store: a missing one is bad input, like an endpoint that does not answer
+        store = Store.open(url, endpoint_url=spec.endpoint_url, region=spec.region, profile=spec.profile, create=False)
+    except StoreUnreachable as error:
+        raise BadStoreURL(str(error)) from None
+    report = store.gc(delete=not args.dry_run, min_age_seconds=args.min_age_seconds, keep_last=keep_last)
+    if args.json:
+        print(json.dumps({"store": store.url, **report.as_json()}, indent=2))
+    else:
+        for path in report.removed:
+            print(path)
     verb = "deleted" if report.deleted else "would delete"
-    for path in (*report.orphans, *report.stale_runs):
-        print(path)
-    print(f"{verb} {len(report.orphans)} orphan files ({_size(report.orphan_bytes)}) and {len(report.stale_runs)} stale runs",
-          file=sys.stderr)
+    counts = (f"{len(report.superseded)} stages, {len(report.dropped_runs) + len(report.stale_runs)} runs, "
+              f"{len(report.blobs)} blobs and {len(report.partial_files)} partial files")
+    kept = f", keeping the newest {keep_last} per config: {len(report.kept_runs)} runs" if keep_last is not None else ""
+    print(f"{verb} {counts} ({_size(report.freed_bytes)}) in {store.url}{kept}", file=sys.stderr)
+    if report.in_progress:
+        print(f"deleted nothing: in progress in {store.url}: {'; '.join(report.in_progress)}; rerun gc when they finish",
+              file=sys.stderr)
     return 0
 
 
@@ -249,9 +278,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from prefect import serve
     from prefect.schedules import Cron
 
-    from flows.serve import deployment
-
     from flows.config import load_config
+    from flows.serve import deployment
 
     load_config(args.config)  # a bad file is exit 2 now, not at the first scheduled run; the stream is read per run
     try:

@@ -92,6 +92,7 @@ class StoreConfig(Frozen):
     endpoint_url: str | None = None  # S3-compatible server; default: the AWS chain / AWS_ENDPOINT_URL
     region: str | None = None
     profile: str | None = None
+    keep_last: PositiveInt | None = None  # `many gc --config`: keep the newest N runs per config (None: every run)
 
 
 class TaskSourceConfig(Frozen):

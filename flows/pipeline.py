@@ -23,6 +23,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.config import RunConfig
 from flows.preflight import preflight
 from flows.report import build_report, timeline_from_run
+from flows.retention import config_fingerprint, leased
 from tasks.dispatch import ClusterSpec, StageRecord, stage_task
 from tasks.rows import get_row
 from tasks.rows.row import Chain, PerTask, Reuse, Row
@@ -70,6 +71,7 @@ Submit = Callable[..., PrefectFuture]
 
 
 @flow(name="continual-update", task_runner=ThreadPoolTaskRunner(max_workers=64), persist_result=False, validate_parameters=False)
+@leased  # a run lease on the store until the summary is written: a deleting gc waits (docs/design.md §3.4)
 def continual_update(config: RunConfig, run_id: str | None = None, progress: bool = False, repair: bool = False) -> dict[str, Any]:
     """Run the configured stream through every configured method; return the run summary (docs/design.md §5).
 
@@ -116,6 +118,7 @@ def continual_update(config: RunConfig, run_id: str | None = None, progress: boo
         "run_id": run_id,
         "tasks": names,
         "methods": list(config.methods),
+        "config_fingerprint": config_fingerprint(config),  # which runs are one config to `gc --keep-last`
         "store": store.url,
         "ray_started": started_ray,
         "stages": [r.summary() for r in records],

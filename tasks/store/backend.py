@@ -159,25 +159,34 @@ def _temp_beside(dest: str) -> str:
 
 
 def open_backend(
-    url: str, *, endpoint_url: str | None = None, region: str | None = None, profile: str | None = None
+    url: str, *, endpoint_url: str | None = None, region: str | None = None, profile: str | None = None,
+    create: bool = True,
 ) -> Backend:
-    """Parse `url` (`s3://bucket/prefix`, `file://path` or a plain path) and connect; fail fast if unusable."""
+    """Parse `url` (`s3://bucket/prefix`, `file://path` or a plain path) and connect; fail fast if unusable.
+    With `create=False` a store that does not exist yet (no local root; nothing under the S3 prefix) is a
+    `BadStoreURL`, and nothing is created."""
     if url.startswith("s3://"):
-        return _open_s3(url, endpoint_url=endpoint_url, region=region, profile=profile)
+        return _open_s3(url, endpoint_url=endpoint_url, region=region, profile=profile, create=create)
     if url.startswith("file://"):
-        return _open_local(url.removeprefix("file://"), url)
+        return _open_local(url.removeprefix("file://"), url, create)
     if "://" in url:
         scheme = url.split("://", 1)[0]
         raise BadStoreURL(f"unsupported store URL scheme {scheme!r} in {url!r}: use s3://bucket/prefix, file://path or a path")
-    return _open_local(url, url)
+    return _open_local(url, url, create)
 
 
-def _open_local(path: str, url: str) -> LocalBackend:
+def _no_store(url: str, why: str) -> BadStoreURL:
+    return BadStoreURL(f"no store at {url}: {why}; check --store (or the config's store.url)")
+
+
+def _open_local(path: str, url: str, create: bool = True) -> LocalBackend:
     if not path:
         raise BadStoreURL(f"store URL {url!r} has no path: use file:///abs/path or a relative path")
     root = Path(path).expanduser().absolute()
     if root.exists() and not root.is_dir():
         raise BadStoreURL(f"store root {root} is a file, not a directory: point --store at a directory")
+    if not create and not root.exists():
+        raise _no_store(url, f"{root} does not exist")
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -185,7 +194,7 @@ def _open_local(path: str, url: str) -> LocalBackend:
     return LocalBackend(LocalFileSystem(), root.as_posix(), f"file://{root.as_posix()}")
 
 
-def _open_s3(url: str, *, endpoint_url: str | None, region: str | None, profile: str | None) -> S3Backend:
+def _open_s3(url: str, *, endpoint_url: str | None, region: str | None, profile: str | None, create: bool = True) -> S3Backend:
     bucket, _, prefix = url.removeprefix("s3://").partition("/")
     segments = [s for s in prefix.split("/") if s] if prefix else []
     if not _BUCKET.fullmatch(bucket):
@@ -208,6 +217,10 @@ def _open_s3(url: str, *, endpoint_url: str | None, region: str | None, profile:
     try:
         fs.s3.meta.events.register("needs-retry.s3", _count_retry)  # creates the client (no request yet)
         fs.call_s3("head_bucket", Bucket=bucket)
+        listed = None if create else fs.call_s3("list_objects_v2", Bucket=bucket, MaxKeys=1,
+                                                Prefix="".join(f"{s}/" for s in segments))
+        if listed is not None and not listed.get("KeyCount"):
+            raise _no_store(clean_url, "nothing is stored under that prefix")
     except FileNotFoundError:
         raise BadStoreURL(f"bucket {bucket!r} does not exist (store {clean_url}): create it or fix --store") from None
     except PermissionError:

@@ -1,11 +1,12 @@
 """The store's JSON records (docs/design.md §3): blob references, stage manifests, directory listings,
-and the rows of `ls` / the report of `gc`. Names used as path components are validated here."""
+leases, and the rows of `ls` / the report of `gc`. Names used as path components are validated here."""
 
 from __future__ import annotations
 
 import json
 import re
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, StringConstraints, field_validator
@@ -15,6 +16,7 @@ from tasks.store.errors import BadName
 
 Digest = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]  # sha256, lowercase hex
 _NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+_BLOB = re.compile(r"^blobs/sha256/[0-9a-f]{2}/[0-9a-f]{62}$")
 
 
 def validate_name(kind: str, name: str) -> str:
@@ -95,15 +97,79 @@ class LsRow:
     seconds: float
 
 
+class Lease(Frozen):
+    """`leases/<id>.json`: a `many run` (kind "run") or a deleting `gc` (kind "gc") in progress (docs/design.md §3.4).
+
+    The holder rewrites it every heartbeat with a later `expires`; it is live until then. Times are UTC ISO 8601."""
+
+    id: str
+    kind: Literal["run", "gc"]
+    host: str
+    pid: int
+    started: str
+    heartbeat: str
+    expires: str
+
+    @field_validator("id")
+    @classmethod
+    def _lease_name(cls, lease_id: str) -> str:
+        return validate_name("lease", lease_id)
+
+    def live(self, now: datetime) -> bool:
+        return datetime.fromisoformat(self.expires) > now
+
+    def describe(self, now: datetime) -> str:
+        """`run 20250101T…-ab12cd on host h (pid 7), heartbeat 12 s ago`: what an operator needs to find it."""
+        ago = (now - datetime.fromisoformat(self.heartbeat)).total_seconds()
+        return f"{self.kind} {self.id} on host {self.host} (pid {self.pid}), heartbeat {ago:.0f} s ago"
+
+
 @dataclass(frozen=True)
 class GcReport:
-    """What `gc` found (and removed when `deleted`): store-relative paths of orphan files and stale runs.
+    """What `gc` found (and removed when `deleted`): store-relative paths.
 
-    Orphans are blobs no manifest references, plus partial files left by crashed writes; a run is stale
-    when none of the stage manifests it lists exists any more.
+    Orphans are blobs no surviving manifest references, plus partial files left by crashed writes; a run is
+    stale when none of the stage manifests it lists exists any more. With retention (`keep_last`), `superseded`
+    are the manifests of stages no kept run lists and `dropped_runs` the run summaries retention let go
+    (`kept_runs`: the run ids it kept). `in_progress` names the live leases that made gc delete nothing.
+    `freed_bytes` counts every file removed (or that would be): blobs, partial files, manifests, runs, leases.
     """
 
     orphans: tuple[str, ...]
     orphan_bytes: int
     stale_runs: tuple[str, ...]
     deleted: bool
+    keep_last: int | None = None
+    superseded: tuple[str, ...] = ()
+    dropped_runs: tuple[str, ...] = ()
+    kept_runs: tuple[str, ...] = ()
+    expired_leases: tuple[str, ...] = ()
+    in_progress: tuple[str, ...] = ()
+    freed_bytes: int = 0
+
+    @property
+    def blobs(self) -> tuple[str, ...]:
+        return tuple(p for p in self.orphans if _BLOB.fullmatch(p))
+
+    @property
+    def partial_files(self) -> tuple[str, ...]:
+        return tuple(p for p in self.orphans if not _BLOB.fullmatch(p))
+
+    @property
+    def removed(self) -> tuple[str, ...]:
+        """Every path removed (or that would be), runs last."""
+        return (*self.superseded, *self.orphans, *self.expired_leases, *self.dropped_runs, *self.stale_runs)
+
+    def as_json(self) -> dict[str, Any]:
+        """`many gc --json` (docs/design.md §5.2)."""
+        return {
+            "deleted": self.deleted,
+            "keep_last": self.keep_last,
+            "in_progress": list(self.in_progress),
+            "bytes_freed": self.freed_bytes,
+            "counts": {"stages": len(self.superseded), "blobs": len(self.blobs), "partial_files": len(self.partial_files),
+                       "runs": len(self.dropped_runs) + len(self.stale_runs), "leases": len(self.expired_leases)},
+            "runs_kept": list(self.kept_runs),
+            "removed": {"stages": list(self.superseded), "blobs": list(self.blobs), "partial_files": list(self.partial_files),
+                        "runs": [*self.dropped_runs, *self.stale_runs], "leases": list(self.expired_leases)},
+        }

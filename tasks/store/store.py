@@ -3,6 +3,7 @@
     <root>/blobs/sha256/ab/cdef…          immutable content, written once, verified on every read
     <root>/stages/<stage>/<key>.json      manifest, written LAST and create-exclusive
     <root>/runs/<run-id>.json             run summary
+    <root>/leases/<id>.json               a run or a deleting gc in progress (tasks.store.lease)
 
 Writes are atomic by construction: blobs first (a blob that exists is not rewritten), the manifest last
 with create-exclusive semantics, so a crash leaves at most orphan blobs (invisible to readers, collected
@@ -13,6 +14,7 @@ the bytes and raises `CorruptArtifact` naming the blob and who referenced it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -22,6 +24,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any, ParamSpec, TypeVar
@@ -29,15 +32,18 @@ from typing import Any, ParamSpec, TypeVar
 from botocore.exceptions import BotoCoreError
 from pydantic import ValidationError
 
+from tasks.store import lease as leases
 from tasks.store.backend import DEFAULT_URL, Backend, one_line, open_backend
 from tasks.store.errors import BadName, CorruptArtifact, StoreError
-from tasks.store.records import BlobRef, DirListing, GcReport, LsRow, Manifest, canonical_json, validate_name
+from tasks.store.records import BlobRef, DirListing, GcReport, Lease, LsRow, Manifest, canonical_json, validate_name
+from tasks.store.retention import RunInfo, kept_runs
 
 CHUNK_BYTES = 8 * 2**20
 GC_MIN_AGE_SECONDS = 3600.0  # an orphan younger than this may belong to a stage still writing its manifest
 _BLOB_PATH = re.compile(r"^blobs/sha256/([0-9a-f]{2})/([0-9a-f]{62})$")
 _MANIFEST_PATH = re.compile(r"^stages/([A-Za-z0-9._-]+)/([0-9a-f]{64})\.json$")
 _RUN_PATH = re.compile(r"^runs/([A-Za-z0-9._-]+)\.json$")
+_LEASE_PATH = re.compile(r"^leases/([A-Za-z0-9._-]+)\.json$")
 _KEY = re.compile(r"^[0-9a-f]{64}$")
 
 P = ParamSpec("P")
@@ -89,10 +95,12 @@ class Store:
         region: str | None = None,
         profile: str | None = None,
         cache_dir: str | Path | None = None,
+        create: bool = True,
     ) -> Store:
         """Open `s3://bucket/prefix`, `file://path` or a path; materialised artifacts go to `cache_dir`
-        (default `$MANY_CACHE_DIR` or `~/.cache/many`). Raises `BadStoreURL` if the store cannot be used."""
-        backend = open_backend(url, endpoint_url=endpoint_url, region=region, profile=profile)
+        (default `$MANY_CACHE_DIR` or `~/.cache/many`). Raises `BadStoreURL` if the store cannot be used, or,
+        with `create=False`, if there is no store there yet (a local root is then never created)."""
+        backend = open_backend(url, endpoint_url=endpoint_url, region=region, profile=profile, create=create)
         cache = Path(cache_dir or os.environ.get("MANY_CACHE_DIR") or "~/.cache/many").expanduser().absolute()
         return cls(backend, cache)
 
@@ -382,48 +390,154 @@ class Store:
                         referenced.update(f.digest for f in listing.files.values())
         return referenced
 
-    def _run_stages(self, rel: str) -> set[tuple[str, str]]:
+    def _run_info(self, rel: str, run_id: str, written: float) -> RunInfo:
         try:
-            return {(s["stage"], s["key"]) for s in json.loads(self._fs.cat_file(self._path(rel)))["stages"]}
-        except (ValueError, KeyError, TypeError):
+            summary = json.loads(self._fs.cat_file(self._path(rel)))
+            stages = frozenset((s["stage"], s["key"]) for s in summary["stages"])
+            tasks, fingerprint = summary.get("tasks", []), summary.get("config_fingerprint")
+            if not (isinstance(tasks, list) and all(isinstance(t, str) for t in tasks)) or not isinstance(fingerprint, str | None):
+                raise TypeError
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise StoreError(
                 f"run summary {rel} in store {self.url} is not JSON listing 'stages' with 'stage' and 'key'; "
                 "fix or delete it, then rerun gc (nothing was deleted)"
             ) from None
+        return RunInfo(run_id, fingerprint, tuple(tasks), stages, written)
+
+    # -- leases ---------------------------------------------------------------------------------------
+
+    @_translated("writing a lease")
+    def write_lease(self, lease: Lease) -> None:
+        """Write (or renew) `leases/<id>.json`; see `tasks.store.lease`."""
+        self._backend.put_bytes(json.dumps(lease.model_dump(mode="json"), sort_keys=True).encode(),
+                                self._path(f"leases/{lease.id}.json"))
+
+    @_translated("removing a lease")
+    def drop_lease(self, lease_id: str) -> None:
+        validate_name("lease", lease_id)
+        try:
+            self._fs.rm_file(self._path(f"leases/{lease_id}.json"))
+        except FileNotFoundError:
+            pass
+
+    @_translated("reading leases")
+    def leases(self) -> list[Lease]:
+        """Every lease in the store, live or not. A file that does not parse counts as a run's lease renewed
+        when the file was last written (so it stops gc until it is `LEASE_SECONDS` old, then it is dead)."""
+        return [lease for lease, _ in self._lease_files().values()]
+
+    def _lease_files(self) -> dict[str, tuple[Lease, int]]:
+        found = {}
+        for path, info in sorted(self._find("leases").items()):
+            rel = self._rel(path)
+            match = _LEASE_PATH.fullmatch(rel)
+            if not match:
+                continue  # a partial write's temp file; collected with the other partial files
+            try:
+                lease = Lease.model_validate_json(self._fs.cat_file(path))
+            except FileNotFoundError:
+                continue  # released since the listing
+            except ValidationError:
+                written = self._backend.modified(info)
+                at = [datetime.fromtimestamp(t, timezone.utc).isoformat() for t in (written, written + leases.LEASE_SECONDS)]
+                lease = Lease(id=match[1], kind="run", host="?", pid=0, started=at[0], heartbeat=at[0], expires=at[1])
+            found[rel] = (lease, int(info["size"]))
+        return found
+
+    def _find(self, area: str) -> dict[str, dict[str, Any]]:
+        return self._fs.find(self._path(area), detail=True)
 
     @_translated("collecting garbage")
-    def gc(self, *, delete: bool = False, min_age_seconds: float = GC_MIN_AGE_SECONDS) -> GcReport:
-        """Find orphan blobs, partial files and stale runs; remove them only if `delete`.
+    def gc(
+        self, *, delete: bool = False, min_age_seconds: float = GC_MIN_AGE_SECONDS, keep_last: int | None = None
+    ) -> GcReport:
+        """Find what to collect; remove it only if `delete` and no run is in progress (docs/design.md §3.4).
 
-        Referenced blobs (any manifest's inputs/outputs, and the files of directory artifacts) are never
-        touched. Files younger than `min_age_seconds` are left alone: they may belong to a stage that has
-        written its blobs but not yet its manifest. Delete while no pipeline writes to the store: a stage
-        that reuses an old orphan blob (dedup) between this scan and the delete would lose it — a later
-        `--repair` recomputes it, but nothing else would notice until a read fails verification."""
-        manifests = self._manifests()
-        referenced = self._referenced(manifests)
-        done = {(m.stage, m.key) for m in manifests}
+        Always: blobs no surviving manifest references (a referenced directory keeps its files), partial files
+        of crashed writes, runs none of whose stages exists, and dead leases. With `keep_last` N (retention):
+        also every run that N newer runs of its config supersede (`tasks.store.retention`), and every stage that
+        no kept run (nor `runs/latest.json`) lists — superseded merge states, old evals, a crashed run's work —
+        and with them the blobs only they referenced. Nothing younger than `min_age_seconds` is removed (a
+        writer without a lease may have put blobs whose manifest is still to come), except the summaries of
+        runs retention lets go.
+
+        A deleting gc holds a gc lease; if any other lease is live (a run in progress, or another gc), it
+        deletes nothing and names them in `in_progress`; a run that starts meanwhile waits for it to finish."""
+        if keep_last is not None:
+            kept_runs([], keep_last)  # validates it before anything is written
+        with leases.hold(self, "gc") if delete else nullcontext() as mine:
+            busy = leases.live(self, besides=mine.id if mine else None)
+            report = self._collect(min_age_seconds, keep_last)
+            now = datetime.now(timezone.utc)
+            if busy:
+                return dataclasses.replace(report, in_progress=tuple(b.describe(now) for b in busy))
+            if delete:
+                # Runs first, then manifests, then blobs: a crash in between never leaves a manifest pointing
+                # at a missing blob, only unlisted stages and orphans that the next gc collects.
+                for paths in ((*report.dropped_runs, *report.stale_runs), report.superseded,
+                              (*report.orphans, *report.expired_leases)):
+                    if paths:
+                        self._fs.rm([self._path(rel) for rel in paths])
+            return dataclasses.replace(report, deleted=delete)
+
+    def _collect(self, min_age_seconds: float, keep_last: int | None) -> GcReport:
         now = time.time()
-        orphans: list[tuple[str, int]] = []
+        areas = ("blobs", "stages", "runs", "leases")
+        files = {area: {self._rel(path): info for path, info in self._find(area).items()} for area in areas}
+        sizes = {rel: int(info["size"]) for area in files.values() for rel, info in area.items()}
+
+        def old(info: dict[str, Any]) -> bool:
+            return now - self._backend.modified(info) >= min_age_seconds
+
+        runs: dict[str, RunInfo] = {}
+        for rel, info in files["runs"].items():
+            if match := _RUN_PATH.fullmatch(rel):
+                runs[rel] = self._run_info(rel, match[1], self._backend.modified(info))
+        manifests: dict[str, Manifest] = {}
+        for rel in files["stages"]:
+            if (match := _MANIFEST_PATH.fullmatch(rel)) and (manifest := self.read_manifest(match[1], match[2])):
+                manifests[rel] = manifest  # (None: removed since the listing)
+
+        kept: set[str] = set()
+        dropped: list[str] = []
+        superseded: list[str] = []
+        if keep_last is not None:
+            latest = runs.get("runs/latest.json")
+            kept = kept_runs((r for rel, r in runs.items() if rel != "runs/latest.json"), keep_last)
+            dropped = sorted(rel for rel, r in runs.items() if r is not latest and r.run_id not in kept)
+            listed = set().union(*(r.stages for r in runs.values() if r.run_id in kept or r is latest))
+            superseded = sorted(rel for rel, m in manifests.items()
+                                if (m.stage, m.key) not in listed and old(files["stages"][rel]))
+        going, dropping = set(superseded), set(dropped)
+        surviving = [m for rel, m in manifests.items() if rel not in going]
+        referenced = self._referenced(surviving)
+        done = {(m.stage, m.key) for m in surviving}
+        orphans: list[str] = []
         stale_runs: list[str] = []
-        for area in ("blobs", "stages", "runs"):
-            for path, info in sorted(self._fs.find(self._path(area), detail=True).items()):
-                rel = self._rel(path)
-                if now - self._backend.modified(info) < min_age_seconds:
+        for area in areas:
+            for rel, info in sorted(files[area].items()):
+                if not old(info) or _MANIFEST_PATH.fullmatch(rel) or _LEASE_PATH.fullmatch(rel) or rel in dropping:
                     continue
                 blob = _BLOB_PATH.fullmatch(rel)
-                if blob and blob[1] + blob[2] in referenced or _MANIFEST_PATH.fullmatch(rel):
+                if blob and blob[1] + blob[2] in referenced:
                     continue
-                if _RUN_PATH.fullmatch(rel):
-                    if not self._run_stages(rel) & done:
+                if rel in runs:
+                    if not runs[rel].stages & done:
                         stale_runs.append(rel)
                     continue
-                orphans.append((rel, int(info["size"])))
-        if delete and (orphans or stale_runs):
-            self._fs.rm([self._path(rel) for rel, _ in orphans] + [self._path(rel) for rel in stale_runs])
+                orphans.append(rel)
+        expired = {rel: size for rel, (lease, size) in self._lease_files().items()
+                   if not lease.live(datetime.now(timezone.utc))}
+        removed = [*superseded, *orphans, *dropped, *stale_runs]
         return GcReport(
-            orphans=tuple(rel for rel, _ in orphans),
-            orphan_bytes=sum(size for _, size in orphans),
+            orphans=tuple(orphans),
+            orphan_bytes=sum(sizes[rel] for rel in orphans),
             stale_runs=tuple(stale_runs),
-            deleted=delete,
+            deleted=False,
+            keep_last=keep_last,
+            superseded=tuple(superseded),
+            dropped_runs=tuple(dropped),
+            kept_runs=tuple(sorted(r.run_id for r in runs.values() if r.run_id in kept)),
+            expired_leases=tuple(expired),
+            freed_bytes=sum(sizes[rel] for rel in removed) + sum(expired.values()),
         )
