@@ -97,8 +97,9 @@ def continual_update(config: RunConfig, run_id: str | None = None, progress: boo
     shared = _shared_stages(config, submit, _upload_adapters(config, store), rows)
     chains: dict[str, list[PrefectFuture]] = {}
     for row in rows:
-        if row.chain is not None and row.chain.stage not in chains:
-            chains[row.chain.stage] = _chain_stages(config, submit, row.chain, shared)
+        for chain in row.chains(config):  # its own chain and extras, each followed chain first
+            if chain.stage not in chains:
+                chains[chain.stage] = _chain_stages(config, submit, chain, shared, chains)
     evals = [
         (row.name, t, submit("eval", row.eval_config(config), row.eval_upstream(t, shared, chains),
                              "eval", name, row.name))
@@ -175,12 +176,15 @@ def _shared_stages(config: RunConfig, submit: Submit, uploads: dict[str, StageRe
     return PerTask(base, data, finetune, prototypes, stats)
 
 
-def _chain_stages(config: RunConfig, submit: Submit, chain: Chain, shared: PerTask) -> list[PrefectFuture]:
-    """The links of one chain in task order; link t reads what the chain declares at t and its links < t."""
+def _chain_stages(
+    config: RunConfig, submit: Submit, chain: Chain, shared: PerTask, submitted: dict[str, list[PrefectFuture]]
+) -> list[PrefectFuture]:
+    """The links of one chain in task order; link t reads what the chain declares at t, its links < t and, if it
+    follows a chain, that chain's links (`submitted`: the chains submitted so far)."""
     links: list[PrefectFuture] = []
     sub_config = chain.config(config)
     for t, name in enumerate(t.name for t in config.tasks):
-        upstream = chain.link(t, shared, links)
+        upstream = chain.upstream(t, shared, links, submitted)
         if isinstance(upstream, Reuse):
             links.append(upstream.handle)
         else:
