@@ -22,7 +22,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.config import RunConfig
 from flows.preflight import preflight
-from flows.report import build_report
+from flows.report import build_report, last_diagnostics
 from tasks.dispatch import ClusterSpec, StageRecord, stage_task
 from tasks.rows import get_row
 from tasks.rows.row import Chain, PerTask, Reuse, Row
@@ -111,7 +111,9 @@ def continual_update(config: RunConfig, run_id: str | None = None, progress: boo
         started_ray = ray_started()
     finally:
         shutdown_ray()
-    report = build_report(store.open(), names, config.methods, [(m, t, f.result()) for m, t, f in evals])
+    diagnostics = last_diagnostics(chains)
+    report = build_report(store.open(), names, config.methods, [(m, t, f.result()) for m, t, f in evals],
+                          None if diagnostics is None else diagnostics.result())
     summary = {
         "run_id": run_id,
         "tasks": names,

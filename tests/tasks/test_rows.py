@@ -80,7 +80,7 @@ def test_two_chains_of_one_stage_name_are_an_error(monkeypatch) -> None:
 
 
 def test_diagnostics_link_t_reads_merge_t_and_every_task_up_to_t() -> None:
-    links, shared = _links("many", 3, extra="merge_diagnostics")
+    links, _ = _links("many", 3, extra="merge_diagnostics")
     stage, t, upstream = links[2]
     assert (stage, t) == ("merge_diagnostics", 2)
     assert upstream["merge"] == (("merge", 2, _links("many", 3)[0][2][2]), "adapter")
