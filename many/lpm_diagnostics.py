@@ -1,4 +1,4 @@
-"""Diagnostics of an LPM merge (docs/design.md §1 "Diagnostics", §2 merge_diagnostics[t]): for every LoRA layer and
+"""Diagnostics of an LPM merge (docs/design.md §1.1 "Diagnostics", §2 merge_diagnostics[t]): for every LoRA layer and
 every task i ≤ t, how well the merged update M = M_t still does task i's job on task i's inputs, and how strongly the
 other tasks' updates act on them. Cheap and data-free: from the merged adapter, the tasks' adapters and their Grams.
 
