@@ -63,11 +63,19 @@ def inner_products(W: Tensor, Z: Tensor, blocks: Sequence[int], gram: Tensor) ->
     `W` (out, k), `Z` (k, in), `blocks` the column widths of the U's (Σ blocks = k), `gram` G (in, in) symmetric.
     Q = Sᵀ ((WᵀW) ⊙ (Z G Zᵀ)) S with S (k, n) the one-hot block membership; no out×in matrix is formed.
     """
-    W, Z, G = W.to(_F64), Z.to(_F64), gram.to(_F64)
-    WtW = W.T @ W  # (k, k)
-    ZGZ = (Z @ G) @ Z.T  # (k, in) then (k, k)
-    member = torch.repeat_interleave(torch.eye(len(blocks), dtype=_F64), torch.tensor(list(blocks)), dim=0)  # (k, n)
-    return member.T @ (WtW * ZGZ) @ member  # (n, n)
+    W = W.to(_F64)
+    return _block_sums(W.T @ W, Z.to(_F64), _membership(blocks), gram.to(_F64))
+
+
+def _membership(blocks: Sequence[int]) -> Tensor:
+    """S (k, n): S[c, a] = 1 iff column c of W (row c of Z) belongs to block a."""
+    return torch.repeat_interleave(torch.eye(len(blocks), dtype=_F64), torch.tensor(list(blocks)), dim=0)
+
+
+def _block_sums(WtW: Tensor, Z: Tensor, member: Tensor, G: Tensor) -> Tensor:
+    """Sᵀ ((WᵀW) ⊙ (Z G Zᵀ)) S, (n, n); WtW (k, k), Z (k, in), G (in, in), all float64."""
+    ZGZ = (Z @ G) @ Z.T  # (k, in) then (k, k): the one product with an in×in matrix
+    return member.T @ (WtW * ZGZ) @ member
 
 
 @dataclass(frozen=True)
@@ -79,8 +87,9 @@ class LayerDiagnostics:
     energy: list[float]  # tr(ΔW_i G_i ΔW_iᵀ) = ‖X_i ΔW_iᵀ‖² / N_i, the denominator of row i
 
 
-def _stacked(merged: LoRA, tasks: Sequence[LoRA]) -> tuple[Tensor, Tensor, list[int]]:
-    """W = [s_m B_m | s_0 B_0 | … ] (out, k), Z = [A_m; A_0; …] (k, in), the block widths [R, r_0, …, r_t]."""
+def _stacked(merged: LoRA, tasks: Sequence[LoRA]) -> tuple[Tensor, Tensor, Tensor]:
+    """WᵀW (k, k) of W = [s_m B_m | s_0 B_0 | … ] (out, k), Z = [A_m; A_0; …] (k, in), and the block membership S
+    (k, t + 2) of the widths [R, r_0, …, r_t]; W itself is not kept (out may be large, k is small)."""
     pairs = [merged, *tasks]
     for B, A, _ in pairs:
         if B.ndim != 2 or A.ndim != 2 or B.shape[1] != A.shape[0]:
@@ -90,7 +99,7 @@ def _stacked(merged: LoRA, tasks: Sequence[LoRA]) -> tuple[Tensor, Tensor, list[
         raise ValueError(f"LPM diagnostics: the merged and task updates have different shapes (out, in): {sorted(shapes)}")
     W = torch.cat([scale * B.to(_F64) for B, _, scale in pairs], dim=1)  # (out, k)
     Z = torch.cat([A.to(_F64) for _, A, _ in pairs], dim=0)  # (k, in)
-    return W, Z, [A.shape[0] for _, A, _ in pairs]
+    return W.T @ W, Z, _membership([A.shape[0] for _, A, _ in pairs])
 
 
 def _row(Q: Tensor, i: int) -> tuple[float | None, list[float | None], float]:
@@ -118,11 +127,12 @@ def group_diagnostics(
     for i, gram in enumerate(grams):
         if i >= len(tasks):
             raise ValueError(f"LPM diagnostics: more Grams than the {len(tasks)} tasks")
-        for layer, (W, Z, blocks) in stacked.items():
-            if gram.shape != (Z.shape[1], Z.shape[1]):
+        G = gram.to(_F64)
+        for layer, (WtW, Z, member) in stacked.items():
+            if G.shape != (Z.shape[1], Z.shape[1]):
                 raise ValueError(f"LPM diagnostics: layer {layer} reads {Z.shape[1]} features but task {i}'s Gram is "
-                                 f"{tuple(gram.shape)}")
-            rows[layer].append(_row(inner_products(W, Z, blocks, gram), i))
+                                 f"{tuple(G.shape)}")
+            rows[layer].append(_row(_block_sums(WtW, Z, member, G), i))
         count += 1
     if count != len(tasks):
         raise ValueError(f"LPM diagnostics: {count} Grams for {len(tasks)} tasks; need one per task")
