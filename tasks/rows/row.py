@@ -2,10 +2,10 @@
 
 A row says which shared per-task stages it reads (finetune, prototypes, stats), its own chain stage if it has
 one (and extra chains its eval does not read, like the LPM merge's diagnostics), whether its eval routes projectors
-by CPM, and how its eval builds and scores its model. flows/pipeline.py
-wires rows without knowing any of them; the eval stage calls `Row.evaluate`. Both sides of the eval stage's
-inputs — how they are named in the store and how the row reads them back — are written here once
-(`eval_upstream`, `EvalInputs.parse`), so no input name is an unwritten contract between two layers.
+by CPM, and how its eval builds and scores its model. flows/pipeline.py wires rows without knowing any of them;
+the eval stage calls `Row.evaluate`. Both sides of the eval stage's inputs — how they are named in the store and
+how the row reads them back — are written here once (`eval_upstream`, `EvalInputs.parse`), so no input name is an
+unwritten contract between two layers.
 """
 
 from __future__ import annotations
