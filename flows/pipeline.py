@@ -22,7 +22,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.config import RunConfig
 from flows.preflight import preflight
-from flows.report import build_report, timeline_from_run
+from flows.report import build_report, last_diagnostics, timeline_from_run
 from flows.retention import config_fingerprint, leased
 from tasks.dispatch import ClusterSpec, StageRecord, stage_task
 from tasks.rows import get_row
@@ -99,8 +99,9 @@ def continual_update(config: RunConfig, run_id: str | None = None, progress: boo
     shared = _shared_stages(config, submit, _upload_adapters(config, store), rows)
     chains: dict[str, list[PrefectFuture]] = {}
     for row in rows:
-        if row.chain is not None and row.chain.stage not in chains:
-            chains[row.chain.stage] = _chain_stages(config, submit, row.chain, shared)
+        for chain in row.chains(config):  # its own chain and extras, each followed chain first
+            if chain.stage not in chains:
+                chains[chain.stage] = _chain_stages(config, submit, chain, shared, chains)
     evals = [
         (row.name, t, submit("eval", row.eval_config(config), row.eval_upstream(t, shared, chains),
                              "eval", name, row.name))
@@ -112,8 +113,10 @@ def continual_update(config: RunConfig, run_id: str | None = None, progress: boo
         started_ray = ray_started()
     finally:
         shutdown_ray()
+    diagnostics = last_diagnostics(chains)
     report = build_report(store.open(), names, config.methods, [(m, t, f.result()) for m, t, f in evals],
-                          data=[f.result() for f in shared.data])
+                          data=[f.result() for f in shared.data],
+                          diagnostics=None if diagnostics is None else diagnostics.result())
     summary = {
         "run_id": run_id,
         "tasks": names,
@@ -179,12 +182,15 @@ def _shared_stages(config: RunConfig, submit: Submit, uploads: dict[str, StageRe
     return PerTask(base, data, finetune, prototypes, stats)
 
 
-def _chain_stages(config: RunConfig, submit: Submit, chain: Chain, shared: PerTask) -> list[PrefectFuture]:
-    """The links of one chain in task order; link t reads what the chain declares at t and its links < t."""
+def _chain_stages(
+    config: RunConfig, submit: Submit, chain: Chain, shared: PerTask, submitted: dict[str, list[PrefectFuture]]
+) -> list[PrefectFuture]:
+    """The links of one chain in task order; link t reads what the chain declares at t, its links < t and, if it
+    follows a chain, that chain's links (`submitted`: the chains submitted so far)."""
     links: list[PrefectFuture] = []
     sub_config = chain.config(config)
     for t, name in enumerate(t.name for t in config.tasks):
-        upstream = chain.link(t, shared, links)
+        upstream = chain.upstream(t, shared, links, submitted)
         if isinstance(upstream, Reuse):
             links.append(upstream.handle)
         else:

@@ -1,21 +1,23 @@
 """The store side of the report (docs/design.md §1.3, §5.2 `report --json`): find the stages of a run and read
 from the store what the report shows — the eval stages' scores.json, each task's metric (the data stage's
-task.json) and every stage's manifest times for the timeline — so `many report` needs nothing but cached stages.
-Everything else — the accuracy matrices, the UCIT metrics, the terminal and markdown tables, heatmaps, forgetting
-curves, the timeline figure and the HTML page — is `many.report`'s.
+task.json), the last merge diagnostics when the run has them, and every stage's manifest times for the timeline —
+so `many report` needs nothing but cached stages. Everything else — the accuracy matrices, the UCIT metrics, the
+terminal and markdown tables, heatmaps, forgetting curves, the diagnostics summary, the timeline figure and the HTML
+page — is `many.report`'s.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
 
 from many.data.io import TASK_FILE
-from many.report import IncompleteScores, StageSpan, report_from_scores
+from many.report import IncompleteScores, StageSpan, diagnostics_summary, report_from_scores
 from tasks.dispatch import StageRecord, read_json_output
+from tasks.rows.many import DIAGNOSTICS_CHAIN
 from tasks.store import Manifest, Store, StoreError
 
 
@@ -39,16 +41,38 @@ def build_report(
     methods: Sequence[str],
     evals: Sequence[tuple[str, int, StageRecord | Manifest]],
     data: Sequence[StageRecord | Manifest] | None = None,
+    diagnostics: StageRecord | Manifest | None = None,
 ) -> dict[str, Any]:
     """many.report.report_from_scores of the scores.json that each eval (method, row t, its record or manifest)
-    stored, with the tasks' metrics read from `data` (each task's data stage, in task order) when given;
-    StoreError when the evals do not fill every method's accuracy matrix."""
+    stored, with the tasks' metrics read from `data` (each task's data stage, in task order) when given, plus the
+    summary of `diagnostics` (the last merge_diagnostics link) if given; StoreError when the evals do not fill
+    every method's accuracy matrix."""
     scores = [(method, t, read_json_output(store, record, "scores")) for method, t, record in evals]
     metrics = None if data is None else task_metrics(store, data)
     try:
-        return report_from_scores(tasks, methods, scores, metrics)
+        report = report_from_scores(tasks, methods, scores, metrics)
     except IncompleteScores as error:
         raise StoreError(f"{error} in store {store.url}; rerun `many run` to complete the stream") from None
+    return report if diagnostics is None else with_diagnostics(store, report, diagnostics)
+
+
+def with_diagnostics(store: Store, report: dict[str, Any], diagnostics: StageRecord | Manifest) -> dict[str, Any]:
+    """The report with "diagnostics": many.report.diagnostics_summary of that stage's diagnostics.json."""
+    stored = read_json_output(store, diagnostics, DIAGNOSTICS_CHAIN.read)
+    return {**report, "diagnostics": diagnostics_summary(report["tasks"], stored)}
+
+
+def last_diagnostics(chains: Mapping[str, Sequence[Any]]) -> Any | None:
+    """The last link of the merge diagnostics chain among a run's submitted chains (by stage name), or None."""
+    links = chains.get(DIAGNOSTICS_CHAIN.stage)
+    return links[-1] if links else None
+
+
+def _diagnostics_manifest(store: Store, summary: dict[str, Any]) -> Manifest | None:
+    """The manifest of the run's last merge_diagnostics link (after its last task), None if the run has none."""
+    entry = next((e for e in summary["stages"]
+                  if e["stage"] == DIAGNOSTICS_CHAIN.stage and e["task"] == summary["tasks"][-1]), None)
+    return None if entry is None else _manifest(store, entry)
 
 
 def _manifest(store: Store, entry: dict[str, Any]) -> Manifest:
@@ -71,7 +95,7 @@ def report_from_run(store: Store, summary: dict[str, Any]) -> dict[str, Any]:
     ]
     data_entries = {entry["task"]: entry for entry in summary["stages"] if entry["stage"] == "data"}
     data = [_manifest(store, data_entries[task]) for task in tasks] if set(tasks) <= set(data_entries) else None
-    return build_report(store, tasks, summary["methods"], evals, data)
+    return build_report(store, tasks, summary["methods"], evals, data, _diagnostics_manifest(store, summary))
 
 
 def stage_span(manifest: Manifest, task: str | None, method: str | None, cached: bool = False) -> StageSpan:

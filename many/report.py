@@ -17,6 +17,9 @@ BWT = mean_{j<T−1} (A[T−1][j] − A[j][j]) from `many.metrics.summarize`; en
 scored, "exact_match" (percent) or "caption" (100 × mean of BLEU-1..4, METEOR, ROUGE-L, CIDEr: can exceed 100);
 the tables and figures mark caption tasks with "†". Every table and page explains the four metrics (`LEGEND`).
 
+A run with LPM merge diagnostics adds "diagnostics" (`diagnostics_summary`, below render): the last step's fit error
+per layer and task, drawn as a layer × task heatmap (diagnostics.png), and its worst layers, also in `text_table`.
+
 `text_table` is the terminal table of `many run` and `many report`; `markdown_table` and `matrix_markdown` the
 markdown. Rendering (`render`) writes report.json, report.md, one heatmap PNG per method (one colour scale shared
 by every method), forgetting.png, with a run's stage spans (`StageSpan`) timeline.png, and a self-contained
@@ -308,7 +311,7 @@ def text_table(report: Mapping) -> str:
     legend = legend_lines(report)
     term_width = max(len(term) for term, _ in legend)
     lines += ["", *(f"{term:<{term_width}}  {text}" for term, text in legend)]
-    return "\n".join(lines)
+    return "\n".join(lines + diagnostics_lines(report))
 
 
 def _md_cell(text: str) -> str:
@@ -607,6 +610,7 @@ def _html_legend(report: Mapping) -> str:
 
 def render(report: Mapping, out_dir: Path, timeline: Iterable[Sequence[Any]] | None = None) -> dict[str, Path]:
     """Write report.json, report.md, heatmap_<method>.png per method (one colour scale for all), forgetting.png,
+    diagnostics.png (with report["diagnostics"]),
     with a non-empty `timeline` (StageSpan or plain (stage, task, method, host, start, end[, cached]) per stage)
     timeline.png, and a self-contained report.html (tables, legend, every PNG as a base64 data URI) into
     `out_dir`; returns {file name: path}.
@@ -635,6 +639,7 @@ def render(report: Mapping, out_dir: Path, timeline: Iterable[Sequence[Any]] | N
         ["<h2>Stage timeline</h2>", _img(gantt, "stage timeline"), f"<p>{html.escape(TIMELINE_CAPTION)}</p>"]
         if gantt else []
     )
+    diagnostics_files, diagnostics_md, diagnostics_html = _diagnostics_parts(report)
     markdown = "\n".join(
         [
             "# many report\n",
@@ -646,6 +651,7 @@ def render(report: Mapping, out_dir: Path, timeline: Iterable[Sequence[Any]] | N
                 for m in methods
             ),
             *timeline_md,
+            *diagnostics_md,
         ]
     )
     page = "\n".join(
@@ -665,6 +671,7 @@ def render(report: Mapping, out_dir: Path, timeline: Iterable[Sequence[Any]] | N
             ),
             *(f"<h3>{html.escape(m)}</h3>\n{_img(heatmaps[m], f'accuracy matrix of {m}')}" for m in methods),
             *timeline_html,
+            *diagnostics_html,
             "</body></html>\n",
         ]
     )
@@ -672,6 +679,7 @@ def render(report: Mapping, out_dir: Path, timeline: Iterable[Sequence[Any]] | N
     files["forgetting.png"] = forgetting
     if gantt is not None:
         files["timeline.png"] = gantt
+    files |= diagnostics_files
     files["report.md"] = markdown.encode()
     files["report.html"] = page.encode()
     files["report.json"] = (json.dumps(report, indent=2, allow_nan=False) + "\n").encode()
@@ -681,3 +689,179 @@ def render(report: Mapping, out_dir: Path, timeline: Iterable[Sequence[Any]] | N
         written[name] = out_dir / name
         written[name].write_bytes(content)
     return written
+
+
+# -- LPM merge diagnostics (docs/design.md §1.1 "Diagnostics") -------------------------------------------------------
+#
+# report["diagnostics"], present when the run computed merge_diagnostics (the `many` / `many_lpm_only` rows with
+# lpm.diagnostics on), summarises the diagnostics.json of the run's last step (many.lpm_diagnostics):
+#
+#     {"after": last task, "tasks": [tasks merged], "groups": {group: [layers in model order]},
+#      "fit_error": {"mean", "worst": [{"layer", "task", "value"}], "layers": {layer: [e_i per task]}},
+#      "leakage":   {"mean", "worst": [{"layer", "task", "from", "value"}], "layers": {layer: mean_{j≠i} ℓ_ij}}}
+#
+# "worst" lists the DIAGNOSTICS_WORST largest entries (ties in model and task order); means and worst skip the
+# entries that are undefined (null: a task whose update has no energy on its inputs).
+
+DIAGNOSTICS_FORMAT = "many.lpm.diagnostics/1"  # = many.lpm_diagnostics.FORMAT (not imported: this module needs no torch)
+DIAGNOSTICS_WORST = 5
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return math.fsum(values) / len(values) if values else None
+
+
+def diagnostics_summary(tasks: Sequence[str], diagnostics: Mapping[str, Any]) -> dict[str, Any]:
+    """report["diagnostics"] (see above) from a merge_diagnostics diagnostics.json over the first
+    diagnostics["tasks"] of `tasks`; ValueError for another format or more tasks than the run has."""
+    if not isinstance(diagnostics, Mapping) or diagnostics.get("format") != DIAGNOSTICS_FORMAT:
+        raise ValueError(f"report: merge diagnostics are not of format {DIAGNOSTICS_FORMAT!r}; rerun `many run`")
+    count = diagnostics["tasks"]
+    if not 1 <= count <= len(tasks):
+        raise ValueError(f"report: merge diagnostics over {count} tasks, but the run has {len(tasks)}")
+    merged = list(tasks[:count])
+    groups = {group: list(entry["layers"]) for group, entry in diagnostics["groups"].items()}
+    fit = {layer: entry["fit_error"][layer] for entry in diagnostics["groups"].values() for layer in entry["layers"]}
+    leak = {layer: entry["leakage"][layer] for entry in diagnostics["groups"].values() for layer in entry["layers"]}
+    errors = [(value, layer, i) for layer, row in fit.items() for i, value in enumerate(row) if value is not None]
+    leaks = [(value, layer, i, j) for layer, matrix in leak.items() for i, row in enumerate(matrix)
+             for j, value in enumerate(row) if j != i and value is not None]
+    order = {layer: k for k, layer in enumerate(fit)}
+
+    def off_diagonal(matrix: Sequence[Sequence[float | None]]) -> float | None:
+        return _mean([v for i, row in enumerate(matrix) for j, v in enumerate(row) if j != i and v is not None])
+
+    worst_errors = sorted(errors, key=lambda e: (-e[0], order[e[1]], e[2]))[:DIAGNOSTICS_WORST]
+    worst_leaks = sorted(leaks, key=lambda e: (-e[0], order[e[1]], e[2], e[3]))[:DIAGNOSTICS_WORST]
+    return {
+        "after": merged[-1],
+        "tasks": merged,
+        "groups": groups,
+        "fit_error": {
+            "mean": _mean([e[0] for e in errors]),
+            "worst": [{"layer": layer, "task": merged[i], "value": value} for value, layer, i in worst_errors],
+            "layers": fit,
+        },
+        "leakage": {
+            "mean": _mean([e[0] for e in leaks]),
+            "worst": [{"layer": layer, "task": merged[i], "from": merged[j], "value": value}
+                      for value, layer, i, j in worst_leaks],
+            "layers": {layer: off_diagonal(matrix) for layer, matrix in leak.items()},
+        },
+    }
+
+
+def short_layer(layer: str) -> str:
+    """A figure label for a PEFT module name: "…language_model.layers.3.self_attn.q_proj" → "3.q_proj"."""
+    found = re.search(r"layers\.(\d+)\.(?:.*\.)?([^.]+)$", layer)
+    return f"{found.group(1)}.{found.group(2)}" if found else layer
+
+
+def _value_text(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3g}"
+
+
+def diagnostics_lines(report: Mapping) -> list[str]:
+    """The terminal lines of report["diagnostics"] (none without it): means and the worst layer of each."""
+    summary = report.get("diagnostics")
+    if summary is None:
+        return []
+    fit, leak = summary["fit_error"], summary["leakage"]
+    line = f"LPM merge after {summary['after']}: fit error mean {_value_text(fit['mean'])}"
+    if fit["worst"]:
+        worst = fit["worst"][0]
+        line += f", worst {_value_text(worst['value'])} ({short_layer(worst['layer'])} on {worst['task']})"
+    line += f"; leakage mean {_value_text(leak['mean'])}"
+    if leak["worst"]:
+        worst = leak["worst"][0]
+        line += f", worst {_value_text(worst['value'])} ({short_layer(worst['layer'])}: {worst['from']} on {worst['task']})"
+    return [line]
+
+
+def _diagnostics_png(report: Mapping) -> bytes:
+    """Left: the fit error e_i as a layer × task heatmap (rows: layers in model order, input groups separated by
+    lines; columns: tasks merged; sqrt colour scale from 0 to max(1, largest e_i), e_i = 1 being what no update
+    scores). Right: each layer's mean leakage over the task pairs i ≠ j."""
+    from matplotlib.colors import PowerNorm
+
+    summary = report["diagnostics"]
+    tasks, fit = summary["tasks"], summary["fit_error"]["layers"]
+    layers = [layer for members in summary["groups"].values() for layer in members]
+    values = np.array([[np.nan if v is None else v for v in fit[layer]] for layer in layers], dtype=float)  # (L, T)
+    vmax = max(1.0, float(np.nanmax(values)) if np.isfinite(values).any() else 1.0)
+    cmap = colormaps["Reds"].with_extremes(bad="lightgrey")
+    norm = PowerNorm(0.5, vmin=0.0, vmax=vmax)
+    rows, T = len(layers), len(tasks)
+    annotate = rows <= 48 and T <= 12
+    height = 1.8 + (0.24 if rows <= 48 else 0.1) * rows
+    figure = Figure(figsize=(3.2 + 0.8 * T + 2.6, height), layout="constrained")
+    heat, bars = figure.subplots(1, 2, sharey=True, width_ratios=[max(T, 2), 3])
+    image = heat.imshow(np.ma.masked_invalid(values), cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
+    if annotate:
+        for r in range(rows):
+            for j in range(T):
+                value = values[r, j]
+                ink = "white" if np.isfinite(value) and norm(value) > 0.6 else "black"
+                heat.text(j, r, "–" if not np.isfinite(value) else f"{value:.2g}", ha="center", va="center",
+                          color=ink, fontsize=7)
+    ends = np.cumsum([len(members) for members in summary["groups"].values()])[:-1]
+    for end in ends:
+        heat.axhline(end - 0.5, color="black", linewidth=0.6)
+        bars.axhline(end - 0.5, color="black", linewidth=0.6)
+    heat.set_xticks(range(T), [_plain(task) for task in tasks], rotation=35, ha="right", rotation_mode="anchor")
+    heat.set_yticks(range(rows), [_plain(short_layer(layer)) for layer in layers], fontsize=7 if rows > 24 else 9)
+    heat.set_xlabel("task i")
+    heat.set_title(_plain(f"fit error e_i — mean {_value_text(summary['fit_error']['mean'])}"), fontsize=10)
+    figure.colorbar(image, ax=heat, label="e_i (1 = no better than no update)", shrink=0.8, location="left", pad=0.12)
+    leak = [summary["leakage"]["layers"][layer] for layer in layers]
+    if any(v is not None for v in leak):
+        bars.barh(range(rows), [0.0 if v is None else v for v in leak], color="tab:purple")
+        bars.set_xlabel("mean leakage ℓ_ij, j ≠ i")
+    else:
+        bars.text(0.5, 0.5, "one task:\nno leakage", ha="center", va="center", transform=bars.transAxes)
+        bars.set_xticks([])
+    bars.set_title("mean leakage per layer", fontsize=10)
+    bars.tick_params(axis="y", left=False)
+    bars.grid(axis="x", alpha=0.3)
+    figure.suptitle(_plain(f"LPM merge after {summary['after']}: which layers and tasks it fits"))
+    return _png(figure)
+
+
+def _diagnostics_tables(summary: Mapping) -> tuple[list[str], list[list[str]], list[str], list[list[str]]]:
+    """(header, rows) of the worst fit errors and of the worst leakages."""
+    fit = [[row["layer"], row["task"], _value_text(row["value"])] for row in summary["fit_error"]["worst"]]
+    leak = [[row["layer"], row["task"], row["from"], _value_text(row["value"])] for row in summary["leakage"]["worst"]]
+    return ["layer", "task i", "fit error e_i"], fit, ["layer", "task i", "from task j", "leakage ℓ_ij"], leak
+
+
+DIAGNOSTICS_TEXT = (
+    "Per LoRA layer and task i, from the cached factors: fit error e_i = tr((M−ΔW_i) G_i (M−ΔW_i)ᵀ) / "
+    "tr(ΔW_i G_i ΔW_iᵀ) (0: the merge M does task i's update exactly on its inputs; 1: no better than no update) and "
+    "leakage ℓ_ij = tr(ΔW_j G_i ΔW_jᵀ) / tr(ΔW_i G_i ΔW_iᵀ) (how strongly task j's update acts on task i's inputs)."
+)
+
+
+def _diagnostics_parts(report: Mapping) -> tuple[dict[str, bytes], list[str], list[str]]:
+    """What `render` adds for report["diagnostics"]: ({"diagnostics.png": PNG}, markdown lines, HTML lines); all
+    empty without it."""
+    summary = report.get("diagnostics")
+    if summary is None:
+        return {}, [], []
+    png = _diagnostics_png(report)
+    fit_header, fit_rows, leak_header, leak_rows = _diagnostics_tables(summary)
+    title = f"LPM merge diagnostics after {summary['after']}"
+    markdown = [f"## {_md_cell(title)}\n", DIAGNOSTICS_TEXT + "\n", "![LPM merge diagnostics](diagnostics.png)\n",
+                _md_table(fit_header, fit_rows)]
+    if leak_rows:
+        markdown.append(_md_table(leak_header, leak_rows))
+
+    def table(header: list[str], rows: list[list[str]]) -> str:
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+        body = "\n".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+        return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>"
+
+    page = [f"<h2>{html.escape(title)}</h2>", f"<p>{html.escape(DIAGNOSTICS_TEXT)}</p>",
+            _img(png, "LPM fit error per layer and task, mean leakage per layer"), table(fit_header, fit_rows)]
+    if leak_rows:
+        page.append(table(leak_header, leak_rows))
+    return {"diagnostics.png": png}, markdown, page

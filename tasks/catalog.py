@@ -1,5 +1,6 @@
 """Every stage kind the pipeline runs (docs/design.md §2): the shared stages (tasks.stages), the eval stage
-(tasks.evaluation) and each method row's chain (tasks.rows) — by name, with its code version, outputs and compute.
+(tasks.evaluation) and every method row's chains (tasks.rows.chains: its own, its extras and the chains they follow)
+— by name, with its code version, outputs and compute.
 """
 
 from __future__ import annotations

@@ -71,8 +71,15 @@ def get_row(name: str) -> Row:
 
 
 def chains() -> dict[str, Chain]:
-    """Every row's chain by stage name (a chain several rows read appears once)."""
-    return {row.chain.stage: row.chain for row in ROWS.values() if row.chain is not None}
+    """Every row's chains by stage name, extras and followed chains included (a chain several rows read appears
+    once); ValueError if two different chains take one stage name."""
+    found: dict[str, Chain] = {}
+    for row in ROWS.values():
+        for chain in row.chains():
+            if found.setdefault(chain.stage, chain) is not chain:
+                raise ValueError(f"two chains are named {chain.stage!r} (again in method row {row.name!r}); "
+                                 "a chain's stage name must be its own")
+    return found
 
 
 class MergingConfig(Frozen):

@@ -6,15 +6,21 @@ The LPM chain `merge` folds task t into the RLS state of tasks < t,
 
 and exports M_t as a rank-Σr PEFT adapter (tasks/merge.py fans the input groups out over Ray). eval[t] puts M_t
 on every layer and routes each test image's visual tokens through the projectors of tasks ≤ t by CPM.
+
+The chain `merge_diagnostics` follows it (an extra of the `many` and `many_lpm_only` rows, off with
+`lpm.diagnostics: false`): link t reads merge[t]'s adapter and the adapters and Grams of tasks ≤ t, and writes each
+layer's fit error e_i and leakage ℓ_ij (many.lpm_diagnostics); `many report` shows the last link's.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+from many.config import Frozen
 from tasks.rows import parts
-from tasks.rows.row import Chain, EvalContext, PerTask, Row
+from tasks.rows.row import Chain, EvalContext, PerTask, Row, indexed, indexed_paths
 
 
 def compute_merge(inputs: dict[str, Path], workdir: Path, *, config: Any, device: str) -> dict[str, Path]:
@@ -51,6 +57,42 @@ LPM_CHAIN = Chain(
 )
 
 
+class DiagnosticsStageConfig(Frozen):
+    """merge_diagnostics[t] has no setting: its key is its inputs' digests and its code version."""
+
+
+def compute_diagnostics(inputs: dict[str, Path], workdir: Path, *, config: Any, device: str) -> dict[str, Path]:
+    """merge_diagnostics[t]: diagnostics.json (many.lpm_diagnostics.diagnose) of merge[t]'s adapter ("merge"), from
+    the task dirs finetune_0 … finetune_t and Grams stats_0 … stats_t. One Gram in memory at a time; CPU."""
+    from many.lpm_diagnostics import diagnose
+
+    result = diagnose(inputs["merge"], indexed_paths(inputs, "finetune"), indexed_paths(inputs, "stats"))
+    path = workdir / "diagnostics.json"
+    path.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
+    return {"diagnostics": path}
+
+
+def _diagnostics_link(t: int, shared: PerTask, links: list[Any], merges: list[Any]) -> dict[str, tuple[Any, str]]:
+    return ({"merge": (merges[t], "adapter")} | indexed("finetune", shared.finetune[: t + 1], "task")
+            | indexed("stats", shared.stats[: t + 1], "grams"))
+
+
+DIAGNOSTICS_CHAIN = Chain(
+    stage="merge_diagnostics",
+    version="1",
+    outputs=("diagnostics",),
+    read="diagnostics",  # read by the report (flows/report.py), not by an eval
+    method="many",
+    group="merge",
+    needs=frozenset({"finetune", "stats"}),
+    config=lambda config: DiagnosticsStageConfig(),
+    link=_diagnostics_link,
+    compute=compute_diagnostics,
+    follows=LPM_CHAIN,
+    enabled=lambda config: config.lpm.diagnostics,
+)
+
+
 def lpm_deltas(ctx: EvalContext) -> dict[str, Any]:
     """M_t per PEFT module name, from the merged adapter of link t."""
     from many.adapters import lora_factors
@@ -71,4 +113,5 @@ ROW = Row(
     reads=frozenset({"finetune", "prototypes"}),
     chain=LPM_CHAIN,
     routed=True,
+    extras=(DIAGNOSTICS_CHAIN,),
 )

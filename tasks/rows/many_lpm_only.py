@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from tasks.rows import parts
-from tasks.rows.many import LPM_CHAIN, lpm_deltas
+from tasks.rows.many import DIAGNOSTICS_CHAIN, LPM_CHAIN, lpm_deltas
 from tasks.rows.row import EvalContext, Row
 
 
@@ -22,4 +22,5 @@ ROW = Row(
     evaluate=evaluate,
     reads=frozenset({"finetune"}),
     chain=LPM_CHAIN,
+    extras=(DIAGNOSTICS_CHAIN,),
 )

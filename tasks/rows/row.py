@@ -1,10 +1,11 @@
 """What a method row is (docs/design.md §10): the declaration every method of the comparison table makes.
 
 A row says which shared per-task stages it reads (finetune, prototypes, stats), its own chain stage if it has
-one, whether its eval routes projectors by CPM, and how its eval builds and scores its model. flows/pipeline.py
-wires rows without knowing any of them; the eval stage calls `Row.evaluate`. Both sides of the eval stage's
-inputs — how they are named in the store and how the row reads them back — are written here once
-(`eval_upstream`, `EvalInputs.parse`), so no input name is an unwritten contract between two layers.
+one (and extra chains its eval does not read, like the LPM merge's diagnostics), whether its eval routes projectors
+by CPM, and how its eval builds and scores its model. flows/pipeline.py wires rows without knowing any of them;
+the eval stage calls `Row.evaluate`. Both sides of the eval stage's inputs — how they are named in the store and
+how the row reads them back — are written here once (`eval_upstream`, `EvalInputs.parse`), so no input name is an
+unwritten contract between two layers.
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ class Chain:
 
     Several rows may read one chain (the LPM merge serves MAny and MAny-without-CPM); the flow submits each chain
     once. `method` labels its stage records (`many ls`, `run --json`); `group` picks its Ray resources.
+
+    A chain may follow another (`follows`): the flow submits the followed chain first, and `link` gets its links as
+    a fourth argument, `link(t, shared, links, followed)` (the LPM merge's diagnostics read merge[t]). `enabled` lets
+    the run config turn off a row's extra chain (`Row.extras`); a row's own chain is always submitted.
     """
 
     stage: str  # the stage's name: its namespace in the store
@@ -69,8 +74,16 @@ class Chain:
     group: Literal["finetune", "merge"]
     needs: frozenset[Shared]  # the shared stages its links read
     config: Callable[[Any], Frozen]  # run config → the links' sub-config (their cache key)
-    link: Callable[[int, PerTask, Sequence[Any]], Upstream | Reuse]  # (t, shared stages, links < t) → link t
+    link: Callable[..., Upstream | Reuse]  # (t, shared stages, links < t[, the followed chain's links]) → link t
     compute: Compute
+    follows: Chain | None = None  # the chain whose links `link` also reads; submitted before this one
+    enabled: Callable[[Any], bool] | None = None  # run config → whether an extra chain is submitted (None: always)
+
+    def upstream(self, t: int, shared: PerTask, links: Sequence[Any], submitted: Mapping[str, Sequence[Any]]) -> Upstream | Reuse:
+        """Link t's inputs; `submitted`: the links of every chain submitted so far, by stage name."""
+        if self.follows is None:
+            return self.link(t, shared, links)
+        return self.link(t, shared, links, submitted[self.follows.stage])
 
 
 class EvalStageConfig(Frozen):
@@ -127,11 +140,29 @@ class Row:
     chain_links: Literal["last", "all"] = "last"  # its eval reads link t, or links ≤ t
     routed: bool = False  # its eval reads config.cpm
     default: bool = True  # in the default `methods`; opt-in otherwise
+    extras: tuple[Chain, ...] = ()  # chains its eval does not read, submitted with the row (unless not `enabled`)
 
     @property
     def needs(self) -> frozenset[Shared]:
-        """Every shared stage this row's stages read, directly or through its chain."""
-        return self.reads | (self.chain.needs if self.chain else frozenset())
+        """Every shared stage this row's stages read, directly or through its chains (extras included)."""
+        return self.reads.union(*(chain.needs for chain in self.chains()))
+
+    def chains(self, config: Any = None) -> tuple[Chain, ...]:
+        """The chains the flow submits for this row, each once and every followed chain before its follower: its
+        own chain, then the extras that `config` enables (all of them when `config` is None)."""
+        ordered: dict[str, Chain] = {}
+
+        def add(chain: Chain) -> None:
+            if chain.follows is not None:
+                add(chain.follows)
+            ordered.setdefault(chain.stage, chain)
+
+        if self.chain is not None:
+            add(self.chain)
+        for extra in self.extras:
+            if config is None or extra.enabled is None or extra.enabled(config):
+                add(extra)
+        return tuple(ordered.values())
 
     def eval_config(self, config: Any) -> EvalStageConfig:
         """The eval stage's sub-config from the run config (its cache key)."""

@@ -82,7 +82,7 @@ def test_placement_follows_resources_and_a_lost_gpu_node_is_survived(cluster, tm
     assert computed(summary) == {("base", None, None)} | {
         (stage, task, method) for task in ("style-cls", "chart-qa")
         for stage, method in (("data", None), ("finetune", None), ("prototypes", None), ("stats", None),
-                              ("merge", "many"), ("eval", "many"))
+                              ("merge", "many"), ("merge_diagnostics", "many"), ("eval", "many"))
     }
     gpu = {short(n) for n in cluster.gpu_nodes}
     node_of = {(s["stage"], s["task"]): s["node"].rsplit("/", 1)[-1] for s in summary["stages"]}

@@ -26,7 +26,7 @@ def upload(bucket: str, key: str, spec: object) -> None:
 
 def new_task_stages(task: str) -> set[tuple[str, str | None, str | None]]:
     return {("data", task, None), ("finetune", task, None), ("prototypes", task, None), ("stats", task, None),
-            ("merge", task, "many")} | {("eval", task, m) for m in METHODS}
+            ("merge", task, "many"), ("merge_diagnostics", task, "many")} | {("eval", task, m) for m in METHODS}
 
 
 def test_scheduled_runs_pick_up_new_task_specs_from_s3_and_export(harness, new_bucket: str, tmp_path: Path) -> None:

@@ -3,7 +3,8 @@ of examples/tiny.yaml. Asserts on the `--json` stage list of `many run` (docs/de
 cold → every stage computed; rerun → every stage cached and Ray never started; one more task → exactly that
 task's stages, merges and eval row; a new τ → only the routed methods' evals; a new LPM γ → only the LPM
 merges and their evals; export → the merged adapter
-reloads with PEFT and reproduces the pipeline's predictions; the same flow against a moto S3 server."""
+reloads with PEFT and reproduces the pipeline's predictions; the merge diagnostics of every step and their report;
+the same flow against a moto S3 server."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def new_task_stages(task: str) -> set[tuple[str, str | None, str | None]]:
     """What adding `task` to a stream (not its first task) must compute, and nothing else."""
     return (
         {("data", task, None), ("finetune", task, None), ("prototypes", task, None), ("stats", task, None),
-         ("merge", task, "many"), ("seqlora", task, "seqlora")}
+         ("merge", task, "many"), ("merge_diagnostics", task, "many"), ("seqlora", task, "seqlora")}
         | {(f"merge_{m}", task, m) for m in BASELINES}
         | {("eval", task, m) for m in METHODS}
     )
@@ -47,6 +48,7 @@ def test_cold_cached_incremental_tau_export_report(tmp_path: Path, capsys) -> No
     for row in report["methods"].values():
         assert row["matrix"][0][1] is None and all(v is not None for v in row["matrix"][1])
         assert set(row) == {"matrix", "MFT", "MFN", "MAA", "BWT"}
+    check_diagnostics(store, cold)
 
     cached = run(capsys, "--config", str(config), "--store", store, "--tasks", "2")
     assert cached["ray_started"] is False
@@ -64,20 +66,54 @@ def test_cold_cached_incremental_tau_export_report(tmp_path: Path, capsys) -> No
 
     reridged = run(capsys, "--config", str(write_config(tmp_path / "gamma.yaml", lpm={"gamma": 1e-3})), "--store", store)
     tasks = ["style-cls", "chart-qa", "icon-qa"]
-    assert computed(reridged) == {("merge", t, "many") for t in tasks} | {
+    assert computed(reridged) == {("merge", t, "many") for t in tasks} | {("merge_diagnostics", t, "many") for t in tasks} | {
         ("eval", t, m) for t in tasks for m in ("many", "many_lpm_only")}
+    check_diagnostics(store, reridged)
 
     capsys.readouterr()
     assert main(["report", "--store", store, "--json", "--out", str(tmp_path / "report")]) == 0
     assert json.loads(capsys.readouterr().out) == reridged["report"]
     assert all((tmp_path / "report" / name).stat().st_size > 0
-               for name in ("report.html", "forgetting.png", "heatmap_many.png", "timeline.png"))
+               for name in ("report.html", "forgetting.png", "heatmap_many.png", "timeline.png", "diagnostics.png"))
     assert main(["ls", "--store", store]) == 0
     assert main(["gc", "--store", store, "--dry-run"]) == 0
 
     out = tmp_path / "export"
     assert main(["export", "--store", store, "--out", str(out)]) == 0
     check_export(out, store, reridged)
+
+
+def check_diagnostics(store_url: str, summary: dict) -> None:
+    """merge_diagnostics[t] per task t: one finite e_i ≥ 0 per task ≤ t and a (t+1)×(t+1) leakage for every LoRA
+    layer of the tasks' adapters; the report summarises the last step."""
+    import math
+
+    from many.adapters import lora_factors
+    from tasks.store import Store
+
+    store = Store.open(store_url)
+    tasks = summary["tasks"]
+    by_stage = {(s["stage"], s["task"]): s for s in summary["stages"]}
+    for t, task in enumerate(tasks):
+        assert by_stage["merge_diagnostics", task]["method"] == "many"
+        manifest = store.read_manifest("finetune", by_stage["finetune", task]["key"])
+        layers = set(lora_factors(store.materialize(manifest.outputs["task"], context="test") / "adapter"))
+        manifest = store.read_manifest("merge_diagnostics", by_stage["merge_diagnostics", task]["key"])
+        stored = json.loads(store.get_bytes(manifest.outputs["diagnostics"].digest, context="test"))
+        assert stored["tasks"] == t + 1
+        groups = stored["groups"].values()
+        assert sorted(layer for group in groups for layer in group["layers"]) == sorted(layers)
+        for group in groups:
+            for layer in group["layers"]:
+                errors, leakage = group["fit_error"][layer], group["leakage"][layer]
+                assert len(errors) == t + 1 and all(math.isfinite(e) and e >= 0.0 for e in errors), (layer, errors)
+                assert [len(row) for row in leakage] == [t + 1] * (t + 1)
+                assert all(math.isfinite(v) and v >= 0.0 for row in leakage for v in row)
+    diagnostics = summary["report"]["diagnostics"]
+    assert diagnostics["after"] == tasks[-1] and diagnostics["tasks"] == tasks
+    assert set(diagnostics["fit_error"]["layers"]) == layers
+    assert math.isfinite(diagnostics["fit_error"]["mean"]) and len(diagnostics["fit_error"]["worst"]) == 5
+    assert math.isfinite(diagnostics["leakage"]["mean"])
 
 
 def check_export(out: Path, store_url: str, summary: dict) -> None:

@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 from many.config import EvalConfig
 from many.evaluate import generate_answers
+from many.loop import batch_indices, encode_dataset
 from many.methods.fwd_prompt import (
     FwdPromptConfig,
     FwdPromptState,
@@ -26,7 +27,6 @@ from many.methods.fwd_prompt import (
 from many.methods.fwd_prompt.subspace import energy_basis, extend_core, update_basis
 from many.methods.fwd_prompt.train import initial_prompts, pretrained_basis
 from many.model.chat import encode_for_generation, encode_for_training
-from many.loop import batch_indices, encode_dataset
 from many.model.load import load_base
 from many.pretrain import pretrain
 from tests.conftest import FIXTURE_BASE, FIXTURE_MODEL, make_samples

@@ -48,4 +48,5 @@ def test_two_identical_runs_at_once_then_a_different_config_shares_the_base(
     assert other.code == 0, other.err
     status = {(s["stage"], s["task"]): s["status"] for s in other.summary["stages"]}
     assert {k for k, v in status.items() if v == "cached"} == {k for k in status if k[0] in SHARED}
-    assert {k for k, v in status.items() if v == "computed"} == {k for k in status if k[0] in {"merge", "eval"}}
+    assert {k for k, v in status.items() if v == "computed"} == {
+        k for k in status if k[0] in {"merge", "merge_diagnostics", "eval"}}

@@ -37,10 +37,71 @@ def test_every_built_in_module_declares_one_row_under_its_own_name() -> None:
 def test_rows_sharing_a_chain_share_one_object_and_every_chain_is_a_stage() -> None:
     assert ROWS["many"].chain is ROWS["many_lpm_only"].chain
     assert ROWS["many_cpm_only"].chain is ROWS["average"].chain
+    assert set(chains()) == {chain.stage for row in ROWS.values() for chain in (row.chain, *row.extras) if chain}
     for name, chain in chains().items():
         definition = stage_def(name, {"base": None})
         assert (definition.version, definition.outputs) == (chain.version, chain.outputs)
         assert chain.read in chain.outputs
+
+
+def test_the_lpm_rows_declare_the_diagnostics_chain_which_follows_the_merge() -> None:
+    from tasks.rows.many import DIAGNOSTICS_CHAIN, LPM_CHAIN
+
+    for name in ("many", "many_lpm_only"):
+        assert ROWS[name].extras == (DIAGNOSTICS_CHAIN,)
+        assert ROWS[name].chains() == (LPM_CHAIN, DIAGNOSTICS_CHAIN)  # the followed chain first
+        assert ROWS[name].chains(parse_config({})) == (LPM_CHAIN, DIAGNOSTICS_CHAIN)
+        assert ROWS[name].chains(parse_config({"lpm": {"diagnostics": False}})) == (LPM_CHAIN,)
+    assert DIAGNOSTICS_CHAIN.follows is LPM_CHAIN and DIAGNOSTICS_CHAIN.group == "merge"
+    assert chains()["merge_diagnostics"] is DIAGNOSTICS_CHAIN
+    assert all(row.extras == () for name, row in ROWS.items() if name not in ("many", "many_lpm_only"))
+
+
+def test_an_extra_that_follows_a_chain_is_submitted_after_it_even_if_listed_alone() -> None:
+    from dataclasses import replace
+
+    from tasks.rows.many import DIAGNOSTICS_CHAIN, LPM_CHAIN
+
+    row = replace(toy_row.ROW, extras=(DIAGNOSTICS_CHAIN,))
+    assert row.chain is None and row.chains() == (LPM_CHAIN, DIAGNOSTICS_CHAIN)
+    assert row.needs == {"finetune", "stats"}
+    assert row.chains(parse_config({"lpm": {"diagnostics": False}})) == ()
+
+
+def test_two_chains_of_one_stage_name_are_an_error(monkeypatch) -> None:
+    from dataclasses import replace
+
+    from tasks.rows.many import LPM_CHAIN
+
+    impostor = replace(toy_row.ROW, chain=replace(LPM_CHAIN, version="99"))
+    monkeypatch.setitem(ROWS, "base_only", impostor)
+    with pytest.raises(ValueError, match="two chains are named 'merge' \\(again in method row 'base_only'\\)"):
+        chains()
+
+
+def test_diagnostics_link_t_reads_merge_t_and_every_task_up_to_t() -> None:
+    links, _ = _links("many", 3, extra="merge_diagnostics")
+    stage, t, upstream = links[2]
+    assert (stage, t) == ("merge_diagnostics", 2)
+    assert upstream["merge"] == (("merge", 2, _links("many", 3)[0][2][2]), "adapter")
+    assert sorted(upstream) == ["finetune_0", "finetune_1", "finetune_2", "merge", "stats_0", "stats_1", "stats_2"]
+    assert upstream["stats_1"] == ("st1", "grams") and upstream["finetune_2"] == ("ft2", "task")
+    definition = stage_def("merge_diagnostics", upstream)
+    assert definition.outputs == ("diagnostics",) and definition.version == chains()["merge_diagnostics"].version
+
+
+def test_the_diagnostics_switch_is_not_in_the_merge_key() -> None:
+    """lpm.diagnostics decides whether a stage runs, not what the merge computes: merge keys stay as they were."""
+    from many.config import LPMConfig
+    from tasks.cache import config_json
+
+    merge = stage_def("merge", {"finetune": REF, "grams": REF})
+    on, off = parse_config({}), parse_config({"lpm": {"diagnostics": False}})
+    assert on.lpm.diagnostics is True and off.lpm.diagnostics is False
+    assert config_json(merge, off.lpm) == config_json(merge, on.lpm) == {
+        "a": 1.0, "gamma": 1e-4, "gamma_mode": "relative", "rank": None, "state_dtype": "float64"}
+    inputs = {"finetune": REF, "grams": REF}
+    assert cache_key(merge, off.lpm, inputs) == cache_key(merge, LPMConfig(), inputs)
 
 
 def test_needs_include_the_chains_inputs() -> None:
@@ -50,15 +111,18 @@ def test_needs_include_the_chains_inputs() -> None:
     assert ROWS["seqlora"].needs == {"finetune"}  # its first link is finetune[0]
 
 
-def _links(row_name: str, T: int) -> list:
-    """Submit a row's chain as the flow does, with strings for handles."""
-    chain, links = ROWS[row_name].chain, []
+def _links(row_name: str, T: int, extra: str | None = None) -> list:
+    """Submit a row's chains as the flow does, with strings for handles; the links of its own chain, or of the
+    chain named `extra`."""
     shared = PerTask("base", [f"data{t}" for t in range(T)], [f"ft{t}" for t in range(T)], [f"pr{t}" for t in range(T)],
                      [f"st{t}" for t in range(T)])
-    for t in range(T):
-        upstream = chain.link(t, shared, links)
-        links.append(upstream.handle if isinstance(upstream, Reuse) else (chain.stage, t, upstream))
-    return links, shared
+    submitted: dict[str, list] = {}
+    for chain in ROWS[row_name].chains():
+        links = submitted[chain.stage] = []
+        for t in range(T):
+            upstream = chain.upstream(t, shared, links, submitted)
+            links.append(upstream.handle if isinstance(upstream, Reuse) else (chain.stage, t, upstream))
+    return submitted[extra or ROWS[row_name].chain.stage], shared
 
 
 def test_chain_links_read_their_earlier_links() -> None:
