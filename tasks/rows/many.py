@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from many.inference import Recipe
 from tasks.rows import parts
 from tasks.rows.row import Chain, EvalContext, PerTask, Row
 
@@ -71,4 +72,5 @@ ROW = Row(
     reads=frozenset({"finetune", "prototypes"}),
     chain=LPM_CHAIN,
     routed=True,
+    recipe=Recipe(update="merged", projector="cpm"),
 )

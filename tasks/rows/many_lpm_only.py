@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from many.inference import Recipe
 from tasks.rows import parts
 from tasks.rows.many import LPM_CHAIN, lpm_deltas
 from tasks.rows.row import EvalContext, Row
@@ -22,4 +23,5 @@ ROW = Row(
     evaluate=evaluate,
     reads=frozenset({"finetune"}),
     chain=LPM_CHAIN,
+    recipe=Recipe(update="merged", projector="average"),
 )
