@@ -9,8 +9,10 @@
     DIR/merged/projectors.safetensors      every task's projector, keys "<task>.<parameter>"
     DIR/prototypes.parquet                 image + prototype rows of every task
     DIR/base/                              the HF model dir
-    DIR/inference.json                     {"tasks", "max_new_tokens", "dtype", "tau", "top_k", "calibration_target"}:
-                                           the last eval's settings, what many.load needs beyond the files
+    DIR/inference.json                     {"tasks", "methods", "max_new_tokens", "dtype", "tau", "top_k",
+                                           "calibration_target"}: the methods served, each with its row's recipe
+                                           ({name: {"update", "projector"}}, `served_methods`), and the last eval's
+                                           settings — what many.load needs beyond the files
     DIR/README.md                          the model card (flows/model_card.py)
 
 Every exported adapter's `base_model_name_or_path` is the absolute path of DIR/base, so
@@ -27,7 +29,7 @@ from typing import Any
 
 from flows.model_card import model_card
 from many.adapters import CONFIG_FILE
-from many.inference import INFERENCE_FILE
+from many.inference import INFERENCE_FILE, Recipe
 from many.lpm_files import state_gammas
 from tasks.dispatch import read_json_output
 from tasks.rows.many import LPM_CHAIN
@@ -59,6 +61,18 @@ def _point_at_base(adapter_dir: Path, base_dir: Path) -> None:
     path = adapter_dir / CONFIG_FILE
     config = json.loads(path.read_text())
     path.write_text(json.dumps({**config, "base_model_name_or_path": str(base_dir.resolve())}, indent=2, sort_keys=True))
+
+
+def served_methods(merged: bool, routed: bool) -> dict[str, Recipe]:
+    """The methods an export serves, with their recipes: the rows (tasks/rows/, in table order) with a recipe whose
+    parts it holds — every task's adapter and projector always; merged/adapter, the last link of the LPM chain, only
+    if the run merged (`merged`), and only for the rows of that chain; prototypes only if the run made them
+    (`routed`)."""
+    from tasks.rows import ROWS
+
+    return {name: row.recipe for name, row in ROWS.items() if row.recipe is not None
+            and (row.recipe.update == "task" or (merged and row.chain is LPM_CHAIN))
+            and (routed or row.recipe.projector != "cpm")}
 
 
 def _settings(store: Store, find: Any, task: str) -> dict[str, Any]:
@@ -138,8 +152,12 @@ def export(store: Store, summary: dict[str, Any], out_dir: Path) -> list[Path]:
     for adapter in adapters:
         _point_at_base(adapter, out_dir / "base")
     settings = _settings(store, find, tasks[-1])
-    (out_dir / INFERENCE_FILE).write_text(json.dumps({"tasks": tasks, **settings}, indent=2, sort_keys=True))
+    methods = served_methods(merged=merge is not None, routed=bool(tables))
+    (out_dir / INFERENCE_FILE).write_text(json.dumps(
+        {"tasks": tasks, "methods": {name: recipe.to_json() for name, recipe in methods.items()}, **settings},
+        indent=2, sort_keys=True,
+    ))
     (out_dir / "README.md").write_text(model_card(
-        out_dir, summary, merged=merge is not None, routed=bool(tables), tau=settings.get("tau"),
+        out_dir, summary, methods, merged=merge is not None, routed=bool(tables), tau=settings.get("tau"),
     ))
     return sorted(p for p in out_dir.iterdir())

@@ -4,10 +4,11 @@ is, its tasks in order, the run's scores, and how to load it with `many` and wit
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from many.inference import METHODS, export_serves
+from many.inference import Recipe
 
 METRICS = (("Last", "MFN"), ("MFT", "MFT"), ("MAA", "MAA"), ("BWT", "BWT"))  # (column, report field)
 
@@ -32,15 +33,16 @@ def scores_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def model_card(out_dir: Path, summary: dict[str, Any], *, merged: bool, routed: bool, tau: float | None) -> str:
-    """README.md of the export at `out_dir` of the run `summary` (the export's parts: `merged` adapter, prototypes
-    for CPM `routed`, τ)."""
+def model_card(out_dir: Path, summary: dict[str, Any], methods: Mapping[str, Recipe], *, merged: bool, routed: bool,
+               tau: float | None) -> str:
+    """README.md of the export at `out_dir` of the run `summary`: the `methods` it serves with their recipes (as its
+    inference.json lists them, flows.export.served_methods), its parts (`merged` adapter, prototypes for CPM
+    `routed`) and τ."""
     tasks: list[str] = list(summary["tasks"])
     out_dir = out_dir.resolve()
     base = out_dir / "base"
     steps = " → ".join(f"`{t}`" for t in tasks)
-    methods = export_serves(merged, routed)
-    oracle = next(m for m in methods if METHODS[m].update == "task")  # individual: one task's own model
+    oracle = next((m for m, recipe in methods.items() if recipe.update == "task"), None)  # one task's own model
     tau_text = "" if tau is None else f" (τ = {tau:.4g})"
     if "many" in methods:
         flags, call, what = "", f'"{out_dir}"', 'method="many": LPM-merged LoRA + CPM-routed projectors'
@@ -101,7 +103,7 @@ def model_card(out_dir: Path, summary: dict[str, Any], *, merged: bool, routed: 
         "```bash",
         f'many predict IMAGE "QUESTION" --export {out_dir}{flags}          # the answer, then the routing weights',
         f'many predict IMAGE "QUESTION" --export {out_dir}{flags} --json',
-        f'many predict IMAGE "QUESTION" --export {out_dir} --method {oracle} --task {tasks[-1]}',
+        *([f'many predict IMAGE "QUESTION" --export {out_dir} --method {oracle} --task {tasks[-1]}'] if oracle else []),
         "```",
         "",
         "```python",
@@ -112,8 +114,9 @@ def model_card(out_dir: Path, summary: dict[str, Any], *, merged: bool, routed: 
         'weights = model.route("image.png")                    # {task: weight}, highest first (None: not routed)',
         "```",
         "",
-        f"Methods this export serves: {', '.join(f'`{m}`' for m in methods)} (`{oracle}` needs a task). "
-        "Every other method of the run is served from its store: `many predict … --store URL --method NAME`.",
+        f"Methods this export serves: {', '.join(f'`{m}`' for m in methods)}"
+        + (f" (`{oracle}` needs a task). " if oracle else ". ")
+        + "Every other method of the run is served from its store: `many predict … --store URL --method NAME`.",
         "",
         "## Using it with PEFT alone",
         "",

@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from many.inference import Parts, Predictor, check_method
+from many.inference import Parts, Predictor, Recipe, check_task
+from tasks.rows import get_row
 from tasks.rows.row import EvalInputs
 from tasks.store import Store, StoreError
 
@@ -35,9 +36,18 @@ def open_store(url: str) -> Store:
         raise BadStoreURL(str(error)) from None
 
 
+def recipe_of(method: str) -> Recipe:
+    """The recipe of `method`'s row (tasks/rows/); ValueError for an unknown method or a row without one."""
+    row = get_row(method)
+    if row.recipe is None:
+        raise ValueError(f"method {method!r} builds its model its own way (not one LoRA update + projectors) "
+                         "and is not served by `many predict`")
+    return row.recipe
+
+
 def store_parts(store: Store, summary: dict[str, Any], method: str) -> Parts:
     """`Parts` of `method`'s model after the last task of the run `summary` (module doc)."""
-    check_method(method, any_task=True)  # an unknown or unservable method fails before anything is fetched
+    recipe_of(method)  # an unknown or unservable method fails before anything is fetched
     tasks = tuple(summary["tasks"])
     entry = next((s for s in summary["stages"] if (s["stage"], s.get("task"), s.get("method")) == ("eval", tasks[-1], method)), None)
     if entry is None:
@@ -63,15 +73,15 @@ def store_parts(store: Store, summary: dict[str, Any], method: str) -> Parts:
 
 
 def load_store(url: str, method: str = "many", task: str | None = None, *, device: str = "auto") -> Predictor:
-    """The continual model of the latest run in the store at `url` (any method of many.inference.METHODS it ran)."""
-    check_method(method, any_task=True)  # before the store is opened
+    """The continual model of the latest run in the store at `url` (any method with a recipe that it ran)."""
+    recipe = recipe_of(method)  # before the store is opened
     store = open_store(url)
     try:
         summary = store.read_run("latest")
     except StoreError:
         raise NoModel(f"no run in store {store.url} yet: run `many run --store {url}` first") from None
-    check_method(method, task, summary["tasks"])  # before anything is fetched
-    return Predictor(store_parts(store, summary, method), method, task, device=device)
+    check_task(recipe, method, task, summary["tasks"])  # before anything is fetched
+    return Predictor(store_parts(store, summary, method), recipe, method, task, device=device)
 
 
 def load(export: str | None, store: str | None, method: str, task: str | None, device: str) -> Predictor:
@@ -81,6 +91,7 @@ def load(export: str | None, store: str | None, method: str, task: str | None, d
     if export is not None and store is not None:
         raise ValueError("give --export DIR or --store URL, not both")
     if export is not None:
+        check_task(recipe_of(method), method, task)  # the arguments first, then the export (which may serve fewer)
         return load_export(export, method, task, device=device)
     return load_store(store or "./many-store", method, task, device=device)
 

@@ -7,9 +7,10 @@
     many.load("export", method="individual", task="chart-qa")       # the task-id oracle
 
 A method's model is built from `Parts` — local files: the base, the tasks' own adapters and projectors, their
-prototypes, the method's merged update — as its eval stage builds it (`many.evaluate.assemble`, the recipes of
-`METHODS` follow tasks/rows/), and answers come from `many.evaluate.generate_answers` with the eval's
-`max_new_tokens`: greedy, cut at EOS. So a test image gets the answer the pipeline predicted for it.
+prototypes, the method's merged update — by the method's `Recipe`, as its eval stage builds it
+(`many.evaluate.assemble`; each row of tasks/rows/ declares its recipe, an export's inference.json lists those it
+serves), and answers come from `many.evaluate.generate_answers` with the eval's `max_new_tokens`: greedy, cut at EOS.
+So a test image gets the answer the pipeline predicted for it.
 
 `load` reads an export directory (flows/export.py, docs/design.md §5.3); flows/predict.py builds `Parts` from a
 store's latest run (the files of an eval stage's inputs), which covers more methods than an export holds.
@@ -30,7 +31,9 @@ if TYPE_CHECKING:
 
     ImageInput = Image.Image | str | Path | bytes
 
-INFERENCE_FILE = "inference.json"  # in an export dir: tasks, max_new_tokens, dtype, tau, top_k, calibration_target
+INFERENCE_FILE = "inference.json"  # in an export dir: tasks, methods, max_new_tokens, dtype, tau, top_k, …
+UPDATES = ("merged", "task")
+PROJECTORS = ("cpm", "average", "own")
 
 
 @dataclass(frozen=True)
@@ -41,32 +44,27 @@ class Recipe:
                "task" — the asked task's own adapter (`Parts.task_dirs`).
     projector: "cpm" — every task's projector, routed per image; "average" — their element-wise mean;
                "own" — the projector of the task dir the update came from.
+
+    Each method row declares its recipe (tasks/rows/, `Row.recipe`); an export names the recipes of the methods it
+    serves in its inference.json (`"methods": {name: {"update": …, "projector": …}}`).
     """
 
     update: Literal["merged", "task"]
     projector: Literal["cpm", "average", "own"]
 
+    def __post_init__(self) -> None:
+        if self.update not in UPDATES or self.projector not in PROJECTORS:
+            raise ValueError(f"bad recipe: update {self.update!r} (one of {', '.join(UPDATES)}), "
+                             f"projector {self.projector!r} (one of {', '.join(PROJECTORS)})")
 
-# The method rows (tasks/rows/, docs/design.md §1.4) whose model is one LoRA update + projector(s). CRAM and
-# Fwd-Prompt build their models their own way and are not served here.
-METHODS: dict[str, Recipe] = {
-    "many": Recipe("merged", "cpm"),
-    "many_lpm_only": Recipe("merged", "average"),
-    "many_cpm_only": Recipe("merged", "cpm"),
-    "individual": Recipe("task", "own"),
-    "seqlora": Recipe("merged", "own"),
-    "average": Recipe("merged", "average"),
-    "task_arithmetic": Recipe("merged", "average"),
-    "ties": Recipe("merged", "average"),
-    "regmean": Recipe("merged", "average"),
-}
-EXPORT_METHODS = ("many", "many_lpm_only", "individual")  # what an export dir holds the parts of
+    def to_json(self) -> dict[str, str]:
+        return {"update": self.update, "projector": self.projector}
 
-
-def export_serves(merged: bool, routed: bool) -> tuple[str, ...]:
-    """The methods of an export with or without merged/adapter (`merged`) and prototypes.parquet (`routed`)."""
-    return tuple(m for m in EXPORT_METHODS
-                 if (merged or METHODS[m].update != "merged") and (routed or METHODS[m].projector != "cpm"))
+    @classmethod
+    def from_json(cls, value: Any) -> Recipe:
+        if not isinstance(value, Mapping) or set(value) != {"update", "projector"}:
+            raise ValueError(f"bad recipe {value!r}: expected {{\"update\": …, \"projector\": …}}")
+        return cls(value["update"], value["projector"])
 
 
 @dataclass(frozen=True)
@@ -138,7 +136,8 @@ def read_image(image: ImageInput) -> bytes:
 class Predictor:
     """One method's continual model, ready to answer: `generate(image, question)`, `route(image)`."""
 
-    def __init__(self, parts: Parts, method: str = "many", task: str | None = None, *, device: str = "auto") -> None:
+    def __init__(self, parts: Parts, recipe: Recipe, method: str, task: str | None = None, *,
+                 device: str = "auto") -> None:
         import pyarrow.parquet as pq
 
         from many.config import BaseConfig, CPMConfig, EvalConfig
@@ -146,7 +145,7 @@ class Predictor:
         from many.model.load import load_base
         from many.prototypes import read_prototypes
 
-        recipe = check_method(method, task, parts.tasks)
+        check_task(recipe, method, task, parts.tasks)
         if task is not None and task not in parts.tasks:
             raise ValueError(f"unknown task {task!r}; this model knows {', '.join(parts.tasks)}")
         self.method, self.task, self.tasks = method, task, tuple(parts.tasks)
@@ -231,34 +230,52 @@ class Predictor:
         return f"Predictor(method={self.method!r}{task}, tasks={list(self.tasks)})"
 
 
-def check_method(method: str, task: str | None = None, tasks: Sequence[str] = (), *, any_task: bool = False) -> Recipe:
-    """The recipe of `method`; ValueError for an unknown method, or (unless `any_task`) for a task missing
-    (individual) or given where the method does not take one."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; a model can be built for {', '.join(METHODS)} "
-                         "(cram and fwd_prompt build their models their own way and are not served)")
-    recipe = METHODS[method]
-    if not any_task and task is None and recipe.update == "task":
+def check_task(recipe: Recipe, method: str, task: str | None, tasks: Sequence[str] = ()) -> None:
+    """ValueError for a task missing where the recipe answers with one task's own model, or given where it does not
+    (`method`: the method's name, for the message)."""
+    if task is None and recipe.update == "task":
         known = f" (one of {', '.join(tasks)})" if tasks else ""
         raise ValueError(f"method {method!r} answers with one task's own model: give the task{known}")
-    if not any_task and task is not None and recipe.update != "task":
-        raise ValueError(f"method {method!r} answers every task with one model; a task is only for individual")
-    return recipe
+    if task is not None and recipe.update != "task":
+        raise ValueError(f"method {method!r} answers every task with one model; a task is only for a method that "
+                         "answers with one task's own model")
 
 
-def export_parts(export_dir: str | Path, method: str = "many") -> Parts:
-    """`Parts` of an export directory (docs/design.md §5.3) for `method`; ValueError names what is missing."""
-    check_method(method, any_task=True)
-    if method not in EXPORT_METHODS:
-        raise ValueError(f"method {method!r} is not in an export (it holds {', '.join(EXPORT_METHODS)}); "
-                         "ask the store instead: `many predict --store URL --method …`")
+def export_methods(export_dir: str | Path) -> dict[str, Recipe]:
+    """The methods an export directory serves, with their recipes (its inference.json's "methods")."""
     root = Path(export_dir)
     if not (root / "base").is_dir():
         hint = "no such directory" if not root.exists() else "no base/ in it"
         raise ValueError(f"export {root}: {hint}; write one with `many export --out {root}`")
-    settings: dict[str, Any] = {}
-    if (root / INFERENCE_FILE).is_file():
-        settings = json.loads((root / INFERENCE_FILE).read_text())
+    settings = _settings(root)
+    methods = settings.get("methods")
+    if not isinstance(methods, Mapping) or not methods:
+        raise ValueError(f"export {root}: its {INFERENCE_FILE} names no methods; re-export it with `many export`")
+    try:
+        return {str(name): Recipe.from_json(recipe) for name, recipe in methods.items()}
+    except ValueError as error:
+        raise ValueError(f"export {root}: {INFERENCE_FILE}: {error}") from None
+
+
+def _settings(root: Path) -> dict[str, Any]:
+    path = root / INFERENCE_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def export_recipe(export_dir: str | Path, method: str) -> Recipe:
+    """The recipe of `method` in an export; ValueError listing what the export serves if it does not serve it."""
+    methods = export_methods(export_dir)
+    if method not in methods:
+        raise ValueError(f"method {method!r} is not in export {export_dir} (it serves {', '.join(methods)}); "
+                         f"a store serves every method its run evaluated: `many predict --store URL --method {method}`")
+    return methods[method]
+
+
+def export_parts(export_dir: str | Path, recipe: Recipe) -> Parts:
+    """`Parts` of an export directory (docs/design.md §5.3) for a method of `recipe`; ValueError names what is
+    missing."""
+    root = Path(export_dir)
+    settings = _settings(root)
     merge_file = root / "merged" / "merge.json"
     merge = json.loads(merge_file.read_text()) if merge_file.is_file() else {}
     tasks = settings.get("tasks") or merge.get("tasks")
@@ -273,9 +290,8 @@ def export_parts(export_dir: str | Path, method: str = "many") -> Parts:
         raise ValueError(f"export {root}: no task adapter and projector in {', '.join(missing)}")
     merged = root / "merged" / "adapter"
     prototypes = root / "prototypes.parquet"
-    recipe = METHODS[method]
     if recipe.update == "merged" and not merged.is_dir():
-        raise ValueError(f"export {root} has no merged/adapter: the run had no LPM merge (methods many or many_lpm_only)")
+        raise ValueError(f"export {root} has no merged/adapter: the run had no LPM merge")
     if recipe.projector == "cpm" and not prototypes.is_file():
         raise ValueError(f"export {root} has no prototypes.parquet: the run had no routed method")
     return Parts(
@@ -289,14 +305,17 @@ def export_parts(export_dir: str | Path, method: str = "many") -> Parts:
 def load(source: str | Path, method: str = "many", task: str | None = None, *, device: str = "auto") -> Predictor:
     """The continual model of an export directory (`many export --out DIR`), ready to answer.
 
-    method: "many" (default: LPM-merged LoRA + CPM-routed projectors), "many_lpm_only" (with the averaged
-    projector) or "individual" with `task` (that task's own adapter and projector). A store's latest run serves
-    more methods: flows.predict.load_store. device: "auto" (cuda if visible), "cpu" or "cuda".
+    method: one the export serves (its inference.json's "methods"), e.g. "many" (default: LPM-merged LoRA +
+    CPM-routed projectors), "many_lpm_only" (with the averaged projector) or "individual" with `task` (that task's
+    own adapter and projector). A store's latest run serves more methods: flows.predict.load_store. device: "auto"
+    (cuda if visible), "cpu" or "cuda".
     """
-    check_method(method, task)  # the arguments first, then the directory
-    return Predictor(export_parts(source, method), method, task, device=device)
+    recipe = export_recipe(source, method)
+    check_task(recipe, method, task)  # the arguments before the files
+    return Predictor(export_parts(source, recipe), recipe, method, task, device=device)
 
 
-def build(parts: Parts, method: str = "many", task: str | None = None, *, device: str = "auto") -> Predictor:
-    """A Predictor from explicit parts (flows/predict.py builds them from a store)."""
-    return Predictor(parts, method, task, device=device)
+def build(parts: Parts, recipe: Recipe, method: str, task: str | None = None, *, device: str = "auto") -> Predictor:
+    """A Predictor of the method called `method` (for messages), assembled from explicit parts by `recipe`
+    (flows/predict.py builds them from a store, the recipe from the method's row)."""
+    return Predictor(parts, recipe, method, task, device=device)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from many.inference import Recipe
 from tasks.rows import parts
 from tasks.rows.row import Chain, EvalContext, PerTask, Row, indexed, indexed_paths
 
@@ -72,4 +73,5 @@ def evaluate(ctx: EvalContext) -> tuple[list[Any], dict[str, Any]]:
 
 def batch_row(chain: Chain, summary: str) -> Row:
     """The row of a batch merge: its merged ΔW with the averaged projector."""
-    return Row(name=chain.method, summary=summary, evaluate=evaluate, reads=frozenset({"finetune"}), chain=chain)
+    return Row(name=chain.method, summary=summary, evaluate=evaluate, reads=frozenset({"finetune"}), chain=chain,
+               recipe=Recipe(update="merged", projector="average"))

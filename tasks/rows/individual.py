@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from many.inference import Recipe
 from tasks.rows import parts
 from tasks.rows.row import EvalContext, Row
 
@@ -18,4 +19,5 @@ ROW = Row(
     summary="each task's own adapter and projector (task-id oracle, upper bound)",
     evaluate=evaluate,
     reads=frozenset({"finetune"}),
+    recipe=Recipe(update="task", projector="own"),
 )

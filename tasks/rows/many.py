@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from many.config import Frozen
+from many.inference import Recipe
 from tasks.rows import parts
 from tasks.rows.row import Chain, EvalContext, PerTask, Row, indexed, indexed_paths
 
@@ -114,4 +115,5 @@ ROW = Row(
     chain=LPM_CHAIN,
     routed=True,
     extras=(DIAGNOSTICS_CHAIN,),
+    recipe=Recipe(update="merged", projector="cpm"),
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from many.inference import Recipe
 from tasks.rows import average, parts
 from tasks.rows.batch import merged_deltas
 from tasks.rows.row import EvalContext, Row
@@ -21,5 +22,6 @@ ROW = Row(
     reads=frozenset({"finetune", "prototypes"}),
     chain=average.CHAIN,
     routed=True,
+    recipe=Recipe(update="merged", projector="cpm"),
     default=False,
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from many.inference import Recipe
 from tasks.rows import parts
 from tasks.rows.many import DIAGNOSTICS_CHAIN, LPM_CHAIN, lpm_deltas
 from tasks.rows.row import EvalContext, Row
@@ -23,4 +24,5 @@ ROW = Row(
     reads=frozenset({"finetune"}),
     chain=LPM_CHAIN,
     extras=(DIAGNOSTICS_CHAIN,),
+    recipe=Recipe(update="merged", projector="average"),
 )

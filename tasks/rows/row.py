@@ -2,10 +2,10 @@
 
 A row says which shared per-task stages it reads (finetune, prototypes, stats), its own chain stage if it has
 one (and extra chains its eval does not read, like the LPM merge's diagnostics), whether its eval routes projectors
-by CPM, and how its eval builds and scores its model. flows/pipeline.py wires rows without knowing any of them;
-the eval stage calls `Row.evaluate`. Both sides of the eval stage's inputs — how they are named in the store and
-how the row reads them back — are written here once (`eval_upstream`, `EvalInputs.parse`), so no input name is an
-unwritten contract between two layers.
+by CPM, how its eval builds and scores its model, and (its `recipe`) how `many predict` builds that model from
+local files. flows/pipeline.py wires rows without knowing any of them; the eval stage calls `Row.evaluate`. Both
+sides of the eval stage's inputs — how they are named in the store and how the row reads them back — are written
+here once (`eval_upstream`, `EvalInputs.parse`), so no input name is an unwritten contract between two layers.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from many.config import CPMConfig, EvalConfig, Frozen
+from many.inference import Recipe
 
 # The shared per-task stages a row (or its chain) may read, and the output of each it reads.
 SHARED = {"finetune": "task", "prototypes": "prototypes", "stats": "grams"}
@@ -141,6 +142,9 @@ class Row:
     routed: bool = False  # its eval reads config.cpm
     default: bool = True  # in the default `methods`; opt-in otherwise
     extras: tuple[Chain, ...] = ()  # chains its eval does not read, submitted with the row (unless not `enabled`)
+    # How `many predict` / `many.load` assemble its model from local parts (many.inference.Recipe); None: the model
+    # is not one LoRA update + projector(s) (CRAM, Fwd-Prompt), and is not served.
+    recipe: Recipe | None = None
 
     @property
     def needs(self) -> frozenset[Shared]:

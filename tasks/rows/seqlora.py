@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from many.inference import Recipe
 from tasks.rows import parts
 from tasks.rows.row import Chain, EvalContext, PerTask, Reuse, Row
 from tasks.stages import FinetuneStageConfig, compute_finetune
@@ -39,4 +40,5 @@ ROW = Row(
     summary="one LoRA trained task after task (lower bound)",
     evaluate=evaluate,
     chain=CHAIN,
+    recipe=Recipe(update="merged", projector="own"),
 )

@@ -34,9 +34,11 @@ def test_predict_without_a_question_is_a_usage_error(tmp_path: Path, capsys) -> 
     ("missing_export", ["predict", "{png}", "q", "--export", "{missing}"], "export {missing}: no such directory"),
     ("not_an_export", ["predict", "{png}", "q", "--export", "{dir}"], "no base/ in it"),
     ("unknown_method", ["predict", "{png}", "q", "--method", "magic", "--export", "{dir}"], "unknown method 'magic'"),
-    ("cram_is_not_served", ["predict", "{png}", "q", "--method", "cram", "--store", "{dir}"], "cram and fwd_prompt"),
+    ("cram_is_not_served", ["predict", "{png}", "q", "--method", "cram", "--store", "{dir}"],
+     "method 'cram' builds its model its own way"),
     ("individual_needs_a_task", ["predict", "{png}", "q", "--method", "individual", "--export", "{dir}"], "give the task"),
-    ("not_in_an_export", ["predict", "{png}", "q", "--method", "seqlora", "--export", "{dir}"], "is not in an export"),
+    ("not_in_an_export", ["predict", "{png}", "q", "--method", "seqlora", "--export", "{export}"],
+     "method 'seqlora' is not in export {export} (it serves many, individual)"),
     ("no_store", ["predict", "{png}", "q", "--store", "{missing}"], "no store at {missing}"),
     ("store_without_run", ["predict", "{png}", "q", "--store", "{dir}"], "no run in store"),
     ("both_sources", ["predict", "{png}", "q", "--store", "{dir}", "--export", "{dir}"], "not both"),
@@ -47,7 +49,12 @@ def test_bad_predict_input_is_one_line_and_exit_2(case: str, argv: list[str], me
 
     Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
     (tmp_path / "a.txt").write_text("not an image")
-    names = {"missing": tmp_path / "missing", "dir": tmp_path, "png": tmp_path / "a.png", "text": tmp_path / "a.txt"}
+    export = tmp_path / "export"  # an export's inference.json names the methods it serves (flows/export.py)
+    (export / "base").mkdir(parents=True)
+    (export / "inference.json").write_text(json.dumps({"tasks": ["a"], "methods": {
+        "many": {"update": "merged", "projector": "cpm"}, "individual": {"update": "task", "projector": "own"}}}))
+    names = {"missing": tmp_path / "missing", "dir": tmp_path, "png": tmp_path / "a.png", "text": tmp_path / "a.txt",
+             "export": export}
     code = main([a.format(**names) for a in argv])
     err = capsys.readouterr().err.strip()
     assert code == 2, err

@@ -29,7 +29,7 @@ from many.adapters import (
 from many.config import FinetuneConfig, LoraConfig
 from many.data.schema import Sample
 from many.evaluate import Assembly, assemble, lora_deltas
-from many.inference import METHODS, Parts, build, load
+from many.inference import Parts, Recipe, build, load
 from many.model.chat import encode_for_generation
 from many.model.load import load_base
 from many.model.parts import projector_of
@@ -43,6 +43,9 @@ from many.training import prepare
 from tests.conftest import FIXTURE_BASE, make_samples
 
 TASKS = ("colour", "shape")
+SERVED = {"many": {"update": "merged", "projector": "cpm"},
+          "many_lpm_only": {"update": "merged", "projector": "average"},
+          "individual": {"update": "task", "projector": "own"}}  # what flows/export.py writes for such an export
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +71,8 @@ def export(tiny_base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     merged = {m: (torch.cat([f[m][2] * f[m][0] for f in factors], 1), torch.cat([f[m][1] for f in factors], 0))
               for m in factors[0]}
     write_lora_adapter(merged, read_adapter_config(root / "tasks" / TASKS[0] / "adapter"), root / "merged" / "adapter")
-    (root / "inference.json").write_text(json.dumps({"tasks": list(TASKS), "max_new_tokens": 4, "tau": 0.05}))
+    (root / "inference.json").write_text(json.dumps({"tasks": list(TASKS), "methods": SERVED, "max_new_tokens": 4,
+                                                     "tau": 0.05}))
     return root
 
 
@@ -100,6 +104,8 @@ def _logits_of(model, processor, image: Path, question: str = "what colour is th
 
 def test_import_many_is_cheap_and_load_comes_on_first_use() -> None:
     code = "import sys, many; assert 'torch' not in sys.modules, 'torch'; from many.inference import load; assert many.load is load"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    code = "import sys, many.inference; assert 'torch' not in sys.modules, 'torch'"  # tasks/rows/ declare Recipes
     subprocess.run([sys.executable, "-c", code], check=True)
     with pytest.raises(AttributeError, match="no attribute 'lode'"):
         many.lode  # noqa: B018
@@ -160,7 +166,7 @@ def test_individual_answers_with_one_tasks_own_model(export: Path, image: Path) 
         load(export, "individual")
     with pytest.raises(ValueError, match=r"unknown task 'poetry'; this model knows colour, shape"):
         load(export, "individual", "poetry", device="cpu")
-    with pytest.raises(ValueError, match="a task is only for individual"):
+    with pytest.raises(ValueError, match="'many' answers every task with one model"):
         load(export, "many", "shape")
     own = load(export, "individual", "shape", device="cpu")
     assert own.route(image) is None and own.task == "shape"
@@ -177,10 +183,11 @@ def test_store_parts_a_deltas_file_and_a_chains_task_dir(export: Path, image: Pa
     task_dirs = tuple(export / "tasks" / t for t in TASKS)
     parts = Parts(base=export / "base", tasks=TASKS, task_dirs=task_dirs, merged=tmp_path / "deltas.safetensors",
                   max_new_tokens=4)
-    average = build(parts, "average", device="cpu")
+    average = build(parts, Recipe("merged", "average"), "average", device="cpu")
     lpm_only = load(export, "many_lpm_only", device="cpu")
     torch.testing.assert_close(_logits(average, image), _logits(lpm_only, image))
-    seqlora = build(Parts(base=export / "base", tasks=TASKS, merged=task_dirs[1], max_new_tokens=4), "seqlora", device="cpu")
+    seqlora = build(Parts(base=export / "base", tasks=TASKS, merged=task_dirs[1], max_new_tokens=4),
+                    Recipe("merged", "own"), "seqlora", device="cpu")
     torch.testing.assert_close(_logits(seqlora, image), _logits(load(export, "individual", "shape", device="cpu"), image))
 
 
@@ -189,11 +196,19 @@ def test_an_export_says_what_it_lacks(export: Path, tmp_path: Path) -> None:
         load(tmp_path / "nothing")
     with pytest.raises(ValueError, match="no base/ in it"):
         load(tmp_path)
-    with pytest.raises(ValueError, match="unknown method 'magic'"):
+    with pytest.raises(ValueError, match=r"'magic' is not in export .* \(it serves many, many_lpm_only, individual\)"):
         load(export, "magic")
-    with pytest.raises(ValueError, match="'seqlora' is not in an export"):
+    with pytest.raises(ValueError, match="'seqlora' is not in export"):
         load(export, "seqlora")
-    assert set(METHODS) >= {"many", "individual", "many_lpm_only", "seqlora", "average"}
+    with pytest.raises(ValueError, match="bad recipe: update 'mixed'"):
+        Recipe("mixed", "cpm")  # type: ignore[arg-type]
+    for settings, message in (({"tasks": list(TASKS)}, "names no methods; re-export it"),
+                              ({"tasks": list(TASKS), "methods": {"many": {"update": "merged"}}}, "bad recipe")):
+        old = tmp_path / "old"
+        shutil.copytree(export, old, dirs_exist_ok=True)
+        (old / "inference.json").write_text(json.dumps(settings))
+        with pytest.raises(ValueError, match=message):
+            load(old)
     partial = tmp_path / "partial"
     shutil.copytree(export, partial, ignore=shutil.ignore_patterns("prototypes.parquet"))
     with pytest.raises(ValueError, match="no prototypes.parquet"):
@@ -208,7 +223,7 @@ def test_without_a_recorded_tau_cpm_calibrates_it(export: Path, tmp_path: Path) 
 
     copy = tmp_path / "copy"
     shutil.copytree(export, copy)
-    (copy / "inference.json").write_text(json.dumps({"tasks": list(TASKS)}))
+    (copy / "inference.json").write_text(json.dumps({"tasks": list(TASKS), "methods": SERVED}))
     model = load(copy, device="cpu")
     assert model.tau == cpm_router([copy / "prototypes.parquet"], CPMConfig()).tau
     assert model.max_new_tokens == 24  # EvalConfig's default when the export does not say

@@ -173,6 +173,22 @@ def test_eval_inputs_round_trip_through_their_names(name: str) -> None:
     assert row.eval_config(parse_config({})).cpm is (parse_config({}).cpm if row.routed else None)
 
 
+def test_each_row_declares_the_recipe_its_model_is_served_by() -> None:
+    from flows.export import served_methods
+
+    recipes = {name: row.recipe and (row.recipe.update, row.recipe.projector) for name, row in ROWS.items()}
+    assert recipes == {"many": ("merged", "cpm"), "many_lpm_only": ("merged", "average"),
+                       "many_cpm_only": ("merged", "cpm"), "individual": ("task", "own"), "seqlora": ("merged", "own"),
+                       "average": ("merged", "average"), "task_arithmetic": ("merged", "average"),
+                       "ties": ("merged", "average"), "regmean": ("merged", "average"), "cram": None,
+                       "fwd_prompt": None}
+    # an export holds the tasks' own parts, the LPM chain's last link if the run merged, prototypes if it made them
+    assert list(served_methods(merged=True, routed=True)) == ["many", "many_lpm_only", "individual"]
+    assert list(served_methods(merged=True, routed=False)) == ["many_lpm_only", "individual"]
+    assert list(served_methods(merged=False, routed=True)) == ["individual"]
+    assert served_methods(merged=True, routed=True)["many"] is ROWS["many"].recipe
+
+
 def test_config_choices_come_from_the_registry(monkeypatch) -> None:
     with pytest.raises(ConfigError, match=r"methods.0: unknown method 'base_only'; known: many, "):
         parse_config({"methods": ["base_only"]}, "run.yaml")
