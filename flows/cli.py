@@ -51,8 +51,18 @@ def _quiet_environment(debug: bool) -> None:
         os.environ.setdefault(key, value)
 
 
+def version() -> str:
+    """`many <version>` of the code that runs (not of whatever distribution is installed: a source tree on
+    PYTHONPATH may differ); pyproject.toml's version is kept equal (tests/flows/test_cli.py). Importing the `many`
+    package loads no torch: its __init__ is a docstring and the version."""
+    from many import __version__
+
+    return f"many {__version__}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="many", description="MAny continual multimodal instruction tuning by merging, cached on Prefect + Ray")
+    parser.add_argument("--version", action="version", version=version())
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
