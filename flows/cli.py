@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config(args: argparse.Namespace):
     """The config file with --store applied and the tasks of its task_source (if any) read now."""
+    from flows.config import load_config
+
+    load_config(args.config)  # a bad file is exit 2 in about a second: flows.config imports no torch, no Prefect
     from flows.serve import run_config
 
     return run_config(args.config, getattr(args, "store", None)).first(getattr(args, "tasks", None))
@@ -140,8 +143,6 @@ def _latest(store) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from many.report import text_table
-
     config = _config(args)
     spec = config.store
     from tasks.store import BadStoreURL, Store, StoreUnreachable
@@ -162,6 +163,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({k: summary[k] for k in ("run_id", "stages", "report", "ray_started", "tasks", "methods")}, indent=2))
     else:
+        from many.report import text_table
+
         computed = sum(s["status"] == "computed" for s in summary["stages"])
         print(f"run {summary['run_id']}: {computed} computed, {len(summary['stages']) - computed} cached, "
               f"{time.monotonic() - started:.1f}s", file=sys.stderr)
