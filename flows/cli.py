@@ -127,10 +127,19 @@ def _config(args: argparse.Namespace):
     return run_config(args.config, getattr(args, "store", None)).first(getattr(args, "tasks", None))
 
 
-def _store(url: str | None):
-    from tasks.store import Store
+def _store(url: str | None, *, create: bool = False, endpoint_url: str | None = None, region: str | None = None,
+           profile: str | None = None):
+    """The command's store, opened before the command does anything else. Only `many run` creates a store
+    (`create=True`); every other command refuses one that does not exist (`StoreNotFound`, exit 2) instead of
+    creating an empty store at a mistyped URL. An endpoint that does not answer now is a bad --store / endpoint
+    (exit 2), not a runtime failure."""
+    from tasks.store import BadStoreURL, Store, StoreUnreachable
 
-    return Store.open(url or "./many-store")
+    try:
+        return Store.open(url or "./many-store", create=create, endpoint_url=endpoint_url, region=region,
+                          profile=profile)
+    except StoreUnreachable as error:
+        raise BadStoreURL(str(error)) from None
 
 
 def _latest(store) -> dict[str, Any]:
@@ -145,12 +154,8 @@ def _latest(store) -> dict[str, Any]:
 def cmd_run(args: argparse.Namespace) -> int:
     config = _config(args)
     spec = config.store
-    from tasks.store import BadStoreURL, Store, StoreUnreachable
-
-    try:  # a bad URL, a missing bucket or an endpoint that does not answer: exit 2 before anything runs
-        Store.open(spec.url, endpoint_url=spec.endpoint_url, region=spec.region, profile=spec.profile)
-    except StoreUnreachable as error:
-        raise BadStoreURL(str(error)) from None
+    # a bad URL, a missing bucket or an endpoint that does not answer: exit 2 before anything runs
+    _store(spec.url, create=True, endpoint_url=spec.endpoint_url, region=spec.region, profile=spec.profile)
     from flows.pipeline import continual_update
     from flows.preflight import preflight
 
@@ -261,15 +266,11 @@ def _keep_last(text: str) -> int:
 
 def cmd_gc(args: argparse.Namespace) -> int:
     from flows.config import StoreConfig, load_config
-    from tasks.store import BadStoreURL, Store, StoreUnreachable
 
     spec = load_config(args.config).store if args.config else StoreConfig()
-    url = args.store or spec.url
     keep_last = args.keep_last if args.keep_last is not None else spec.keep_last
-    try:  # never creates a store: a missing one is bad input, like an endpoint that does not answer
-        store = Store.open(url, endpoint_url=spec.endpoint_url, region=spec.region, profile=spec.profile, create=False)
-    except StoreUnreachable as error:
-        raise BadStoreURL(str(error)) from None
+    # never creates a store: a missing one is bad input, like an endpoint that does not answer
+    store = _store(args.store or spec.url, endpoint_url=spec.endpoint_url, region=spec.region, profile=spec.profile)
     report = store.gc(delete=not args.dry_run, min_age_seconds=args.min_age_seconds, keep_last=keep_last)
     if args.json:
         print(json.dumps({"store": store.url, **report.as_json()}, indent=2))
@@ -326,7 +327,9 @@ def main(argv: list[str] | None = None) -> int:
             import traceback
 
             traceback.print_exc()
-        message = " ".join(str(error).split()) or type(error).__name__
+        from tasks.redact import redact
+
+        message = redact(" ".join(str(error).split())) or type(error).__name__  # no userinfo or query of any URL
         bad_input = isinstance(error, ValueError)
         prefix = "many: error" if bad_input else f"many: failed ({type(error).__name__})"
         print(f"{prefix}: {message}", file=sys.stderr)

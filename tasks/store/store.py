@@ -98,8 +98,11 @@ class Store:
         create: bool = True,
     ) -> Store:
         """Open `s3://bucket/prefix`, `file://path` or a path; materialised artifacts go to `cache_dir`
-        (default `$MANY_CACHE_DIR` or `~/.cache/many`). Raises `BadStoreURL` if the store cannot be used, or,
-        with `create=False`, if there is no store there yet (a local root is then never created)."""
+        (default `$MANY_CACHE_DIR` or `~/.cache/many`). Raises `BadStoreURL` if the store cannot be used.
+
+        `create`: whether a store that does not exist yet may be created (writers: `many run`) or is a
+        `StoreNotFound` (a `BadStoreURL`; readers: `many ls`, `report`, `export`, `predict`, and `gc` — a mistyped URL
+        is an error, not an empty store); a local root is then never created."""
         backend = open_backend(url, endpoint_url=endpoint_url, region=region, profile=profile, create=create)
         cache = Path(cache_dir or os.environ.get("MANY_CACHE_DIR") or "~/.cache/many").expanduser().absolute()
         return cls(backend, cache)

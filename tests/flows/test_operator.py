@@ -22,8 +22,8 @@ HEAVY = ("torch", "transformers", "peft")
 def python(code: str, *args: str, timeout: float = 120) -> tuple[subprocess.CompletedProcess[str], float]:
     """Run `python -c code args…` in the project root; (the finished process, its wall seconds)."""
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**_env(), "PYTHONPATH": str(ROOT)})
+    done = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**_env(), "PYTHONPATH": str(ROOT)})
     return done, time.monotonic() - started
 
 
@@ -111,3 +111,102 @@ def test_an_inherited_section_does_not_hide_the_users_key(tmp_path: Path, capsys
     config.write_text("finetune: {stepz: 3}\n")
     assert main(["run", "--config", str(config)]) == 2
     assert capsys.readouterr().err.strip() == f"many: error: {config}: finetune.stepz: unknown key"
+
+
+# -- 3, 4. read-only commands never create a store; the exit-code table; no secret in any message -------------
+
+SECRET_KEY_ID, SECRET = "AKIAOPERATORTEST0001", "operator-secret-never-print-me"
+UNREACHABLE = "http://someone:hunter2@127.0.0.1:9"  # discard port: connection refused; userinfo must never show
+
+
+@pytest.fixture
+def unreachable(monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every S3 client points at an endpoint that refuses connections; one attempt per request (the bounded
+    retries are tests/tasks/test_store.py's subject), so a case takes a second, not ten."""
+    for name, value in {"AWS_ACCESS_KEY_ID": SECRET_KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET,
+                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": UNREACHABLE}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr("tasks.store.backend.S3_ATTEMPTS", 1)
+    monkeypatch.setattr("tasks.store.backend.S3FS_ROUNDS", 1)
+    return "http://***@127.0.0.1:9"
+
+
+def _garbage_manifest(root: Path) -> None:
+    from tasks.store import Store
+
+    Store.open(str(root))
+    (root / "stages" / "eval").mkdir(parents=True)
+    (root / "stages" / "eval" / f"{'a' * 64}.json").write_text("{torn")
+
+
+def _interrupt(*_args, **_kwargs):
+    raise KeyboardInterrupt
+
+
+# (case, argv with {missing} {empty} {corrupt} {typo}, fixture-driven setup, exit code, what stderr says)
+EXIT_CODES = [
+    ("bad_config", ["run", "--config", "{typo}", "--store", "{missing}"], None, 2, "finetune.stepz: unknown key"),
+    ("bad_store_url", ["ls", "--store", "ftp://host/x"], None, 2, "unsupported store URL scheme 'ftp'"),
+    ("credentials_in_store_url", ["ls", "--store", "s3://AKIA:pw@bucket/x"], None, 2, "never in the store URL"),
+    ("missing_store_ls", ["ls", "--store", "{missing}"], None, 2, "no store at {missing}: {missing} does not exist; check --store"),
+    ("missing_store_report", ["report", "--store", "{missing}"], None, 2, "no store at {missing}: "),
+    ("missing_store_export", ["export", "--store", "{missing}", "--out", "{out}"], None, 2, "no store at {missing}: "),
+    ("unreachable_ls", ["ls", "--store", "s3://many-bucket/x"], "unreachable", 2, "cannot reach bucket 'many-bucket'"),
+    ("unreachable_report", ["report", "--store", "s3://many-bucket/x"], "unreachable", 2, "at endpoint http://***@127.0.0.1:9"),
+    ("unreachable_export", ["export", "--store", "s3://many-bucket/x", "--out", "{out}"], "unreachable", 2, "127.0.0.1:9"),
+    ("unreachable_run", ["run", "--store", "s3://many-bucket/x"], "unreachable", 2, "check store.endpoint_url"),
+    ("no_run_yet", ["report", "--store", "{empty}"], None, 1, "no run in store file://{empty} yet"),
+    ("corrupt_manifest", ["ls", "--store", "{corrupt}"], None, 1, "is not a valid manifest"),
+    ("interrupted", ["ls", "--store", "{empty}"], "interrupt", 130, "many: interrupted"),
+]
+
+
+@pytest.mark.parametrize(("case", "argv", "setup", "code", "message"), EXIT_CODES, ids=[c[0] for c in EXIT_CODES])
+def test_exit_codes(case: str, argv: list[str], setup: str | None, code: int, message: str, tmp_path: Path,
+                    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """README "Running": 2 for bad input (config, store URL, a store that does not exist for a command that only
+    reads, an endpoint that does not answer), 1 for runtime failures, 130 on Ctrl-C; always one line on stderr that
+    names the store or endpoint and never a credential."""
+    paths = {"missing": tmp_path / "missing", "empty": tmp_path / "empty", "corrupt": tmp_path / "corrupt",
+             "typo": tmp_path / "typo.yaml", "out": tmp_path / "out"}
+    paths["typo"].write_text("finetune: {stepz: 3}\n")
+    paths["empty"].mkdir()
+    _garbage_manifest(paths["corrupt"])
+    if setup == "unreachable":
+        request.getfixturevalue("unreachable")
+    elif setup == "interrupt":
+        monkeypatch.setattr("tasks.store.Store.ls", _interrupt)
+    capsys.readouterr()
+    assert main([a.format(**paths) for a in argv]) == code
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    assert message.format(**paths) in err, err
+    for secret in (SECRET_KEY_ID, SECRET, "hunter2", "someone", "AKIA:pw"):
+        assert secret not in err, err
+    assert not paths["missing"].exists() and not paths["out"].exists()  # neither created by a failed command
+
+
+def test_read_only_commands_refuse_a_missing_s3_store(new_bucket: str, tmp_path: Path, capsys) -> None:
+    from tasks.store import Store
+
+    assert main(["ls", "--store", f"s3://{new_bucket}/typo"]) == 2
+    assert capsys.readouterr().err.strip().startswith(
+        f"many: error: no store at s3://{new_bucket}/typo: nothing is stored under that prefix at endpoint http://")
+    Store.open(f"s3://{new_bucket}/real", cache_dir=tmp_path).put_bytes(b"x")
+    assert main(["ls", "--store", f"s3://{new_bucket}/real"]) == 0
+    assert main(["ls", "--store", f"s3://{new_bucket}/rea"]) == 2  # a prefix of a store's prefix is not a store
+
+
+def test_run_creates_its_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """`many run` is the one writer: a store that does not exist yet is created (the flow itself is stubbed)."""
+    seen = {}
+
+    def flow(config, progress, repair):
+        seen["store"] = Path(config.store.url)
+        return {"run_id": "r", "stages": [], "report": {}, "ray_started": False, "tasks": [], "methods": []}
+
+    monkeypatch.setattr("flows.pipeline.continual_update", flow)
+    config = tmp_path / "tiny.yaml"
+    config.write_text((ROOT / "examples" / "tiny.yaml").read_text())
+    assert main(["run", "--json", "--config", str(config), "--store", str(tmp_path / "new")]) == 0, capsys.readouterr().err
+    assert (tmp_path / "new").is_dir() and seen["store"] == tmp_path / "new"

@@ -75,14 +75,15 @@ def test_store_root_that_cannot_be_created_is_exit_2(tmp_path: Path, capsys) -> 
 
 def test_unreachable_store_is_one_line_exit_2(tmp_path: Path, capsys, monkeypatch) -> None:
     """An endpoint that does not answer when `many run` opens its store (after the bounded retries) is a bad
-    --store / endpoint: exit 2 before anything runs. The same failure inside a run is a runtime one (exit 1)."""
+    --store / endpoint: exit 2 before anything runs, the message naming the endpoint (never a credential). The same
+    failure inside a run is a runtime one (exit 1)."""
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # discard port: connection refused
     code, err = run_cli(["run", "--store", "s3://many-bucket/x"], capsys)
     assert code == 2 and "cannot reach bucket 'many-bucket'" in err and "check store.endpoint_url" in err, err
-    assert "127.0.0.1" not in err, err
+    assert "at endpoint http://127.0.0.1:9:" in err and "AWS_SECRET" not in err, err
 
 
 def test_gpu_requested_with_none_present_is_exit_2_before_anything_runs(store_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:
