@@ -2,14 +2,15 @@
 
     many run    [--config FILE] [--store URL] [--tasks N] [--json] [--repair]
     many report [--store URL] [--json] [--out DIR]
-    many ls     [--store URL] [--json]
+    many ls     [--store URL] [--json] [--stage S] [--task T] [--method M]
     many export [--store URL] --out DIR
     many predict IMAGE [QUESTION] [--export DIR | --store URL] [--method M] [--task T] [--json] [--interactive]
     many gc     [--config FILE] [--store URL] [--keep-last N] [--dry-run] [--json] [--min-age-seconds S]
     many serve  [--config FILE] [--store URL] [--name NAME] --cron "…"
 
-Errors: one line on stderr, exit 2 for bad input (config, URL, task kind, data), 1 for runtime failures;
-`--debug` shows the traceback.
+Errors: one line on stderr, exit 2 for bad input (config, store URL, a missing store for a command that only reads,
+an endpoint that does not answer, task kind, data), 1 for runtime failures, 130 when interrupted; `--debug` shows the
+traceback. `many --version` prints the version.
 """
 
 from __future__ import annotations
@@ -81,8 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--json", action="store_true")
     report.add_argument("--out", help="write report.json/.md/.html, heatmap_<method>.png and forgetting.png to this directory")
     store_option(report)
-    ls = commands.add_parser("ls", help="list cached stages")
-    ls.add_argument("--json", action="store_true")
+    ls = commands.add_parser("ls", help="list cached stages: stage, task, method, key, size, age, seconds, host")
+    ls.add_argument("--json", action="store_true", help="the rows as a JSON list")
+    ls.add_argument("--stage", help="only this stage (data, base, finetune, merge, eval, …)")
+    ls.add_argument("--task", help="only the stages of this task")
+    ls.add_argument("--method", help="only the stages of this method row")
     store_option(ls)
     export = commands.add_parser("export", help="write the latest run's artifacts as standard files")
     export.add_argument("--out", required=True)
@@ -207,15 +211,26 @@ def _age(seconds: float) -> str:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    """The completed stages, with the task and method of each (from the run summaries; `-` where none applies or
+    no finished run lists the stage yet), filtered by --stage/--task/--method (exact names)."""
     store = _store(args.store)
-    rows = store.ls()
+    everything = store.ls()
+    wanted = {"stage": args.stage, "task": args.task, "method": args.method}
+    rows = [r for r in everything if all(v is None or getattr(r, field) == v for field, v in wanted.items())]
     if args.json:
         print(json.dumps([row.__dict__ for row in rows], indent=2))
-        return 0
-    print(f"{'stage':<22} {'key':<12} {'size':>9} {'age':>5} {'seconds':>8}  host")
-    for row in rows:
-        print(f"{row.stage:<22} {row.key[:12]:<12} {_size(row.size):>9} {_age(row.age_seconds):>5} {row.seconds:8.1f}  {row.host}")
-    print(f"{len(rows)} stages, {_size(sum(r.size for r in rows))} in {store.url}", file=sys.stderr)
+    else:
+        table = [(r.stage, r.task or "-", r.method or "-", r.key[:12], _size(r.size), _age(r.age_seconds),
+                  f"{r.seconds:.1f}", r.host) for r in rows]
+        header = ("stage", "task", "method", "key", "size", "age", "seconds", "host")
+        widths = [max(len(str(cell)) for cell in column) for column in zip(header, *table, strict=True)]
+        right = {4, 5, 6}  # size, age, seconds
+        for line in (header, *table):
+            cells = [cell.rjust(w) if i in right else cell.ljust(w)
+                     for i, (cell, w) in enumerate(zip(line, widths, strict=True))]
+            print("  ".join(cells).rstrip())
+        shown = f"{len(rows)} of {len(everything)}" if len(rows) != len(everything) else f"{len(rows)}"
+        print(f"{shown} stages, {_size(sum(r.size for r in rows))} in {store.url}", file=sys.stderr)
     return 0
 
 

@@ -113,6 +113,88 @@ def test_an_inherited_section_does_not_hide_the_users_key(tmp_path: Path, capsys
     assert capsys.readouterr().err.strip() == f"many: error: {config}: finetune.stepz: unknown key"
 
 
+# -- 2. ls: stage, task, method, key, size, age, seconds, host; filters --------------------------------------
+
+
+def _manifest(stage: str, key: str, outputs: dict, seconds: float = 1.5):
+    from datetime import datetime, timezone
+
+    from tasks.store import Manifest
+
+    return Manifest(stage=stage, key=key, inputs={}, outputs=outputs, config={}, code_version="1", seconds=seconds,
+                    host="h0", created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+
+@pytest.fixture
+def listed_store(tmp_path: Path) -> Path:
+    """A store of six stages: five listed by run summaries (one of them by an older run only, one relabelled by a
+    newer run), one (`finetune` of an unfinished run) by none."""
+    import os
+
+    from tasks.store import Store
+
+    root = tmp_path / "store"
+    store = Store.open(str(root))
+    blob = store.put_bytes(b"x" * 2000)
+    stages = [("base", "b" * 64, None, None), ("data", "d" * 64, "chart-qa", None), ("data", "e" * 64, "icon-qa", None),
+              ("eval", "1" * 64, "chart-qa", "many"), ("eval", "2" * 64, "chart-qa", "average"),
+              ("finetune", "f" * 64, None, None)]
+    for stage, key, _, _ in stages:
+        store.write_manifest(_manifest(stage, key, {"out": blob}))
+
+    def entry(stage: str, key: str, task: str | None, method: str | None) -> dict:
+        return {"stage": stage, "key": key, "task": task, "method": method, "status": "cached", "seconds": 0.1}
+
+    older = [entry(*s) for s in stages[:3]] + [entry("eval", "1" * 64, "old-name", "many")]
+    store.write_run("20260101T000000Z-aaaaaa", {"stages": older})
+    os.utime(root / "runs" / "20260101T000000Z-aaaaaa.json", (1e9, 1e9))  # older than the next one
+    store.write_run("20260102T000000Z-bbbbbb", {"stages": [entry(*s) for s in stages[:2] + stages[3:5]]})
+    return root
+
+
+def test_ls_shows_task_and_method_of_every_stage(listed_store: Path, capsys) -> None:
+    assert main(["ls", "--store", str(listed_store)]) == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert lines[0].split() == ["stage", "task", "method", "key", "size", "age", "seconds", "host"]
+    rows = [line.split() for line in lines[1:]]
+    assert [(r[0], r[1], r[2], r[3]) for r in rows] == [
+        ("base", "-", "-", "b" * 12),
+        ("data", "chart-qa", "-", "d" * 12),
+        ("data", "icon-qa", "-", "e" * 12),  # listed by the older run only
+        ("eval", "chart-qa", "many", "1" * 12),  # the newest run's name wins
+        ("eval", "chart-qa", "average", "2" * 12),
+        ("finetune", "-", "-", "f" * 12),  # no finished run lists it
+    ]
+    assert all(r[4:6] == ["2.0", "kB"] and r[7] == "1.5" and r[8] == "h0" for r in rows), rows
+    assert err.strip() == f"6 stages, 12.0 kB in file://{listed_store}"
+
+
+@pytest.mark.parametrize(
+    ("filters", "expected"),
+    [
+        (["--stage", "eval"], [("eval", "chart-qa", "many"), ("eval", "chart-qa", "average")]),
+        (["--task", "chart-qa"], [("data", "chart-qa", None), ("eval", "chart-qa", "many"), ("eval", "chart-qa", "average")]),
+        (["--method", "many"], [("eval", "chart-qa", "many")]),
+        (["--stage", "eval", "--method", "average"], [("eval", "chart-qa", "average")]),
+        (["--task", "no-such-task"], []),
+    ],
+)
+def test_ls_filters_by_stage_task_and_method(filters: list[str], expected: list, listed_store: Path, capsys) -> None:
+    assert main(["ls", "--json", "--store", str(listed_store), *filters]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["stage"], r["task"], r["method"]) for r in rows] == expected
+    assert all(set(r) == {"stage", "task", "method", "key", "size", "created", "age_seconds", "seconds", "host"} for r in rows)
+    assert main(["ls", "--store", str(listed_store), *filters]) == 0
+    assert capsys.readouterr().err.strip().startswith(f"{len(expected)} of 6 stages")
+
+
+def test_ls_skips_a_run_summary_it_cannot_read(listed_store: Path, capsys) -> None:
+    (listed_store / "runs" / "broken.json").write_text("{not json")
+    assert main(["ls", "--json", "--store", str(listed_store), "--method", "many"]) == 0
+    assert [r["task"] for r in json.loads(capsys.readouterr().out)] == ["chart-qa"]
+
+
 # -- 3, 4. read-only commands never create a store; the exit-code table; no secret in any message -------------
 
 SECRET_KEY_ID, SECRET = "AKIAOPERATORTEST0001", "operator-secret-never-print-me"
