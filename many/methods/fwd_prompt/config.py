@@ -1,4 +1,4 @@
-"""Fwd-Prompt's configuration (many.methods.fwd_prompt; DESIGN.md §1 "Comparison methods"), torch-free: the run
+"""Fwd-Prompt's configuration (many.methods.fwd_prompt; docs/design.md §1), torch-free: the run
 config (tasks.rows.MethodSettings) validates it without importing torch."""
 
 from __future__ import annotations
