@@ -160,10 +160,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = config.store
     # a bad URL, a missing bucket or an endpoint that does not answer: exit 2 before anything runs
     _store(spec.url, create=True, endpoint_url=spec.endpoint_url, region=spec.region, profile=spec.profile)
-    from flows.pipeline import continual_update
     from flows.preflight import preflight
 
-    preflight(config)  # GPUs, user adapters: exit 2 before Prefect starts (the flow checks again for other callers)
+    preflight(config)  # task data, GPUs, user adapters: exit 2 before Prefect starts (the flow checks again)
+    from flows.pipeline import continual_update
 
     if not args.json:
         print(f"many: {len(config.tasks)} tasks × {len(config.methods)} methods into {spec.url}", file=sys.stderr)
