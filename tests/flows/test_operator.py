@@ -233,10 +233,12 @@ EXIT_CODES = [
     ("missing_store_ls", ["ls", "--store", "{missing}"], None, 2, "no store at {missing}: {missing} does not exist; check --store"),
     ("missing_store_report", ["report", "--store", "{missing}"], None, 2, "no store at {missing}: "),
     ("missing_store_export", ["export", "--store", "{missing}", "--out", "{out}"], None, 2, "no store at {missing}: "),
+    ("missing_store_predict", ["predict", "{png}", "q", "--store", "{missing}"], None, 2, "no store at {missing}: "),
     ("unreachable_ls", ["ls", "--store", "s3://many-bucket/x"], "unreachable", 2, "cannot reach bucket 'many-bucket'"),
     ("unreachable_report", ["report", "--store", "s3://many-bucket/x"], "unreachable", 2, "at endpoint http://***@127.0.0.1:9"),
     ("unreachable_export", ["export", "--store", "s3://many-bucket/x", "--out", "{out}"], "unreachable", 2, "127.0.0.1:9"),
     ("unreachable_run", ["run", "--store", "s3://many-bucket/x"], "unreachable", 2, "check store.endpoint_url"),
+    ("unreachable_predict", ["predict", "{png}", "q", "--store", "s3://many-bucket/x"], "unreachable", 2, "127.0.0.1:9"),
     ("no_run_yet", ["report", "--store", "{empty}"], None, 1, "no run in store file://{empty} yet"),
     ("corrupt_manifest", ["ls", "--store", "{corrupt}"], None, 1, "is not a valid manifest"),
     ("interrupted", ["ls", "--store", "{empty}"], "interrupt", 130, "many: interrupted"),
@@ -247,11 +249,14 @@ EXIT_CODES = [
 def test_exit_codes(case: str, argv: list[str], setup: str | None, code: int, message: str, tmp_path: Path,
                     request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     """README "Running": 2 for bad input (config, store URL, a store that does not exist for a command that only
-    reads, an endpoint that does not answer), 1 for runtime failures, 130 on Ctrl-C; always one line on stderr that
-    names the store or endpoint and never a credential."""
+    reads — ls, report, export, predict —, an endpoint that does not answer), 1 for runtime failures, 130 on Ctrl-C;
+    always one line on stderr that names the store or endpoint and never a credential."""
+    from PIL import Image
+
     paths = {"missing": tmp_path / "missing", "empty": tmp_path / "empty", "corrupt": tmp_path / "corrupt",
-             "typo": tmp_path / "typo.yaml", "out": tmp_path / "out"}
+             "typo": tmp_path / "typo.yaml", "out": tmp_path / "out", "png": tmp_path / "a.png"}
     paths["typo"].write_text("finetune: {stepz: 3}\n")
+    Image.new("RGB", (4, 4)).save(paths["png"])
     paths["empty"].mkdir()
     _garbage_manifest(paths["corrupt"])
     if setup == "unreachable":
