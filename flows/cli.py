@@ -2,14 +2,15 @@
 
     many run    [--config FILE] [--store URL] [--tasks N] [--json] [--repair]
     many report [--store URL] [--json] [--out DIR]
-    many ls     [--store URL] [--json]
+    many ls     [--store URL] [--json] [--stage S] [--task T] [--method M]
     many export [--store URL] --out DIR
     many predict IMAGE [QUESTION] [--export DIR | --store URL] [--method M] [--task T] [--json] [--interactive]
     many gc     [--config FILE] [--store URL] [--keep-last N] [--dry-run] [--json] [--min-age-seconds S]
     many serve  [--config FILE] [--store URL] [--name NAME] --cron "…"
 
-Errors: one line on stderr, exit 2 for bad input (config, URL, task kind, data), 1 for runtime failures;
-`--debug` shows the traceback.
+Errors: one line on stderr, exit 2 for bad input (config, store URL, a missing store for a command that only reads,
+an endpoint that does not answer, task kind, data), 1 for runtime failures, 130 when interrupted; `--debug` shows the
+traceback. `many --version` prints the version.
 """
 
 from __future__ import annotations
@@ -51,8 +52,18 @@ def _quiet_environment(debug: bool) -> None:
         os.environ.setdefault(key, value)
 
 
+def version() -> str:
+    """`many <version>` of the code that runs (not of whatever distribution is installed: a source tree on
+    PYTHONPATH may differ); pyproject.toml's version is kept equal (tests/flows/test_cli.py). Importing the `many`
+    package loads no torch: its __init__ is a docstring and the version."""
+    from many import __version__
+
+    return f"many {__version__}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="many", description="MAny continual multimodal instruction tuning by merging, cached on Prefect + Ray")
+    parser.add_argument("--version", action="version", version=version())
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -71,8 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--json", action="store_true")
     report.add_argument("--out", help="write report.json/.md/.html, heatmap_<method>.png and forgetting.png to this directory")
     store_option(report)
-    ls = commands.add_parser("ls", help="list cached stages")
-    ls.add_argument("--json", action="store_true")
+    ls = commands.add_parser("ls", help="list cached stages: stage, task, method, key, size, age, seconds, host")
+    ls.add_argument("--json", action="store_true", help="the rows as a JSON list")
+    ls.add_argument("--stage", help="only this stage (data, base, finetune, merge, eval, …)")
+    ls.add_argument("--task", help="only the stages of this task")
+    ls.add_argument("--method", help="only the stages of this method row")
     store_option(ls)
     export = commands.add_parser("export", help="write the latest run's artifacts as standard files")
     export.add_argument("--out", required=True)
@@ -109,15 +123,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config(args: argparse.Namespace):
     """The config file with --store applied and the tasks of its task_source (if any) read now."""
+    from flows.config import load_config
+
+    load_config(args.config)  # a bad file is exit 2 in about a second: flows.config imports no torch, no Prefect
     from flows.serve import run_config
 
     return run_config(args.config, getattr(args, "store", None)).first(getattr(args, "tasks", None))
 
 
-def _store(url: str | None):
-    from tasks.store import Store
+def _store(url: str | None, *, create: bool = False, endpoint_url: str | None = None, region: str | None = None,
+           profile: str | None = None):
+    """The command's store, opened before the command does anything else. Only `many run` creates a store
+    (`create=True`); every other command refuses one that does not exist (`StoreNotFound`, exit 2) instead of
+    creating an empty store at a mistyped URL. An endpoint that does not answer now is a bad --store / endpoint
+    (exit 2), not a runtime failure."""
+    from tasks.store import BadStoreURL, Store, StoreUnreachable
 
-    return Store.open(url or "./many-store")
+    try:
+        return Store.open(url or "./many-store", create=create, endpoint_url=endpoint_url, region=region,
+                          profile=profile)
+    except StoreUnreachable as error:
+        raise BadStoreURL(str(error)) from None
 
 
 def _latest(store) -> dict[str, Any]:
@@ -130,20 +156,14 @@ def _latest(store) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from many.report import text_table
-
     config = _config(args)
     spec = config.store
-    from tasks.store import BadStoreURL, Store, StoreUnreachable
-
-    try:  # a bad URL, a missing bucket or an endpoint that does not answer: exit 2 before anything runs
-        Store.open(spec.url, endpoint_url=spec.endpoint_url, region=spec.region, profile=spec.profile)
-    except StoreUnreachable as error:
-        raise BadStoreURL(str(error)) from None
-    from flows.pipeline import continual_update
+    # a bad URL, a missing bucket or an endpoint that does not answer: exit 2 before anything runs
+    _store(spec.url, create=True, endpoint_url=spec.endpoint_url, region=spec.region, profile=spec.profile)
     from flows.preflight import preflight
 
-    preflight(config)  # GPUs, user adapters: exit 2 before Prefect starts (the flow checks again for other callers)
+    preflight(config)  # task data, GPUs, user adapters: exit 2 before Prefect starts (the flow checks again)
+    from flows.pipeline import continual_update
 
     if not args.json:
         print(f"many: {len(config.tasks)} tasks × {len(config.methods)} methods into {spec.url}", file=sys.stderr)
@@ -152,6 +172,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({k: summary[k] for k in ("run_id", "stages", "report", "ray_started", "tasks", "methods")}, indent=2))
     else:
+        from many.report import text_table
+
         computed = sum(s["status"] == "computed" for s in summary["stages"])
         print(f"run {summary['run_id']}: {computed} computed, {len(summary['stages']) - computed} cached, "
               f"{time.monotonic() - started:.1f}s", file=sys.stderr)
@@ -189,15 +211,26 @@ def _age(seconds: float) -> str:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    """The completed stages, with the task and method of each (from the run summaries; `-` where none applies or
+    no finished run lists the stage yet), filtered by --stage/--task/--method (exact names)."""
     store = _store(args.store)
-    rows = store.ls()
+    everything = store.ls()
+    wanted = {"stage": args.stage, "task": args.task, "method": args.method}
+    rows = [r for r in everything if all(v is None or getattr(r, field) == v for field, v in wanted.items())]
     if args.json:
         print(json.dumps([row.__dict__ for row in rows], indent=2))
-        return 0
-    print(f"{'stage':<22} {'key':<12} {'size':>9} {'age':>5} {'seconds':>8}  host")
-    for row in rows:
-        print(f"{row.stage:<22} {row.key[:12]:<12} {_size(row.size):>9} {_age(row.age_seconds):>5} {row.seconds:8.1f}  {row.host}")
-    print(f"{len(rows)} stages, {_size(sum(r.size for r in rows))} in {store.url}", file=sys.stderr)
+    else:
+        table = [(r.stage, r.task or "-", r.method or "-", r.key[:12], _size(r.size), _age(r.age_seconds),
+                  f"{r.seconds:.1f}", r.host) for r in rows]
+        header = ("stage", "task", "method", "key", "size", "age", "seconds", "host")
+        widths = [max(len(str(cell)) for cell in column) for column in zip(header, *table, strict=True)]
+        right = {4, 5, 6}  # size, age, seconds
+        for line in (header, *table):
+            cells = [cell.rjust(w) if i in right else cell.ljust(w)
+                     for i, (cell, w) in enumerate(zip(line, widths, strict=True))]
+            print("  ".join(cells).rstrip())
+        shown = f"{len(rows)} of {len(everything)}" if len(rows) != len(everything) else f"{len(rows)}"
+        print(f"{shown} stages, {_size(sum(r.size for r in rows))} in {store.url}", file=sys.stderr)
     return 0
 
 
@@ -248,15 +281,11 @@ def _keep_last(text: str) -> int:
 
 def cmd_gc(args: argparse.Namespace) -> int:
     from flows.config import StoreConfig, load_config
-    from tasks.store import BadStoreURL, Store, StoreUnreachable
 
     spec = load_config(args.config).store if args.config else StoreConfig()
-    url = args.store or spec.url
     keep_last = args.keep_last if args.keep_last is not None else spec.keep_last
-    try:  # never creates a store: a missing one is bad input, like an endpoint that does not answer
-        store = Store.open(url, endpoint_url=spec.endpoint_url, region=spec.region, profile=spec.profile, create=False)
-    except StoreUnreachable as error:
-        raise BadStoreURL(str(error)) from None
+    # never creates a store: a missing one is bad input, like an endpoint that does not answer
+    store = _store(args.store or spec.url, endpoint_url=spec.endpoint_url, region=spec.region, profile=spec.profile)
     report = store.gc(delete=not args.dry_run, min_age_seconds=args.min_age_seconds, keep_last=keep_last)
     if args.json:
         print(json.dumps({"store": store.url, **report.as_json()}, indent=2))
@@ -313,7 +342,9 @@ def main(argv: list[str] | None = None) -> int:
             import traceback
 
             traceback.print_exc()
-        message = " ".join(str(error).split()) or type(error).__name__
+        from tasks.redact import redact
+
+        message = redact(" ".join(str(error).split())) or type(error).__name__  # no userinfo or query of any URL
         bad_input = isinstance(error, ValueError)
         prefix = "many: error" if bad_input else f"many: failed ({type(error).__name__})"
         print(f"{prefix}: {message}", file=sys.stderr)

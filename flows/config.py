@@ -206,11 +206,14 @@ def parse_config(data: Any, source: str = "<config>") -> RunConfig:
     try:
         return RunConfig.model_validate(data)
     except ValidationError as error:
-        first = error.errors()[0]
+        # A section the file does not set but inherits from another (cram.finetune from finetune) repeats that
+        # section's problems: report the user's own keys (the file's `finetune.stepz`, not `cram.finetune.stepz`).
+        errors = [e for e in error.errors() if not e["loc"] or e["loc"][0] in data] or error.errors()
+        first = errors[0]
         message = first["msg"].removeprefix("Value error, ")
         if first["type"] == "extra_forbidden":
             message = "unknown key"
-        more = f" (and {error.error_count() - 1} more problems)" if error.error_count() > 1 else ""
+        more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
         raise ConfigError(f"{source}: {_where(first)}: {message}{more}") from None
 
 

@@ -6,10 +6,16 @@ then each distinct chain once (the RLS merge, the batch merges, SeqLoRA, CRAM, F
 its inputs complete), then one eval stage per (row, t). Each stage first looks its cache key up in the store, so a
 rerun with nothing new computes nothing and never starts Ray; adding a task computes only that task's stages, its
 chain links and row t of every method's matrix.
+
+A stage that fails with bad input (a ValueError: a task's data, an adapter that does not fit) fails the run at once:
+the flow stops waiting, abandons the rest (tasks.dispatch.abandon: stages not started do not start, Ray tasks in
+flight — the base pretraining — are cancelled) and raises that error. Other failures let independent stages finish
+(their results are cached for the rerun) and raise the first root cause at the end.
 """
 
 from __future__ import annotations
 
+import sys
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -17,14 +23,14 @@ from typing import Any
 
 from prefect import flow
 from prefect.exceptions import UpstreamTaskError
-from prefect.futures import PrefectFuture, wait
+from prefect.futures import PrefectFuture, as_completed, wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.config import RunConfig
 from flows.preflight import preflight
 from flows.report import build_report, last_diagnostics, timeline_from_run
 from flows.retention import config_fingerprint, leased
-from tasks.dispatch import ClusterSpec, StageRecord, stage_task
+from tasks.dispatch import ClusterSpec, StageRecord, abandon, forget, stage_task
 from tasks.rows import get_row
 from tasks.rows.row import Chain, PerTask, Reuse, Row
 from tasks.runtime import StoreSpec, node_name, ray_started, shutdown_ray
@@ -91,6 +97,7 @@ def continual_update(config: RunConfig, run_id: str | None = None, progress: boo
         future = stage_task.with_options(task_run_name=label, retries=config.retries, retry_delay_seconds=2).submit(
             stage, cfg, upstream, store=store, cluster=cluster, num_cpus=resources.num_cpus,
             num_gpus=resources.num_gpus, resource_group=group, task_name=task, method=method, repair=repair,
+            run_id=run_id,
         )
         submitted.append(future)
         return future
@@ -108,10 +115,18 @@ def continual_update(config: RunConfig, run_id: str | None = None, progress: boo
         for row in rows for t, name in enumerate(names)
     ]
     try:
-        wait(submitted)
+        bad_input = _first_bad_input(submitted)
+        if bad_input is not None:
+            cancelled = abandon(run_id)
+            if progress:
+                print(f"  stopping: a stage failed with bad input ({type(bad_input).__name__}); {cancelled} stage(s) "
+                      "in flight cancelled", file=sys.stderr, flush=True)
+            wait(submitted)  # seconds: what has not started gives up, what ran is cancelled
+            raise bad_input
         records = _results(submitted)
         started_ray = ray_started()
     finally:
+        forget(run_id)
         shutdown_ray()
     diagnostics = last_diagnostics(chains)
     report = build_report(store.open(), names, config.methods, [(m, t, f.result()) for m, t, f in evals],
@@ -196,6 +211,21 @@ def _chain_stages(
         else:
             links.append(submit(chain.stage, sub_config, upstream, chain.group, name, chain.method))
     return links
+
+
+def _first_bad_input(futures: list[PrefectFuture]) -> BaseException | None:
+    """Wait for the stages in the order they finish; return the first bad-input failure (a ValueError: never
+    retried, the same on a rerun) as soon as it happens, or None once every stage has finished without one."""
+    for future in as_completed(futures):
+        try:
+            future.result()  # done: returns or raises at once (`future.state` may still read Pending from the API)
+        except UpstreamTaskError:
+            continue
+        except ValueError as error:
+            return error
+        except BaseException:  # noqa: BLE001 - a runtime failure: _results raises it once the rest has finished
+            continue
+    return None
 
 
 def _results(futures: list[PrefectFuture]) -> list[StageRecord]:

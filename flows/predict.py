@@ -9,7 +9,6 @@ store's cache, by digest); the test data is not. The model itself is built by ma
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 from many.inference import Parts, Predictor, Recipe, check_task
@@ -23,15 +22,14 @@ class NoModel(ValueError):
 
 
 def open_store(url: str) -> Store:
-    """The store at `url` without creating it: a local path must exist."""
-    from tasks.store import BadStoreURL, StoreUnreachable
+    """The store at `url` without creating it (`Store.open(create=False)`: a local root that exists, an S3 prefix
+    with objects); an endpoint that does not answer is a bad --store (exit 2), as for every command."""
+    from tasks.store import BadStoreURL, StoreNotFound, StoreUnreachable
 
-    if "://" not in url or url.startswith("file://"):
-        path = Path(url.removeprefix("file://")).expanduser()
-        if not path.is_dir():
-            raise NoModel(f"no store at {url}: run `many run --store {url}` first, or give --export DIR")
     try:
-        return Store.open(url)
+        return Store.open(url, create=False)
+    except StoreNotFound as error:
+        raise NoModel(f"{error}, or give --export DIR") from None
     except StoreUnreachable as error:
         raise BadStoreURL(str(error)) from None
 

@@ -8,11 +8,16 @@ found later, inside a stage, the same problem would cost the stages before it an
   decides per stage instead.
 - user adapters (`tasks[i].adapter`): every LoRA module and the projector must exist in the base with the
   same shapes, ranks must agree, every value must be finite.
+- task data (`tasks[i].train_json/test_json/image_root`): each file parses as LLaVA conversation JSON with at
+  least one record, every record has an image path and an answered first human turn, and every image exists —
+  what the `data` stage would find minutes later, after the base (its images are decoded there, not here). A
+  local image is one `stat`; an S3 image root is listed once.
 """
 
 from __future__ import annotations
 
 import os
+import posixpath
 from pathlib import Path
 
 from flows.config import RunConfig
@@ -64,6 +69,42 @@ def check_adapters(config: RunConfig) -> None:
             raise PreflightError(f"task {task.name!r}: adapter {task.adapter}: {' '.join(str(error).split())}") from None
 
 
+def check_data(config: RunConfig) -> None:
+    """Every JSON task's conversation files and images, checked without decoding an image (`many.data.llava_json`
+    says what a record needs); a mini-UCIT task is generated, there is nothing to check."""
+    import fsspec
+
+    from many.data.llava_json import check_llava_json, missing_image
+
+    for task in config.tasks:
+        if task.train_json is None or task.test_json is None or task.image_root is None:
+            continue
+        try:
+            images = []
+            for json_url in (task.train_json, task.test_json):
+                fs, _ = fsspec.core.url_to_fs(json_url)
+                images += check_llava_json(json_url, fs=fs)  # as the data stage reads it: messages name the URL
+            image_fs, root = fsspec.core.url_to_fs(task.image_root)
+            exists = _exists_under(image_fs, root)
+            for where, image in images:
+                if not exists(posixpath.join(root, image)):
+                    raise missing_image(where, posixpath.join(task.image_root, image))
+        except (OSError, ValueError) as error:
+            raise PreflightError(f"task {task.name!r}: {' '.join(str(error).split())}") from None
+
+
+def _exists_under(fs, root: str):
+    """`path -> bool` for files under `root`: a stat each on the local disk, one listing of `root` elsewhere."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    if isinstance(fs, LocalFileSystem):
+        return os.path.isfile
+    listed = {fs._strip_protocol(path) for path in fs.find(root)}
+    return lambda path: fs._strip_protocol(posixpath.normpath(path)) in listed
+
+
 def preflight(config: RunConfig) -> None:
+    """Cheapest first: the task data (seconds at most), then resources (imports torch), then user adapters."""
+    check_data(config)
     check_resources(config)
     check_adapters(config)

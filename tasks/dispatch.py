@@ -3,6 +3,10 @@ miss, starts Ray (lazily, once per process) and runs the stage's compute (tasks.
 tasks.cache.run_stage as a Ray remote function with the resources the flow chose. Only small values cross
 processes: sub-configs and blob references in, `StageRecord`s of blob references out; workers read and write the
 store themselves.
+
+A run can be abandoned (`abandon(run_id)`, flows.pipeline does when a stage fails with bad input): its stages that
+have not started raise `StageAbandoned`, and its Ray tasks in flight are cancelled (`ray.cancel(force=True)`), so a
+bad task fails the run in seconds instead of after the base has pretrained.
 """
 
 from __future__ import annotations
@@ -74,6 +78,65 @@ _remote_execute = None
 _print_lock = threading.Lock()
 
 
+class StageAbandoned(RuntimeError):
+    """The run gave up on this stage before it finished: another stage failed with bad input (never retried)."""
+
+
+_runs_lock = threading.Lock()
+_abandoned: set[str] = set()  # run ids
+_in_flight: dict[str, set[Any]] = {}  # run id → Ray ObjectRefs of its stages computing now
+
+
+def abandon(run_id: str) -> int:
+    """Give up on run `run_id`: stages not started yet raise StageAbandoned, Ray tasks in flight are cancelled
+    (force: their workers are killed; a killed stage writes no manifest, its blobs are orphans for `gc`).
+    Returns how many were cancelled. `forget(run_id)` when the run is over."""
+    with _runs_lock:
+        _abandoned.add(run_id)
+        refs = _in_flight.pop(run_id, set())
+        for ref in refs:
+            _cancel(ref)
+        return len(refs)
+
+
+def forget(run_id: str) -> None:
+    """The run is over: drop what `abandon` and the in-flight bookkeeping kept of it."""
+    with _runs_lock:
+        _abandoned.discard(run_id)
+        _in_flight.pop(run_id, None)
+
+
+def _check_abandoned(run_id: str | None, stage: str) -> None:
+    if run_id is not None and run_id in _abandoned:
+        raise StageAbandoned(f"stage {stage} of run {run_id} abandoned: another stage failed with bad input")
+
+
+def _cancel(ref: Any) -> None:
+    import ray
+
+    try:
+        ray.cancel(ref, force=True)  # recursive: the merge stage's fanned-out jobs too
+    except Exception:  # noqa: BLE001 - already finished or its worker gone: nothing left to stop
+        pass
+
+
+def _track(run_id: str | None, ref: Any) -> None:
+    """Note a Ray task of run `run_id` in flight; cancel it at once if the run was abandoned meanwhile."""
+    if run_id is None:
+        return
+    with _runs_lock:
+        if run_id in _abandoned:
+            _cancel(ref)
+        else:
+            _in_flight.setdefault(run_id, set()).add(ref)
+
+
+def _untrack(run_id: str | None, ref: Any) -> None:
+    if run_id is not None:
+        with _runs_lock:
+            _in_flight.get(run_id, set()).discard(ref)
+
+
 @dataclass(frozen=True)
 class ClusterSpec:
     """Where the flow wants computes to run, and how loud to be."""
@@ -97,7 +160,7 @@ def _transient(task: Any, task_run: Any, state: Any) -> bool:
     """Prefect retry condition: retry store/network hiccups and lost Ray workers, never bad input."""
     try:
         state.result()
-    except (ValueError, ClusterError, CorruptArtifact, KeyboardInterrupt):
+    except (ValueError, ClusterError, CorruptArtifact, StageAbandoned, KeyboardInterrupt):
         return False
     except (StoreError, OSError, ConnectionError):
         return True
@@ -128,12 +191,15 @@ def stage_task(
     task_name: str | None = None,
     method: str | None = None,
     repair: bool = False,
+    run_id: str | None = None,
 ) -> StageRecord:
     """Return the stage's cached manifest, or compute it on Ray with the given resources.
 
     `upstream` maps input name → (upstream StageRecord, its output name); Prefect resolves futures in it.
     With `repair`, a cached stage counts only if its manifest reads and its output blobs re-hash intact.
+    `run_id` names the run for `abandon`.
     """
+    _check_abandoned(run_id, stage)
     started = time.monotonic()
     inputs = _resolve(upstream)
     definition = stage_def(stage, inputs)
@@ -149,7 +215,8 @@ def stage_task(
         record = StageRecord(stage, task_name, method, cached.key, "cached", time.monotonic() - started, node_name(), cached.outputs)
     else:
         record = _compute_on_ray(
-            stage, config, inputs, store, cluster, num_cpus, num_gpus, resource_group or stage, task_name, method, repair
+            stage, config, inputs, store, cluster, num_cpus, num_gpus, resource_group or stage, task_name, method,
+            repair, run_id,
         )
     if cluster.progress:
         retried = f"  ({record.s3_retries} S3 retries)" if record.s3_retries else ""
@@ -160,6 +227,7 @@ def stage_task(
 def _compute_on_ray(
     stage: str, config: BaseModel, inputs: dict[str, BlobRef], store: StoreSpec, cluster: ClusterSpec,
     num_cpus: float, num_gpus: float, group: str, task_name: str | None, method: str | None, repair: bool = False,
+    run_id: str | None = None,
 ) -> StageRecord:
     global _remote_execute
     import ray
@@ -172,10 +240,21 @@ def _compute_on_ray(
     device = "auto" if num_gpus > 0 else "cpu"
     if cluster.progress:
         _print_progress(stage, task_name, method, "running", f"on {num_cpus:g} CPU(s), {num_gpus:g} GPU(s)")
+    _check_abandoned(run_id, stage)
     ref = _remote_execute.options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0).remote(
         store, stage, config, inputs, num_cpus, device, repair
     )
-    status, manifest_json, seconds, node, s3_retries = ray_get(ref)
+    _track(run_id, ref)
+    try:
+        status, manifest_json, seconds, node, s3_retries = ray_get(ref)
+    except Exception:
+        if run_id is not None and run_id in _abandoned:
+            raise StageAbandoned(
+                f"stage {stage} of run {run_id} cancelled: another stage failed with bad input"
+            ) from None
+        raise
+    finally:
+        _untrack(run_id, ref)
     manifest = Manifest.model_validate_json(manifest_json)
     return StageRecord(stage, task_name, method, manifest.key, status, seconds, node, manifest.outputs, s3_retries)
 
@@ -186,4 +265,6 @@ def read_json_output(store: Store, record_or_manifest: StageRecord | Manifest, o
     return json.loads(store.get_bytes(ref.digest, context=f"stage {record_or_manifest.stage}, output {output}"))
 
 
-__all__ = ["ClusterSpec", "StageRecord", "execute", "read_json_output", "stage_task"]
+__all__ = [
+    "ClusterSpec", "StageAbandoned", "StageRecord", "abandon", "execute", "forget", "read_json_output", "stage_task",
+]

@@ -93,7 +93,7 @@ def load_base(path: Path, dtype: str, device: str):
 
 
 def compute_data(inputs: Mapping[str, Path], workdir: Path, *, config: DataStageConfig, device: str) -> dict[str, Path]:
-    from many.data import TaskData, load_llava_json, make_task, write_task
+    from many.data import DataError, TaskData, load_llava_json, make_task, write_task
 
     if config.kind is not None:
         task = make_task(config.kind, config.mini_ucit or MiniUcitConfig())
@@ -103,7 +103,10 @@ def compute_data(inputs: Mapping[str, Path], workdir: Path, *, config: DataStage
 
         def samples(json_path: str):
             fs, _ = fsspec.core.url_to_fs(json_path)
-            return load_llava_json(json_path, config.image_root, fs=fs, name=config.name)
+            try:
+                return load_llava_json(json_path, config.image_root, fs=fs, name=config.name)
+            except DataError as error:  # the one line the CLI prints names the task
+                raise DataError(f"task {config.name!r}: {error}") from None
 
         task = TaskData(config.name, config.metric, samples(config.train_json), samples(config.test_json))
     write_task(task, workdir / "task")

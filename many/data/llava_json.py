@@ -53,14 +53,56 @@ def _first_turn(record: dict[str, Any], where: str) -> tuple[str, str]:
     raise DataError(f"{where}: no human turn in 'conversations'; each record needs a question")
 
 
+def missing_image(where: str, path: str) -> DataError:
+    """The error of a record whose image does not exist (the data stage and flows/preflight.py say the same)."""
+    return DataError(f"{where}: image file not found: {path}; check image_root and the record's 'image'")
+
+
 def _image(fs: FileSystem, path: str, where: str) -> bytes:
     try:
         with fs.open(path, "rb") as file:
             data = file.read()
     except FileNotFoundError as error:
-        raise DataError(f"{where}: image file not found: {path}; check image_root and the record's 'image'") from error
+        raise missing_image(where, path) from error
     # phone photos (VizWiz) store their rotation in EXIF: apply it so the pixels are upright
     return png_bytes(ImageOps.exif_transpose(decode_image(data, f"{where}, image {path}")))
+
+
+def _records(json_path: str | Path, fs: FileSystem) -> list[Any]:
+    try:
+        with fs.open(str(json_path), "rb") as file:
+            records = json.loads(file.read())
+    except FileNotFoundError as error:
+        raise DataError(f"conversation file not found: {json_path}; check the task's json path") from error
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError(f"{json_path} is not valid JSON ({error}); fix or re-export the file") from error
+    if not isinstance(records, list):
+        raise DataError(f"{json_path} must hold a JSON list of records, got {type(records).__name__}")
+    if not records:
+        raise DataError(f"empty task: {json_path} has no records; check the file or the task's split")
+    return records
+
+
+def _record(record: Any, k: int, json_path: str | Path) -> tuple[str, str, str, str, str]:
+    """(id, where, image path relative to the image root, prompt, answer) of one record, or DataError."""
+    record_id = str(record.get("id", k)) if isinstance(record, dict) else str(k)
+    where = f"{json_path}, record {record_id!r}"
+    if not isinstance(record, dict) or not isinstance(record.get("image"), str):
+        raise DataError(f"{where}: no 'image' path; every record needs an image")
+    prompt, answer = _first_turn(record, where)
+    return record_id, where, record["image"], prompt, answer
+
+
+def check_llava_json(json_path: str | Path, *, fs: FileSystem | None = None) -> list[tuple[str, str]]:
+    """Everything `load_llava_json` checks except the images themselves: the file parses, holds records, each
+    with an image path and a first human turn answered by gpt. Returns (where, image path relative to the image
+    root) per record, for a caller that checks the images exist more cheaply than by reading them
+    (flows/preflight.py)."""
+    checked = []
+    for k, record in enumerate(_records(json_path, fs or _Local())):
+        _, where, image_path, _, _ = _record(record, k, json_path)
+        checked.append((where, image_path))
+    return checked
 
 
 def load_llava_json(
@@ -68,24 +110,9 @@ def load_llava_json(
 ) -> tuple[Sample, ...]:
     """Samples of one LLaVA JSON file; sample ids are `<name>/<id>` (just `<id>` without a name)."""
     fs = fs or _Local()
-    try:
-        with fs.open(str(json_path), "rb") as file:
-            records = json.loads(file.read())
-    except FileNotFoundError as error:
-        raise DataError(f"conversation file not found: {json_path}; check the task's json path") from error
-    except json.JSONDecodeError as error:
-        raise DataError(f"{json_path} is not valid JSON ({error}); fix or re-export the file") from error
-    if not isinstance(records, list):
-        raise DataError(f"{json_path} must hold a JSON list of records, got {type(records).__name__}")
-    if not records:
-        raise DataError(f"empty task: {json_path} has no records; check the file or the task's split")
     samples = []
-    for k, record in enumerate(records):
-        record_id = str(record.get("id", k)) if isinstance(record, dict) else str(k)
-        where = f"{json_path}, record {record_id!r}"
-        if not isinstance(record, dict) or not isinstance(record.get("image"), str):
-            raise DataError(f"{where}: no 'image' path; every record needs an image")
-        prompt, answer = _first_turn(record, where)
-        image = _image(fs, posixpath.join(str(image_root), record["image"]), where)
+    for k, record in enumerate(_records(json_path, fs)):
+        record_id, where, image_path, prompt, answer = _record(record, k, json_path)
+        image = _image(fs, posixpath.join(str(image_root), image_path), where)
         samples.append(Sample(f"{name}/{record_id}" if name else record_id, image, prompt, answer))
     return tuple(samples)

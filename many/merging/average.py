@@ -12,11 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from many.config import Frozen
-
-
-class AverageConfig(Frozen):
-    """Average merging has no hyper-parameter."""
+from many.merging.config import AverageConfig
 
 
 def merge(deltas: Sequence[Tensor], grams: Sequence[Tensor] | None, cfg: AverageConfig) -> Tensor:

@@ -17,16 +17,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from pydantic import Field
 from torch import Tensor
 
-from many.config import Frozen
 from many.lpm import regularize  # G̃ = a·G + (1−a)·diag(G), shared with LPM
-
-
-class RegMeanConfig(Frozen):
-    a: float = Field(0.9, ge=0, le=1)  # off-diagonal scale of each Gram
-    gamma: float = Field(0.0, ge=0)  # ridge, relative to the mean diagonal of Σ G̃_i
+from many.merging.config import RegMeanConfig
 
 
 def merge(deltas: Sequence[Tensor], grams: Sequence[Tensor] | None, cfg: RegMeanConfig) -> Tensor:

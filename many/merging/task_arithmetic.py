@@ -12,14 +12,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from pydantic import Field
 from torch import Tensor
 
-from many.config import Frozen
-
-
-class TaskArithmeticConfig(Frozen):
-    scale: float = Field(0.3, gt=0)  # λ
+from many.merging.config import TaskArithmeticConfig
 
 
 def merge(deltas: Sequence[Tensor], grams: Sequence[Tensor] | None, cfg: TaskArithmeticConfig) -> Tensor:

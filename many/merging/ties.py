@@ -14,15 +14,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from pydantic import Field
 from torch import Tensor
 
-from many.config import Frozen
-
-
-class TiesConfig(Frozen):
-    density: float = Field(0.2, gt=0, le=1)  # fraction of each task's entries kept by the trim
-    scale: float = Field(1.0, gt=0)  # λ
+from many.merging.config import TiesConfig
 
 
 def trim(delta: Tensor, density: float) -> Tensor:

@@ -18,10 +18,7 @@ from typing import Any
 from pydantic import model_validator
 
 from many.config import FinetuneConfig, Frozen
-from many.merging.average import AverageConfig
-from many.merging.regmean import RegMeanConfig
-from many.merging.task_arithmetic import TaskArithmeticConfig
-from many.merging.ties import TiesConfig
+from many.merging.config import AverageConfig, RegMeanConfig, TaskArithmeticConfig, TiesConfig
 from many.methods.cram import CramConfig
 from many.methods.fwd_prompt import FwdPromptConfig
 from tasks.rows.row import Chain, Row

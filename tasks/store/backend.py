@@ -10,7 +10,13 @@ The two backends differ only in how a write is made atomic and exclusive:
 
 Credentials come only from the standard AWS chain (environment, profile, instance role); the endpoint
 from the argument or `AWS_ENDPOINT_URL(_S3)`. None of them is kept in `url`, which is what the store
-writes and logs.
+writes and logs. Error messages may name the endpoint (a store that cannot be reached says where it tried),
+never a secret: every URL in them goes through `tasks.redact.redact` (no userinfo, no query string).
+
+`create=False` opens only a store that exists — a local root directory, or an S3 prefix holding at least one
+object — and raises `StoreNotFound` otherwise: commands that do not compute (`many ls`, `report`, `export`,
+`predict`, `gc`) must not
+create a store at a mistyped URL and then report it empty.
 """
 
 from __future__ import annotations
@@ -30,12 +36,12 @@ from botocore.exceptions import BotoCoreError, NoCredentialsError, ProfileNotFou
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
-from tasks.store.errors import BadStoreURL, StoreError, StoreUnreachable
+from tasks.redact import redact
+from tasks.store.errors import BadStoreURL, StoreError, StoreNotFound, StoreUnreachable
 
 DEFAULT_URL = "./many-store"
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _SEGMENT = re.compile(r"^[A-Za-z0-9._=+-]+$")
-_URL = re.compile(r"\w+://[^\s\"']+")
 # botocore retries 5xx, throttling and connection errors with jittered exponential backoff, bounded;
 # 4xx other than throttling (403 AccessDenied, 404 NoSuchBucket) are never retried. s3fs wraps each call
 # in its own loop (also for a body cut mid-stream); 2 rounds of 4 attempts bound an outage to ~10 s.
@@ -164,19 +170,21 @@ def open_backend(
 ) -> Backend:
     """Parse `url` (`s3://bucket/prefix`, `file://path` or a plain path) and connect; fail fast if unusable.
     With `create=False` a store that does not exist yet (no local root; nothing under the S3 prefix) is a
-    `BadStoreURL`, and nothing is created."""
+    `StoreNotFound` (a `BadStoreURL`), and nothing is created."""
     if url.startswith("s3://"):
         return _open_s3(url, endpoint_url=endpoint_url, region=region, profile=profile, create=create)
     if url.startswith("file://"):
         return _open_local(url.removeprefix("file://"), url, create)
     if "://" in url:
         scheme = url.split("://", 1)[0]
-        raise BadStoreURL(f"unsupported store URL scheme {scheme!r} in {url!r}: use s3://bucket/prefix, file://path or a path")
+        raise BadStoreURL(
+            f"unsupported store URL scheme {scheme!r} in {redact(url)!r}: use s3://bucket/prefix, file://path or a path"
+        )
     return _open_local(url, url, create)
 
 
-def _no_store(url: str, why: str) -> BadStoreURL:
-    return BadStoreURL(f"no store at {url}: {why}; check --store (or the config's store.url)")
+def _no_store(url: str, why: str) -> StoreNotFound:
+    return StoreNotFound(f"no store at {url}: {why}; check --store (or the config's store.url)")
 
 
 def _open_local(path: str, url: str, create: bool = True) -> LocalBackend:
@@ -197,6 +205,11 @@ def _open_local(path: str, url: str, create: bool = True) -> LocalBackend:
 def _open_s3(url: str, *, endpoint_url: str | None, region: str | None, profile: str | None, create: bool = True) -> S3Backend:
     bucket, _, prefix = url.removeprefix("s3://").partition("/")
     segments = [s for s in prefix.split("/") if s] if prefix else []
+    if "@" in bucket:
+        raise BadStoreURL(
+            f"bad bucket name in {redact(url)!r}: the URL carries credentials; give them through the AWS environment, "
+            "a profile or a role, never in the store URL"
+        )
     if not _BUCKET.fullmatch(bucket):
         raise BadStoreURL(f"bad bucket name {bucket!r} in {url!r}: 3-63 lowercase letters, digits, '.' or '-'")
     bad = [s for s in segments if not _SEGMENT.fullmatch(s) or s in (".", "..")]
@@ -204,6 +217,7 @@ def _open_s3(url: str, *, endpoint_url: str | None, region: str | None, profile:
         raise BadStoreURL(f"bad prefix {prefix!r} in {url!r}: segments of letters, digits, '._=+-', no '..' or empty segments")
     root = "/".join([bucket, *segments])
     endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    where = f"endpoint {redact(endpoint)}" if endpoint else "the AWS default endpoint"
     fs = s3fs.S3FileSystem(
         endpoint_url=endpoint,
         profile=profile,
@@ -220,7 +234,7 @@ def _open_s3(url: str, *, endpoint_url: str | None, region: str | None, profile:
         listed = None if create else fs.call_s3("list_objects_v2", Bucket=bucket, MaxKeys=1,
                                                 Prefix="".join(f"{s}/" for s in segments))
         if listed is not None and not listed.get("KeyCount"):
-            raise _no_store(clean_url, "nothing is stored under that prefix")
+            raise _no_store(clean_url, f"nothing is stored under that prefix at {where}")
     except FileNotFoundError:
         raise BadStoreURL(f"bucket {bucket!r} does not exist (store {clean_url}): create it or fix --store") from None
     except PermissionError:
@@ -235,12 +249,13 @@ def _open_s3(url: str, *, endpoint_url: str | None, region: str | None, profile:
         ) from None
     except (OSError, BotoCoreError) as error:  # after the bounded retries: a wrong endpoint or no network
         raise StoreUnreachable(
-            f"cannot reach bucket {bucket!r} (store {clean_url}): {one_line(error)}; check store.endpoint_url / "
-            "AWS_ENDPOINT_URL and the network"
+            f"cannot reach bucket {bucket!r} (store {clean_url}) at {where}: {one_line(error)}; check "
+            "store.endpoint_url / AWS_ENDPOINT_URL and the network"
         ) from None
     return S3Backend(fs, root, clean_url)
 
 
 def one_line(error: BaseException) -> str:
-    """An exception as one line, with any URL (the endpoint) redacted: messages end up in logs."""
-    return _URL.sub("<endpoint>", " ".join(str(error).split())) or type(error).__name__
+    """An exception as one line, every URL in it without userinfo or query string (tasks.redact): messages end up
+    in logs and on terminals; the endpoint's scheme, host and port stay, to say where a request went."""
+    return redact(" ".join(str(error).split())) or type(error).__name__

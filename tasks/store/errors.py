@@ -15,6 +15,11 @@ class BadStoreURL(StoreError, ValueError):
     """The store URL is unusable: unknown scheme, malformed, or its bucket/root does not exist."""
 
 
+class StoreNotFound(BadStoreURL):
+    """A command that only reads (`Store.open(..., create=False)`) found no store at the URL: a mistyped `--store`
+    must not become a new empty store."""
+
+
 class StoreUnreachable(StoreError):
     """The store's endpoint did not answer (after retries). A runtime failure inside a run; when a command opens
     its store before doing anything, the CLI treats it as a bad `--store`/endpoint (exit 2)."""

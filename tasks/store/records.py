@@ -86,7 +86,9 @@ class Manifest(Frozen):
 
 @dataclass(frozen=True)
 class LsRow:
-    """One cached stage as `many ls` shows it."""
+    """One cached stage as `many ls` shows it. `task` and `method` are what the newest run summary listing the stage
+    calls it (a manifest is keyed by content, not by who asked for it); None for the shared ones (`base` has no task,
+    per-task stages no method) and for a stage no finished run lists yet."""
 
     stage: str
     key: str
@@ -95,6 +97,8 @@ class LsRow:
     age_seconds: float
     host: str
     seconds: float
+    task: str | None = None
+    method: str | None = None
 
 
 class Lease(Frozen):

@@ -71,6 +71,11 @@ def _translated(action: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
     return wrap
 
 
+def _name(value: Any) -> str | None:
+    """A task or method name from a run summary entry; None for a missing or non-string one."""
+    return value if isinstance(value, str) else None
+
+
 def hash_file(path: Path) -> tuple[str, int]:
     """sha256 hex digest and size of a local file, streamed in chunks."""
     with open(path, "rb") as f:
@@ -98,8 +103,11 @@ class Store:
         create: bool = True,
     ) -> Store:
         """Open `s3://bucket/prefix`, `file://path` or a path; materialised artifacts go to `cache_dir`
-        (default `$MANY_CACHE_DIR` or `~/.cache/many`). Raises `BadStoreURL` if the store cannot be used, or,
-        with `create=False`, if there is no store there yet (a local root is then never created)."""
+        (default `$MANY_CACHE_DIR` or `~/.cache/many`). Raises `BadStoreURL` if the store cannot be used.
+
+        `create`: whether a store that does not exist yet may be created (writers: `many run`) or is a
+        `StoreNotFound` (a `BadStoreURL`; readers: `many ls`, `report`, `export`, `predict`, and `gc` — a mistyped URL
+        is an error, not an empty store); a local root is then never created."""
         backend = open_backend(url, endpoint_url=endpoint_url, region=region, profile=profile, create=create)
         cache = Path(cache_dir or os.environ.get("MANY_CACHE_DIR") or "~/.cache/many").expanduser().absolute()
         return cls(backend, cache)
@@ -357,8 +365,11 @@ class Store:
 
     @_translated("listing stages")
     def ls(self) -> list[LsRow]:
-        """Every completed stage: name, key, output bytes, age; sorted by stage, then creation time."""
+        """Every completed stage: name, key, output bytes, age, and the task and method it was computed for (from
+        the run summaries: `_labels`); sorted by stage, then creation time."""
         now = datetime.now(timezone.utc)
+        manifests = self._manifests()
+        labels = self._labels({(m.stage, m.key) for m in manifests})
         rows = [
             LsRow(
                 stage=m.stage,
@@ -368,10 +379,46 @@ class Store:
                 age_seconds=(now - datetime.fromisoformat(m.created)).total_seconds(),
                 host=m.host,
                 seconds=m.seconds,
+                task=labels.get((m.stage, m.key), (None, None))[0],
+                method=labels.get((m.stage, m.key), (None, None))[1],
             )
-            for m in self._manifests()
+            for m in manifests
         ]
         return sorted(rows, key=lambda r: (r.stage, r.created, r.key))
+
+    def _labels(self, wanted: set[tuple[str, str]]) -> dict[tuple[str, str], tuple[str | None, str | None]]:
+        """(stage, key) → (task, method) as the newest run summary that lists the stage names it.
+
+        Manifests do not carry them: a manifest is the content-addressed result, whoever asked for it. The run
+        summaries do (`stages: [{stage, key, task, method, …}]`, docs/design.md §5.2); they are read newest first and
+        only until every stage in `wanted` has its label. A summary that is not such JSON is skipped (`gc` is the
+        command that refuses one)."""
+        labels: dict[tuple[str, str], tuple[str | None, str | None]] = {}
+        try:
+            found = self._fs.find(self._path("runs"), detail=True)
+        except FileNotFoundError:
+            return labels
+        runs = sorted(
+            (path for path in found if _RUN_PATH.fullmatch(self._rel(path))),
+            key=lambda path: self._backend.modified(found[path]),
+            reverse=True,
+        )
+        for path in runs:
+            if wanted <= labels.keys():
+                break
+            try:
+                stages = json.loads(self._fs.cat_file(path)).get("stages")
+            except FileNotFoundError:
+                continue  # removed since the listing
+            except (ValueError, AttributeError):
+                continue
+            for entry in stages if isinstance(stages, list) else ():
+                if not isinstance(entry, dict):
+                    continue
+                stage, key, task, method = (entry.get(k) for k in ("stage", "key", "task", "method"))
+                if isinstance(stage, str) and isinstance(key, str) and (stage, key) in wanted - labels.keys():
+                    labels[stage, key] = (_name(task), _name(method))
+        return labels
 
     def _referenced(self, manifests: list[Manifest]) -> set[str]:
         referenced: set[str] = set()

@@ -79,6 +79,7 @@ BAD_ARGS = [
     ("unknown_command", ["fly"], "invalid choice: 'fly'"),
     ("export_needs_out", ["export"], "the following arguments are required: --out"),
     ("report_without_run", ["report", "--store", "{empty}"], "no run in store"),
+    ("report_without_store", ["report", "--store", "{missing}"], "does not exist; check --store"),
     ("serve_bad_cron", ["serve", "--cron", "every tuesday"], "bad --cron 'every tuesday'"),
 ]
 
@@ -86,7 +87,8 @@ BAD_ARGS = [
 @pytest.mark.parametrize(("case", "argv", "message"), BAD_ARGS, ids=[c[0] for c in BAD_ARGS])
 def test_bad_arguments(case: str, argv: list[str], message: str, tmp_path: Path, capsys) -> None:
     (tmp_path / "file").write_text("x")
-    argv = [a.format(file=tmp_path / "file", empty=tmp_path / "empty") for a in argv]
+    (tmp_path / "empty").mkdir()
+    argv = [a.format(file=tmp_path / "file", empty=tmp_path / "empty", missing=tmp_path / "missing") for a in argv]
     code = main(argv)
     err = capsys.readouterr().err.strip()
     expected = 1 if case == "report_without_run" else 2
@@ -101,5 +103,6 @@ def test_debug_shows_the_traceback(tmp_path: Path, capsys) -> None:
 
 
 def test_ls_on_an_empty_store(tmp_path: Path, capsys) -> None:  # gc: tests/flows/test_cli_gc.py
+    (tmp_path / "s").mkdir()
     assert main(["ls", "--store", str(tmp_path / "s")]) == 0
 

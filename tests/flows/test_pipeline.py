@@ -76,6 +76,10 @@ def test_cold_cached_incremental_tau_export_report(tmp_path: Path, capsys) -> No
     assert all((tmp_path / "report" / name).stat().st_size > 0
                for name in ("report.html", "forgetting.png", "heatmap_many.png", "timeline.png", "diagnostics.png"))
     assert main(["ls", "--store", store]) == 0
+    capsys.readouterr()
+    assert main(["ls", "--json", "--store", store]) == 0  # every stage of the newest run, as that run names it
+    listed = {(r["stage"], r["key"]): (r["task"], r["method"]) for r in json.loads(capsys.readouterr().out)}
+    assert all(listed[s["stage"], s["key"]] == (s["task"], s["method"]) for s in reridged["stages"])
     assert main(["gc", "--store", store, "--dry-run"]) == 0
 
     out = tmp_path / "export"

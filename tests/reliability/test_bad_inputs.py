@@ -1,8 +1,9 @@
 """Bad inputs (issue #9.5): each case names the input, the one-line message expected on stderr, the exit
 code (2: bad input; 1 where docs/design.md §5 calls it a runtime failure), and the store listing unchanged.
 
-Config, task-name and store-URL cases fail before any flow starts (fast). Data cases (missing image,
-corrupt PNG, empty task, answerless conversation) fail in the data stage of a real flow (slow). A task's own
+Config, task-name and store-URL cases fail before any flow starts (fast). Data cases (missing image, empty
+task, answerless conversation, not JSON) are found by preflight before anything runs, a corrupt PNG by the data stage
+of a real flow, which then cancels the base in flight (slow). A task's own
 adapter (`tasks[i].adapter`) with NaNs or shapes that do not fit the base is refused before anything runs;
 the merge stage refuses such factors too (defence in depth) and writes no manifest.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -75,14 +77,15 @@ def test_store_root_that_cannot_be_created_is_exit_2(tmp_path: Path, capsys) -> 
 
 def test_unreachable_store_is_one_line_exit_2(tmp_path: Path, capsys, monkeypatch) -> None:
     """An endpoint that does not answer when `many run` opens its store (after the bounded retries) is a bad
-    --store / endpoint: exit 2 before anything runs. The same failure inside a run is a runtime one (exit 1)."""
+    --store / endpoint: exit 2 before anything runs, the message naming the endpoint (never a credential). The same
+    failure inside a run is a runtime one (exit 1)."""
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # discard port: connection refused
     code, err = run_cli(["run", "--store", "s3://many-bucket/x"], capsys)
     assert code == 2 and "cannot reach bucket 'many-bucket'" in err and "check store.endpoint_url" in err, err
-    assert "127.0.0.1" not in err, err
+    assert "at endpoint http://127.0.0.1:9:" in err and "AWS_SECRET" not in err, err
 
 
 def test_gpu_requested_with_none_present_is_exit_2_before_anything_runs(store_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:
@@ -245,34 +248,141 @@ def _record(i: int, answer: str | None = "red", image: str = "ok.png") -> dict:
     return {"id": f"r{i}", "image": image, "conversations": turns}
 
 
-BAD_DATA = [
-    ("missing_image", [_record(0), _record(1, image="absent.png")], "image file not found"),
-    ("corrupt_png", [_record(0), _record(1, image="corrupt.png")], "corrupt image"),
-    ("empty_dataset", [], "empty task"),
-    ("answerless_conversation", [_record(0), _record(1, answer=None)], "has no gpt answer"),
+BAD_DATA = [  # (case, the train file's records or text, message, found by preflight before anything runs)
+    ("missing_image", [_record(0), _record(1, image="absent.png")], "image file not found", True),
+    ("corrupt_png", [_record(0), _record(1, image="corrupt.png")], "corrupt image", False),  # decoding finds it
+    ("empty_dataset", [], "empty task", True),
+    ("answerless_conversation", [_record(0), _record(1, answer=None)], "has no gpt answer", True),
+    ("not_json", "[{oops", "is not valid JSON", True),
 ]
+# the slowed base of test_a_bad_task_cancels_the_base_in_flight: far beyond any failure
+BASE_SLEEP_SECONDS = int(os.environ.get("MANY_TEST_BASE_SLEEP", "600"))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(("case", "records", "message"), BAD_DATA, ids=[c[0] for c in BAD_DATA])
-def test_bad_data_fails_in_the_data_stage_with_exit_2(
-    case: str, records: list, message: str, tiny_base_dir: Path, tmp_path: Path
-) -> None:
+def _bad_data_config(tmp_path: Path, records: list | str, base: str) -> Path:
+    """A one-task JSON stream whose train file holds `records` (a list, or raw text), test file two good records."""
     images = tmp_path / "images"
-    images.mkdir()
+    images.mkdir(exist_ok=True)
     (images / "ok.png").write_bytes(_png())
     (images / "corrupt.png").write_bytes(_png()[:40] + b"\x00garbage")
-    (tmp_path / "bad.json").write_text(json.dumps(records))
+    (tmp_path / "bad.json").write_text(records if isinstance(records, str) else json.dumps(records))
     (tmp_path / "good.json").write_text(json.dumps([_record(0), _record(1)]))
     task = {"name": "vqa", "train_json": str(tmp_path / "bad.json"), "test_json": str(tmp_path / "good.json"),
             "image_root": str(images)}
-    config = {"tasks": [task], "methods": ["individual"], "base": {"kind": "hf", "hf_id": str(tiny_base_dir)},
+    config = {"tasks": [task], "methods": ["individual"], "base": {"kind": "hf", "hf_id": base},
               "finetune": SMALL["finetune"], "ray": SMALL["ray"], "retries": 0}
     path = tmp_path / "bad-data.yaml"
     path.write_text(yaml.safe_dump(config))
+    return path
+
+
+PREFLIGHT_DATA = [case[:3] for case in BAD_DATA if case[3]]
+
+
+@pytest.mark.parametrize(("case", "records", "message"), PREFLIGHT_DATA, ids=[c[0] for c in PREFLIGHT_DATA])
+def test_bad_data_is_refused_before_anything_runs(
+    case: str, records: list | str, message: str, store_dir: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """What the data stage would find after the base (minutes on the default config) is found by preflight in
+    about a second, before Prefect starts: one line naming the task and the problem, the store unchanged."""
+    import time
+
+    monkeypatch.setattr("flows.pipeline.continual_update", lambda *a, **k: pytest.fail("the flow started"))
+    path = _bad_data_config(tmp_path, records, base=str(tmp_path / "no-base-needed"))
+    before = listing(store_dir)
+    started = time.monotonic()
+    code, err = run_cli(["run", "--config", str(path), "--store", str(store_dir)], capsys)
+    seconds = time.monotonic() - started
+    print(f"{case}: exit {code} after {seconds:.2f} s")
+    assert code == 2 and err.startswith("many: error: task 'vqa': ") and message in err, err
+    assert listing(store_dir) == before
+    assert seconds < 10, f"preflight took {seconds:.1f} s"
+
+
+def test_bad_data_on_s3_is_refused_before_anything_runs(new_bucket: str, s3_endpoint: str, tmp_path: Path) -> None:
+    """An S3 image root is listed once (not one request per image); a missing image is named by its URL."""
+    import boto3
+
+    from flows.config import parse_config
+    from flows.preflight import PreflightError, check_data
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.put_object(Bucket=new_bucket, Key="vqa/images/ok.png", Body=_png())
+    s3.put_object(Bucket=new_bucket, Key="vqa/good.json", Body=json.dumps([_record(0), _record(1)]).encode())
+    bad = [_record(0), _record(1, image="absent.png")]
+    s3.put_object(Bucket=new_bucket, Key="vqa/bad.json", Body=json.dumps(bad).encode())
+
+    def config(train: str):
+        task = {"name": "vqa", "train_json": f"s3://{new_bucket}/vqa/{train}",
+                "test_json": f"s3://{new_bucket}/vqa/good.json", "image_root": f"s3://{new_bucket}/vqa/images"}
+        return parse_config({"tasks": [task], "base": {"kind": "hf", "hf_id": "x"}})
+
+    check_data(config("good.json"))
+    with pytest.raises(PreflightError, match=rf"^task 'vqa': s3://{new_bucket}/vqa/bad.json, record 'r1': image file not "
+                                              rf"found: s3://{new_bucket}/vqa/images/absent.png; check image_root"):
+        check_data(config("bad.json"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("case", "records", "message", "by_preflight"), BAD_DATA, ids=[c[0] for c in BAD_DATA])
+def test_bad_data_fails_fast_with_exit_2(
+    case: str, records: list | str, message: str, by_preflight: bool, tiny_base_dir: Path, tmp_path: Path
+) -> None:
+    """The real command: exit 2, the last line names the task and the problem; no run summary. A case preflight
+    finds starts no stage at all (the base is not even looked up); a corrupt image is found by the data stage,
+    beside a base that may finish (this one takes seconds; test_a_bad_task_cancels_the_base_in_flight slows it)."""
+    import time
+
+    path = _bad_data_config(tmp_path, records, base=str(tiny_base_dir))
     store_dir = tmp_path / "store"
-    outcome = many(["run", "--json", "--config", str(path), "--store", str(store_dir)], many_env(tmp_path))
-    assert outcome.code == 2 and outcome.last_line.startswith("many: error: ") and message in outcome.last_line, outcome.err
-    assert "Traceback" not in outcome.err
+    env = many_env(tmp_path)  # before the clock: the first call migrates a Prefect database
+    started = time.monotonic()
+    outcome = many(["run", "--json", "--config", str(path), "--store", str(store_dir)], env)
+    seconds = time.monotonic() - started
+    print(f"{case}: exit {outcome.code} after {seconds:.1f} s")
+    assert outcome.code == 2 and outcome.last_line.startswith("many: error: task 'vqa': "), outcome.err
+    assert message in outcome.last_line and "Traceback" not in outcome.err, outcome.err
     stages = {p.parent.name for p in (store_dir / "stages").glob("*/*.json")}
-    assert stages <= {"base"} and not (store_dir / "runs").exists()  # base may finish beside the failed data stage
+    assert not (store_dir / "runs").exists()
+    if by_preflight:
+        assert stages == set() and " running " not in outcome.err and " cached " not in outcome.err, outcome.err
+        assert seconds < 120, f"{case}: preflight's refusal took {seconds:.0f} s"
+    else:
+        assert stages <= {"base"}
+
+
+@pytest.mark.slow
+def test_a_bad_task_cancels_the_base_in_flight(tiny_base_dir: Path, tmp_path: Path, harness, monkeypatch) -> None:
+    """A data stage that fails with bad input while the base is still computing fails the run at once: the flow
+    stops waiting, cancels the base's Ray task and raises the data error; no base manifest, no run summary. The base
+    is slowed to BASE_SLEEP_SECONDS in every Ray worker (tests/reliability/slow_base.py); the corrupt image is only
+    found by decoding it, in the data stage (preflight checks that images exist, not their bytes)."""
+    import logging
+    import os
+    import time
+
+    import ray
+
+    from flows.config import load_config
+    from flows.pipeline import continual_update
+    from many.data import DataError
+
+    root = str(Path(__file__).resolve().parents[2])
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
+             runtime_env={"worker_process_setup_hook": "tests.reliability.slow_base.install",
+                          "env_vars": {"MANY_SLOW_BASE_SECONDS": str(BASE_SLEEP_SECONDS)}})
+    try:
+        path = _bad_data_config(tmp_path, [_record(0), _record(1, image="corrupt.png")], base=str(tiny_base_dir))
+        config = load_config(path).model_copy(update={"store": load_config(path).store.model_copy(
+            update={"url": str(tmp_path / "store")})})
+        started = time.monotonic()
+        with pytest.raises(DataError, match=r"^task 'vqa': .*corrupt image"):
+            continual_update(config, progress=True)
+        seconds = time.monotonic() - started
+        print(f"the bad task failed the run after {seconds:.1f} s (the base would take {BASE_SLEEP_SECONDS} s)")
+        assert seconds < BASE_SLEEP_SECONDS / 4
+        assert not list((tmp_path / "store" / "stages").glob("base/*.json"))
+        assert not (tmp_path / "store" / "runs").exists()
+    finally:
+        ray.shutdown()

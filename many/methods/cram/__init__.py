@@ -6,19 +6,45 @@ between the existing experts and the new task's demands (adaptive-rank instantia
 out of the old experts' directions with an orthogonality penalty (`penalty`), and at inference activates the
 expert whose task centroid is nearest to the image (centroid-guided routing, `routing`). `expert` trains, saves
 and loads one expert. Our interpretation of each part is documented in its module.
+
+The package is lazy (PEP 562): `CramConfig` (many.methods.cram.config) loads without torch, so the run config
+validates without it; every other name loads its module (torch, peft, transformers) on first use.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from many.methods.cram.config import CramConfig
-from many.methods.cram.expert import CramExpert, load_expert, save_expert, train_expert, trainable_parameters
-from many.methods.cram.penalty import lora_A, orthogonality_penalty
-from many.methods.cram.rank import (
-    RankAllocation,
-    allocate_rank,
-    capability_gap,
-    estimate_gradients,
-    expert_bases,
-)
-from many.methods.cram.routing import evaluate_cram, route
+
+_LAZY = {
+    "CramExpert": "expert",
+    "load_expert": "expert",
+    "save_expert": "expert",
+    "train_expert": "expert",
+    "trainable_parameters": "expert",
+    "lora_A": "penalty",
+    "orthogonality_penalty": "penalty",
+    "RankAllocation": "rank",
+    "allocate_rank": "rank",
+    "capability_gap": "rank",
+    "estimate_gradients": "rank",
+    "expert_bases": "rank",
+    "evaluate_cram": "routing",
+    "route": "routing",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
     "CramConfig",

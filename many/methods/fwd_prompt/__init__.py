@@ -5,14 +5,42 @@ the pre-trained token-embedding subspace. No old samples are kept — only the p
 
     subspace  energy bases, the GPM core update, g ← g Q Qᵀ with span(Q) = span(P) ∩ span(U)^⊥
     prompts   prompt tokens in the tokenizer, the prompted input embedding, prompted samples
-    state     FwdPromptConfig, FwdPromptState (prompts, core), safetensors I/O
+    config    FwdPromptConfig (torch-free: the run config validates without torch)
+    state     FwdPromptState (prompts, core), safetensors I/O
     train     train_task (one link of the chain), prompted_model (for many.evaluate)
+
+The package is lazy (PEP 562): `FwdPromptConfig` loads without torch; every other name loads its module on first
+use.
 """
 
-from many.methods.fwd_prompt.prompts import prompted_samples
-from many.methods.fwd_prompt.state import FwdPromptConfig, FwdPromptState, load_state, save_state, trainable_parameters
-from many.methods.fwd_prompt.subspace import project_gradient
-from many.methods.fwd_prompt.train import prompted_model, train_task
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from many.methods.fwd_prompt.config import FwdPromptConfig
+
+_LAZY = {
+    "FwdPromptState": "state",
+    "load_state": "state",
+    "save_state": "state",
+    "trainable_parameters": "state",
+    "project_gradient": "subspace",
+    "prompted_samples": "prompts",
+    "prompted_model": "train",
+    "train_task": "train",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
     "FwdPromptConfig",

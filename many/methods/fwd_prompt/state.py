@@ -1,4 +1,4 @@
-"""Fwd-Prompt's configuration and its explicit state between tasks: the prompts and the core basis (docs/design.md §1).
+"""Fwd-Prompt's explicit state between tasks: the prompts and the core basis (docs/design.md §1).
 
 No old samples are stored — only the n soft prompts (n, d) and the orthonormal core basis U (d, k) of the earlier
 tasks' input embeddings (many.methods.fwd_prompt.subspace). The state of task t is a pure function of the state of
@@ -11,40 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from pydantic import Field, PositiveInt
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from many.config import Frozen
+from many.methods.fwd_prompt.config import FwdPromptConfig
 from many.methods.fwd_prompt.subspace import check_basis
 
 STATE_FILE = "fwd_prompt.safetensors"
-
-
-class FwdPromptConfig(Frozen):
-    """Prompt tuning with gradient projection, one task at a time from the previous task's prompts.
-
-    n_prompts:         soft prompt tokens in front of every user prompt (trainable parameters = n_prompts · d).
-    steps, batch_size: optimizer steps and samples per step.
-    lr, momentum:      SGD with momentum (not Adam: its per-coordinate scaling would rotate a projected gradient
-                       out of the allowed subspace; momentum and the cosine lr keep it in — see train.py).
-    energy_core:       share of a task's input-embedding energy its core directions must capture (GPM threshold).
-    energy_pretrained: share of the base token-embedding matrix's energy the pre-trained subspace P must capture.
-    project:           False trains the same prompts without projection (plain sequential prompt tuning).
-    core_max_samples:  training samples whose input embeddings define the task's core (None: all).
-    """
-
-    n_prompts: PositiveInt = 8
-    steps: PositiveInt = 600
-    batch_size: PositiveInt = 16
-    lr: float = Field(1.0, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    energy_core: float = Field(0.95, gt=0, le=1)
-    energy_pretrained: float = Field(0.99, gt=0, le=1)
-    project: bool = True
-    core_max_samples: PositiveInt | None = None
-    seed: int = 0
 
 
 def trainable_parameters(cfg: FwdPromptConfig, d: int) -> int:
