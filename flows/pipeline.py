@@ -25,6 +25,7 @@ from flows.preflight import preflight
 from flows.report import build_report, last_diagnostics, timeline_from_run
 from flows.retention import config_fingerprint, leased
 from tasks.dispatch import ClusterSpec, StageRecord, stage_task
+from tasks.progress import Board
 from tasks.rows import get_row
 from tasks.rows.row import Chain, PerTask, Reuse, Row
 from tasks.runtime import StoreSpec, node_name, ray_started, shutdown_ray
@@ -80,7 +81,9 @@ def continual_update(config: RunConfig, run_id: str | None = None, progress: boo
     preflight(config)
     run_id = run_id or new_run_id()
     store = store_spec(config)
-    cluster = ClusterSpec(config.ray.address, config.ray.num_cpus, config.ray.object_store_mb, progress)
+    board = Board() if progress else None  # live progress of the stages that compute (tasks/progress.py)
+    cluster = ClusterSpec(config.ray.address, config.ray.num_cpus, config.ray.object_store_mb, progress,
+                          board.token if board else None)
     names = [t.name for t in config.tasks]
     submitted: list[PrefectFuture] = []
 
@@ -107,11 +110,15 @@ def continual_update(config: RunConfig, run_id: str | None = None, progress: boo
                              "eval", name, row.name))
         for row in rows for t, name in enumerate(names)
     ]
+    if board:
+        board.expect(len(submitted))
     try:
         wait(submitted)
         records = _results(submitted)
         started_ray = ray_started()
     finally:
+        if board:
+            board.close()
         shutdown_ray()
     diagnostics = last_diagnostics(chains)
     report = build_report(store.open(), names, config.methods, [(m, t, f.result()) for m, t, f in evals],

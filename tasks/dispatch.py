@@ -21,6 +21,7 @@ from pydantic import BaseModel
 
 from tasks.cache import intact, lookup, run_stage
 from tasks.catalog import compute_of, stage_def
+from tasks.progress import Channel, board_of, worker_channel
 from tasks.runtime import ClusterError, StoreSpec, check_resources, ensure_ray, node_name, ray_get
 from tasks.store import BlobRef, CorruptArtifact, Manifest, Store, StoreError
 
@@ -48,11 +49,13 @@ class StageRecord:
 
 def execute(
     spec: StoreSpec, name: str, config: BaseModel, inputs: Mapping[str, BlobRef], num_cpus: float, device: str, repair: bool = False,
+    progress: Channel | None = None,
 ) -> tuple[str, str, float, str, int]:
     """Body of the Ray remote function: run the stage through the cache on this worker.
 
     Small values go in (the sub-config, blob references) and plain ones come back: (status, manifest JSON,
     seconds, node, S3 retries). Tensors never cross processes; workers read and write the store themselves.
+    With `progress` (the run's progress hub and this stage run's id) the compute reports to it (tasks/progress.py).
     """
     import torch
 
@@ -63,10 +66,11 @@ def execute(
     store = spec.open()
     compute = compute_of(name)
     node = node_name()
-    result = run_stage(
-        store, stage_def(name, inputs), config, inputs,
-        lambda local, workdir: compute(local, workdir, config=config, device=device), host=node, repair=repair,
-    )
+    with worker_channel(progress):
+        result = run_stage(
+            store, stage_def(name, inputs), config, inputs,
+            lambda local, workdir: compute(local, workdir, config=config, device=device), host=node, repair=repair,
+        )
     return result.status, result.manifest.model_dump_json(), time.monotonic() - started, node, retries_seen() - retries_before
 
 
@@ -82,6 +86,7 @@ class ClusterSpec:
     num_cpus: int | None = None
     object_store_mb: int = 200
     progress: bool = False
+    board: str | None = None  # the run's live progress board (tasks.progress.Board.token); None: no live progress
 
 
 def _resolve(upstream: Mapping[str, tuple[Any, str]]) -> dict[str, BlobRef]:
@@ -154,6 +159,8 @@ def stage_task(
     if cluster.progress:
         retried = f"  ({record.s3_retries} S3 retries)" if record.s3_retries else ""
         _print_progress(stage, task_name, method, record.status, f"{record.seconds:7.1f}s  {record.node}{retried}")
+    if board := board_of(cluster.board):
+        board.finished((stage, task_name, method), record.status)
     return record
 
 
@@ -172,10 +179,16 @@ def _compute_on_ray(
     device = "auto" if num_gpus > 0 else "cpu"
     if cluster.progress:
         _print_progress(stage, task_name, method, "running", f"on {num_cpus:g} CPU(s), {num_gpus:g} GPU(s)")
+    board = board_of(cluster.board)
+    channel = board.queued((stage, task_name, method)) if board else None
     ref = _remote_execute.options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0).remote(
-        store, stage, config, inputs, num_cpus, device, repair
+        store, stage, config, inputs, num_cpus, device, repair, channel
     )
-    status, manifest_json, seconds, node, s3_retries = ray_get(ref)
+    try:
+        status, manifest_json, seconds, node, s3_retries = ray_get(ref)
+    finally:
+        if board:
+            board.ended(channel)
     manifest = Manifest.model_validate_json(manifest_json)
     return StageRecord(stage, task_name, method, manifest.key, status, seconds, node, manifest.outputs, s3_retries)
 
