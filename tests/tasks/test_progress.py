@@ -1,13 +1,19 @@
 """Live progress of computing stages (tasks/progress.py; docs/design.md §4 "Progress"): the worker's throttle bounds
 what it sends, the reporters exist only inside a reporting stage, the driver's board turns events into lines and
-counts."""
+counts, and a training stage's `losses` output holds one row per step without changing its other output's bytes."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
+from pathlib import Path
 
-from many.progress import Step
+import pytest
+
+from many.config import FinetuneConfig, LoraConfig
+from many.data import TaskData, write_task
+from many.progress import Step, read_losses
 from tasks.progress import (
     Board,
     Cadence,
@@ -19,6 +25,8 @@ from tasks.progress import (
     step_reporter,
     worker_channel,
 )
+from tasks.stages import FinetuneStageConfig, compute_finetune
+from tests.conftest import make_samples
 
 
 class Clock:
@@ -130,3 +138,32 @@ def test_the_board_shows_stage_lines_and_the_stage_count(monkeypatch) -> None:
     assert lines[2] == "[2/4] stages done  0 running  1 queued  1 waiting"
     assert lines[-1] == lines[2]  # closing repeats the count
     assert "running" not in lines[0].split()  # tests/reliability parse "running" lines as stage starts
+
+
+def _digest(directory: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(directory).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("data") / "task"
+    write_task(TaskData("colours", "exact_match", make_samples(16, seed=2), make_samples(4, seed=3)), directory)
+    return directory
+
+
+def test_finetune_stores_one_loss_row_per_step_and_reporting_leaves_its_bytes_alone(tiny_base_dir, data_dir, tmp_path):
+    config = FinetuneStageConfig(finetune=FinetuneConfig(lora=LoraConfig(rank=2, alpha=4.0), steps=6, batch_size=4))
+    inputs = {"base": tiny_base_dir, "data": data_dir}
+    quiet = compute_finetune(inputs, (tmp_path / "quiet").mkdir() or tmp_path / "quiet", config=config, device="cpu")
+    events: list[Event] = []
+    with reporting(events.append):
+        loud = compute_finetune(inputs, (tmp_path / "loud").mkdir() or tmp_path / "loud", config=config, device="cpu")
+    assert set(quiet) == {"task", "losses"}
+    assert _digest(quiet["task"]) == _digest(loud["task"])
+    losses = [read_losses(outputs["losses"]).to_pydict() for outputs in (quiet, loud)]
+    assert losses[0]["step"] == [1, 2, 3, 4, 5, 6]
+    assert (losses[0]["loss"], losses[0]["lr"]) == (losses[1]["loss"], losses[1]["lr"])  # bit-identical per seed
+    assert [(e.done, e.total) for e in events if e.unit == "step"] == [(s, 6) for s in range(1, 7)]
