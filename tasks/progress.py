@@ -4,7 +4,7 @@ Prefect's run logs.
     compute ── many's callbacks (a Step per optimizer step, (done, total) per batch)
             ─► `step_reporter` / `batch_reporter`: an `Event`, through a `Throttle` (≤ 2 per second per stage)
             ─► a fire-and-forget call of the run's `Hub`, a Ray actor of 0 CPUs that the driver started
-            ─► the driver's `Board` takes the hub's events every 0.5 s and shows them: one live line per running
+            ─► the driver's `Board` takes the hub's events every second and shows them: one live line per running
                stage and a `[done/total] stages` line (rich on a TTY; plain lines every 10 % or minute otherwise),
                and logs them on the stage's Prefect task run (every 10 % or minute), which Prefect's UI shows.
 
@@ -31,7 +31,7 @@ from typing import Any, TextIO
 from many.progress import BatchCallback, StepCallback
 
 SEND_SECONDS = 0.5  # a worker sends at most one event per this many seconds (plus phase starts and ends)
-POLL_SECONDS = 0.5  # the driver takes the hub's events this often
+POLL_SECONDS = 1.0  # the driver takes the hub's events this often
 LINE_FRACTION = 0.1  # a plain line / a Prefect log line every 10 % of a phase ...
 LINE_MIN_SECONDS = 5.0  # ... but not more often than this ...
 LINE_MAX_SECONDS = 60.0  # ... and at least this often
@@ -426,6 +426,7 @@ class _PlainDisplay:
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
         self._lock = threading.Lock()
+        self._overall = ""
 
     def _write(self, line: str) -> None:
         with self._lock:
@@ -445,7 +446,9 @@ class _PlainDisplay:
         pass
 
     def overall_line(self, text: str) -> None:
-        self._write(text)
+        if text != self._overall:  # e.g. the closing count right after the last stage's
+            self._overall = text
+            self._write(text)
 
     def close(self) -> None:
         pass
