@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from pydantic import BaseModel
 
 from tasks.cache import intact, lookup, run_stage
 from tasks.catalog import compute_of, stage_def
-from tasks.progress import Channel, board_of, worker_channel
+from tasks.progress import PRINT_LOCK, Channel, board_of, worker_channel
 from tasks.runtime import ClusterError, StoreSpec, check_resources, ensure_ray, node_name, ray_get
 from tasks.store import BlobRef, CorruptArtifact, Manifest, Store, StoreError
 
@@ -75,7 +74,7 @@ def execute(
 
 
 _remote_execute = None
-_print_lock = threading.Lock()
+_print_lock = PRINT_LOCK  # one lock for every stage line, tasks.progress's too: lines never interleave
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ LINE_MAX_SECONDS = 60.0  # ... and at least this often
 HUB_TIMEOUT = 10.0  # seconds a call to the hub may take before progress is given up (never the stage)
 
 Label = tuple[str, str | None, str | None]  # (stage, task, method), as the run summary names a stage
+PRINT_LOCK = threading.Lock()  # held while a stage line is written (tasks.dispatch's lines too)
 
 
 @dataclass(frozen=True)
@@ -425,11 +426,10 @@ class _PlainDisplay:
 
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
-        self._lock = threading.Lock()
         self._overall = ""
 
     def _write(self, line: str) -> None:
-        with self._lock:
+        with PRINT_LOCK:
             self.stream.write(line + "\n")
             self.stream.flush()
 
