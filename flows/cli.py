@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     store_option(run)
     report = commands.add_parser("report", help="table and plots of the latest run, from cached stages only")
     report.add_argument("--json", action="store_true")
-    report.add_argument("--out", help="write report.json/.md/.html, heatmap_<method>.png and forgetting.png to this directory")
+    report.add_argument("--out", help="write report.json/.md/.html, heatmap_<method>.png, forgetting.png and losses.png "
+                        "to this directory")
     store_option(report)
     ls = commands.add_parser("ls", help="list cached stages: stage, task, method, key, size, age, seconds, host")
     ls.add_argument("--json", action="store_true", help="the rows as a JSON list")
@@ -182,14 +183,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from flows.report import report_from_run, timeline_from_run
+    from flows.report import loss_curves, report_from_run, timeline_from_run
     from many.report import render, text_table
 
     store = _store(args.store)
     summary = _latest(store)
     report = report_from_run(store, summary)
     if args.out:
-        for path in render(report, Path(args.out), timeline=timeline_from_run(store, summary)).values():
+        losses = loss_curves(store, summary)
+        for path in render(report, Path(args.out), timeline=timeline_from_run(store, summary), losses=losses).values():
             print(f"wrote {path}", file=sys.stderr)
     print(json.dumps(report, indent=2) if args.json else text_table(report))
     return 0

@@ -31,6 +31,7 @@ from flows.preflight import preflight
 from flows.report import build_report, last_diagnostics, timeline_from_run
 from flows.retention import config_fingerprint, leased
 from tasks.dispatch import ClusterSpec, StageRecord, abandon, forget, stage_task
+from tasks.progress import Board
 from tasks.rows import get_row
 from tasks.rows.row import Chain, PerTask, Reuse, Row
 from tasks.runtime import StoreSpec, node_name, ray_started, shutdown_ray
@@ -86,7 +87,9 @@ def continual_update(config: RunConfig, run_id: str | None = None, progress: boo
     preflight(config)
     run_id = run_id or new_run_id()
     store = store_spec(config)
-    cluster = ClusterSpec(config.ray.address, config.ray.num_cpus, config.ray.object_store_mb, progress)
+    board = Board() if progress else None  # live progress of the stages that compute (tasks/progress.py)
+    cluster = ClusterSpec(config.ray.address, config.ray.num_cpus, config.ray.object_store_mb, progress,
+                          board.token if board else None)
     names = [t.name for t in config.tasks]
     submitted: list[PrefectFuture] = []
 
@@ -114,6 +117,8 @@ def continual_update(config: RunConfig, run_id: str | None = None, progress: boo
                              "eval", name, row.name))
         for row in rows for t, name in enumerate(names)
     ]
+    if board:
+        board.expect(len(submitted))
     try:
         bad_input = _first_bad_input(submitted)
         if bad_input is not None:
@@ -127,6 +132,8 @@ def continual_update(config: RunConfig, run_id: str | None = None, progress: boo
         started_ray = ray_started()
     finally:
         forget(run_id)
+        if board:
+            board.close()
         shutdown_ray()
     diagnostics = last_diagnostics(chains)
     report = build_report(store.open(), names, config.methods, [(m, t, f.result()) for m, t, f in evals],

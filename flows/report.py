@@ -119,3 +119,37 @@ def timeline_from_run(store: Store, summary: dict[str, Any]) -> list[StageSpan]:
         stage_span(manifest, entry.get("task"), entry.get("method"), entry.get("status") == "cached")
         for entry, manifest in zip(entries, manifests, strict=True) if manifest is not None
     ]
+
+
+def loss_curves(store: Store, summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The loss curve of every training stage a run lists (the stage kinds with a `losses` output: base, finetune,
+    seqlora, cram, fwd_prompt), in the run's order, as many.report.losses_png reads them: {"stage", "task",
+    "method", "step", "loss"}. A stage whose manifest is gone or has no `losses` (written by an older version) is
+    left out: the curves are a diagnosis, the scores are the report."""
+    import pyarrow as pa
+
+    from many.progress import read_losses
+    from tasks.catalog import stage_def
+
+    def trains(stage: str) -> bool:
+        try:
+            return "losses" in stage_def(stage, {}).outputs
+        except ValueError:  # a stage kind this code does not know (a row loaded elsewhere)
+            return False
+
+    kinds = {entry["stage"] for entry in summary["stages"]}
+    training = {kind for kind in kinds if trains(kind)}
+    entries = [entry for entry in summary["stages"] if entry["stage"] in training]
+
+    def curve(entry: dict[str, Any]) -> dict[str, Any] | None:
+        manifest = store.read_manifest(entry["stage"], entry["key"])
+        if manifest is None or "losses" not in manifest.outputs:
+            return None
+        context = f"stage {entry['stage']}, key {entry['key'][:12]}, output losses"
+        table = read_losses(pa.BufferReader(store.get_bytes(manifest.outputs["losses"].digest, context=context)))
+        columns = table.to_pydict()
+        return {"stage": entry["stage"], "task": entry.get("task"), "method": entry.get("method"),
+                "step": columns["step"], "loss": columns["loss"]}
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return [found for found in pool.map(curve, entries) if found is not None]

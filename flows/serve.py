@@ -29,8 +29,9 @@ def run_config(config_path: str | None, store_url: str | None = None) -> RunConf
 
 @flow(name="scheduled-update", persist_result=False)
 def scheduled_update(config_path: str | None = None, store_url: str | None = None) -> dict[str, Any]:
-    """One scheduled run: the stream as it is now through the cached pipeline; returns the run summary."""
-    return continual_update(run_config(config_path, store_url))
+    """One scheduled run: the stream as it is now through the cached pipeline; returns the run summary. Its stages'
+    progress goes to the run's Prefect logs (the UI) and the serving process's stderr (tasks/progress.py)."""
+    return continual_update(run_config(config_path, store_url), progress=True)
 
 
 def deployment(config_path: str | None, store_url: str | None, cron: str, name: str = "many") -> RunnerDeployment:

@@ -34,6 +34,7 @@ from many.config import CPMConfig, EvalConfig
 from many.data.schema import Sample, TaskData
 from many.model.chat import decode_answers, encode_for_generation
 from many.model.parts import PEFT_PREFIX, llava  # PEFT module name = PEFT_PREFIX + the base model's module name
+from many.progress import BatchCallback
 from many.prototypes import pooled_features, read_prototypes
 
 
@@ -178,8 +179,10 @@ def generate_answers(
     routing: Router | None = None,
     use_cache: bool = True,
     progress: bool = False,
+    on_batch: BatchCallback | None = None,
 ) -> list[str]:
-    """Greedy answers (cut at EOS), batch by batch; with `routing`, each batch's images are routed first."""
+    """Greedy answers (cut at EOS), batch by batch; with `routing`, each batch's images are routed first.
+    `on_batch(answered, len(samples))` after each batch."""
     projector = llava(model).model.multi_modal_projector
     if isinstance(projector, cpm.RoutedProjector) != (routing is not None):
         raise ValueError("generate_answers: pass routing exactly when the model has a CPM RoutedProjector "
@@ -205,6 +208,8 @@ def generate_answers(
                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                 )
             answers += decode_answers(processor, out[:, batch["input_ids"].shape[1] :])
+            if on_batch is not None:
+                on_batch(len(answers), len(samples))
     finally:
         model.train(was_training)
     return answers
@@ -218,12 +223,14 @@ def evaluate(
     *,
     routing: Router | None = None,
     progress: bool = False,
+    on_batch: BatchCallback | None = None,
 ) -> EvalResult:
-    """Score (percent, by task.metric) on the first `cfg.max_samples` test samples (all if None)."""
+    """Score (percent, by task.metric) on the first `cfg.max_samples` test samples (all if None);
+    `on_batch` as in `generate_answers`."""
     samples = task.test[: cfg.max_samples]
     if not samples:
         raise ValueError(f"evaluate: task {task.name!r} has no test samples")
-    predictions = generate_answers(model, processor, samples, cfg, routing=routing, progress=progress)
+    predictions = generate_answers(model, processor, samples, cfg, routing=routing, progress=progress, on_batch=on_batch)
     references = [s.answer for s in samples]
     return EvalResult(
         task=task.name,

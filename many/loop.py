@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -24,10 +25,10 @@ from transformers import LlavaProcessor
 from many.data.schema import Sample
 from many.model.chat import IGNORE_INDEX, encode_for_training
 from many.model.parts import model_device_dtype
+from many.progress import Step, StepCallback
 
 MAX_GRAD_NORM = 1.0
 ENCODE_CHUNK = 256  # samples per processor call while pre-encoding
-StepCallback = Callable[[int, float], None]  # (optimizer step, mean loss over its micro-batches)
 ExtraLoss = Callable[[nn.Module], Tensor]  # a regulariser added to every micro-batch loss (e.g. CRAM's penalty)
 GradientHook = Callable[[nn.Module], None]  # edits .grad in place before each optimizer step (e.g. Fwd-Prompt)
 
@@ -125,7 +126,8 @@ def run_steps(
     Autocast in the model's dtype when it is bf16/fp16 (fp16 with a GradScaler). Trains `model` in place:
     callers pass their own copy. The loss is read back (a device sync) only for the progress bar and `on_step`.
     `extra_loss(model)` is added to each micro-batch's loss; `before_step(model)` may rewrite the gradients
-    (after unscaling, before clipping) — the hooks the continual-learning baselines need.
+    (after unscaling, before clipping) — the hooks the continual-learning baselines need. `on_step` gets every
+    step as a `many.progress.Step` (steps done of `steps`, loss, the learning rate it used, seconds so far).
     """
     device, dtype = model_device_dtype(model)
     half = dtype in (torch.bfloat16, torch.float16)
@@ -135,7 +137,9 @@ def run_steps(
     show = progress and sys.stderr.isatty()
     bar = tqdm(range(steps), desc=desc, disable=not show, dynamic_ncols=True)
     model.train()
+    started = time.monotonic()
     for step in bar:
+        lr = float(optimizer.param_groups[0]["lr"])  # what this step uses: the schedule moves it after the step
         step_loss = torch.zeros((), device=device)
         for _ in range(grad_accum):
             batch = data.batch(next(indices), device)
@@ -155,7 +159,7 @@ def run_steps(
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         if on_step is not None:
-            on_step(step, step_loss.item())
+            on_step(Step(step + 1, steps, step_loss.item(), lr, time.monotonic() - started))
         if show and step % 10 == 0:
             bar.set_postfix(loss=f"{step_loss.item():.4f}")
     model.eval()

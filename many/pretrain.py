@@ -19,7 +19,7 @@ from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from many.config import BaseConfig
 from many.data.schema import Sample
-from many.loop import encode_dataset, run_steps, seeded, warmup_cosine
+from many.loop import StepCallback, encode_dataset, run_steps, seeded, warmup_cosine
 from many.model.load import load_base, resolve_device, save_base
 from many.model.parts import max_positions, model_device_dtype
 from many.model.tiny import build_tiny_llava
@@ -34,8 +34,10 @@ def pretrain(
     cfg: BaseConfig,
     *,
     progress: bool = True,
+    on_step: StepCallback | None = None,
 ) -> LlavaForConditionalGeneration:
-    """A copy of `model` trained on `samples` for cfg.pretrain_steps steps (every parameter); eval mode."""
+    """A copy of `model` trained on `samples` for cfg.pretrain_steps steps (every parameter); eval mode.
+    `on_step` gets every step (many.progress.Step)."""
     trained = copy.deepcopy(model)
     if cfg.pretrain_steps == 0:
         return trained.eval()
@@ -48,20 +50,27 @@ def pretrain(
         run_steps(
             trained, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), data,
             steps=cfg.pretrain_steps, batch_size=cfg.pretrain_batch_size, grad_accum=1, seed=cfg.seed,
-            progress=progress, desc="pretrain",
+            progress=progress, desc="pretrain", on_step=on_step,
         )
     return trained.requires_grad_(False)
 
 
 def make_base(
-    cfg: BaseConfig, vocabulary: Sequence[str], samples: Sequence[Sample], out_dir: Path, *, progress: bool = True
+    cfg: BaseConfig,
+    vocabulary: Sequence[str],
+    samples: Sequence[Sample],
+    out_dir: Path,
+    *,
+    progress: bool = True,
+    on_step: StepCallback | None = None,
 ) -> Path:
-    """Write the base HF dir: kind "tiny" → build + pretrain (fp32) + save; kind "hf" → load `hf_id` + save."""
+    """Write the base HF dir: kind "tiny" → build + pretrain (fp32) + save; kind "hf" → load `hf_id` + save.
+    `on_step` gets every pretraining step (none for kind "hf")."""
     if cfg.kind == "hf":
         if not cfg.hf_id:
             raise ValueError("base.kind is 'hf' but base.hf_id is not set; give a hub id or a local HF LLaVA dir")
         model, processor = load_base(cfg.hf_id, cfg)
         return save_base(model, processor, out_dir)
     model, processor = build_tiny_llava(cfg.tiny, vocabulary, seed=cfg.seed)
-    trained = pretrain(model.to(resolve_device(cfg.device)), processor, samples, cfg, progress=progress)
+    trained = pretrain(model.to(resolve_device(cfg.device)), processor, samples, cfg, progress=progress, on_step=on_step)
     return save_base(trained.cpu(), processor, out_dir)

@@ -31,6 +31,7 @@ from many import cpm
 from many.data.schema import Sample
 from many.model.chat import decode_image
 from many.model.parts import llava
+from many.progress import BatchCallback
 
 
 def pooled_features(model: LlavaForConditionalGeneration | PeftModel, pixel_values: Tensor) -> Tensor:
@@ -55,8 +56,10 @@ def image_features(
     processor: LlavaProcessor,
     samples: Sequence[Sample],
     batch_size: int = 64,
+    on_batch: BatchCallback | None = None,
 ) -> Tensor:
-    """f(x) (N, D) float32 on CPU for each sample's image, in sample order."""
+    """f(x) (N, D) float32 on CPU for each sample's image, in sample order; `on_batch(images done, images)`
+    after each batch."""
     if not samples:
         raise ValueError("image_features: no samples; the task's training split is empty")
     chunks = []
@@ -64,6 +67,8 @@ def image_features(
         images = [decode_image(s) for s in samples[start : start + batch_size]]
         pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
         chunks.append(pooled_features(model, pixel_values).cpu())
+        if on_batch is not None:
+            on_batch(min(start + batch_size, len(samples)), len(samples))
     return torch.cat(chunks)
 
 

@@ -564,6 +564,47 @@ def _timeline_figure(timeline: Iterable[Sequence[Any]]) -> Figure:
     return figure
 
 
+LossCurves = Sequence[Mapping[str, Any]]  # {"stage", "task", "method", "step": [int], "loss": [float]} per training stage
+
+
+def losses_png(curves: LossCurves) -> bytes:
+    """The training loss of every training stage: one panel per stage kind (base, finetune, seqlora, …, in order
+    of first appearance), one line per task (the same colour for a task in every panel). The y axis is logarithmic
+    when a panel's losses span more than a factor of 10 (a pretraining that starts at ln(vocabulary) and ends
+    near 0). Curves without steps are left out; ValueError when none has any."""
+    curves = [curve for curve in curves if len(curve["step"])]
+    if not curves:
+        raise ValueError("report: no loss curve has any step; pass the losses of at least one training stage")
+    kinds = list(dict.fromkeys(curve["stage"] for curve in curves))
+    names = list(dict.fromkeys(curve.get("task") or curve["stage"] for curve in curves))
+    colors = colormaps["tab10"].colors
+    columns = min(3, len(kinds))
+    panel_rows = math.ceil(len(kinds) / columns)
+    figure = Figure(figsize=(4.6 * columns, 3.3 * panel_rows + 0.8), layout="constrained")
+    axes = figure.subplots(panel_rows, columns, squeeze=False)
+    for k, kind in enumerate(kinds):
+        ax = axes[k // columns][k % columns]
+        panel = [curve for curve in curves if curve["stage"] == kind]
+        for curve in panel:
+            name = curve.get("task") or curve["stage"]
+            ax.plot(curve["step"], curve["loss"], color=colors[names.index(name) % len(colors)], linewidth=1.2,
+                    label=_plain(name))
+        losses = [value for curve in panel for value in curve["loss"] if math.isfinite(value)]
+        if losses and min(losses) > 0 and max(losses) > 10 * min(losses):
+            ax.set_yscale("log")
+        method = panel[0].get("method")
+        ax.set_title(_plain(kind if not method or method == kind else f"{kind} [{method}]"), fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if k % columns == 0:
+            ax.set_ylabel("training loss")
+        ax.legend(fontsize=8)
+    for k in range(len(kinds), panel_rows * columns):
+        axes[k // columns][k % columns].set_visible(False)
+    figure.suptitle("Training loss per stage")
+    return _png(figure)
+
+
 def file_stem(method: str) -> str:
     """A filename-safe, deterministic stem for a method name.
 
@@ -608,12 +649,15 @@ def _html_legend(report: Mapping) -> str:
     return f'<dl class="legend">{items}</dl>'
 
 
-def render(report: Mapping, out_dir: Path, timeline: Iterable[Sequence[Any]] | None = None) -> dict[str, Path]:
+def render(
+    report: Mapping, out_dir: Path, timeline: Iterable[Sequence[Any]] | None = None, losses: LossCurves | None = None,
+) -> dict[str, Path]:
     """Write report.json, report.md, heatmap_<method>.png per method (one colour scale for all), forgetting.png,
     diagnostics.png (with report["diagnostics"]),
     with a non-empty `timeline` (StageSpan or plain (stage, task, method, host, start, end[, cached]) per stage)
     timeline.png, and a self-contained report.html (tables, legend, every PNG as a base64 data URI) into
-    `out_dir`; returns {file name: path}.
+    `out_dir`; returns {file name: path}. With the training stages' loss curves (`losses`, see `losses_png`) also
+    losses.png, in the markdown and the page.
 
     Every figure is rendered in memory first and report.json is written last, so a failure while plotting
     leaves no partial report behind.
@@ -640,12 +684,14 @@ def render(report: Mapping, out_dir: Path, timeline: Iterable[Sequence[Any]] | N
         if gantt else []
     )
     diagnostics_files, diagnostics_md, diagnostics_html = _diagnostics_parts(report)
+    trained = losses_png(losses) if losses and any(len(curve["step"]) for curve in losses) else None
     markdown = "\n".join(
         [
             "# many report\n",
             markdown_table(report),
             markdown_legend(report),
             "![forgetting curves](forgetting.png)\n",
+            *(["![training loss](losses.png)\n"] if trained else []),
             *(
                 f"## {_md_cell(m)}\n\n{matrix_markdown(report, m)}\n![{_md_cell(m)}](heatmap_{stems[m]}.png)\n"
                 for m in methods
@@ -664,6 +710,7 @@ def render(report: Mapping, out_dir: Path, timeline: Iterable[Sequence[Any]] | N
             _html_legend(report),
             "<h2>Forgetting curves</h2>",
             _img(forgetting, "forgetting curves"),
+            *(["<h2>Training loss</h2>", _img(trained, "training loss per stage")] if trained else []),
             "<h2>Accuracy matrices</h2>",
             (
                 f"<p>One colour scale for every method: {html.escape(score_label(report))}, "
@@ -680,6 +727,8 @@ def render(report: Mapping, out_dir: Path, timeline: Iterable[Sequence[Any]] | N
     if gantt is not None:
         files["timeline.png"] = gantt
     files |= diagnostics_files
+    if trained:
+        files["losses.png"] = trained
     files["report.md"] = markdown.encode()
     files["report.html"] = page.encode()
     files["report.json"] = (json.dumps(report, indent=2, allow_nan=False) + "\n").encode()

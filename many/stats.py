@@ -41,6 +41,7 @@ from transformers import LlavaProcessor
 from many.config import StatsConfig
 from many.data.schema import Sample
 from many.model.chat import encode_for_training
+from many.progress import BatchCallback
 
 GRAMS_FORMAT = "many.grams/2"  # safetensors metadata "format" of a Grams file stored once per input group
 
@@ -63,13 +64,14 @@ def collect_grams(
     cfg: StatsConfig,
     *,
     progress: bool = True,
+    on_batch: BatchCallback | None = None,
 ) -> dict[str, Tensor]:
     """G = XᵀX / N (in, in) float64 for every LoRA layer, over all non-padding tokens of `samples`.
 
     Layers that read the same input tensor share one Gram: the returned dict maps each of them to the same tensor
     object (what `save_grams` stores once). `model` is the task's own fine-tuned model; it is run in eval mode
     without gradients and restored to its previous training mode afterwards. The first `cfg.max_samples` samples
-    are used (all if None).
+    are used (all if None). `on_batch(batches done, batches)` after each batch.
     """
     samples = tuple(samples)[: cfg.max_samples]
     if not samples:
@@ -115,7 +117,7 @@ def collect_grams(
     try:
         with torch.no_grad():
             starts = range(0, len(samples), cfg.batch_size)
-            for start in tqdm(starts, desc="grams", disable=not progress):
+            for done, start in enumerate(tqdm(starts, desc="grams", disable=not progress), 1):
                 batch = encode_for_training(processor, samples[start : start + cfg.batch_size])
                 batch.pop("labels")
                 batch = {k: v.to(device) for k, v in batch.items()}
@@ -124,6 +126,8 @@ def collect_grams(
                 last.clear()
                 model(**batch, use_cache=False)
                 tokens_seen += int(batch["attention_mask"].sum())
+                if on_batch is not None:
+                    on_batch(done, len(starts))
     finally:
         for handle in handles:
             handle.remove()

@@ -25,6 +25,7 @@ from pydantic import BaseModel
 
 from tasks.cache import intact, lookup, run_stage
 from tasks.catalog import compute_of, stage_def
+from tasks.progress import PRINT_LOCK, Channel, board_of, worker_channel
 from tasks.runtime import ClusterError, StoreSpec, check_resources, ensure_ray, node_name, ray_get
 from tasks.store import BlobRef, CorruptArtifact, Manifest, Store, StoreError
 
@@ -52,11 +53,13 @@ class StageRecord:
 
 def execute(
     spec: StoreSpec, name: str, config: BaseModel, inputs: Mapping[str, BlobRef], num_cpus: float, device: str, repair: bool = False,
+    progress: Channel | None = None,
 ) -> tuple[str, str, float, str, int]:
     """Body of the Ray remote function: run the stage through the cache on this worker.
 
     Small values go in (the sub-config, blob references) and plain ones come back: (status, manifest JSON,
     seconds, node, S3 retries). Tensors never cross processes; workers read and write the store themselves.
+    With `progress` (the run's progress hub and this stage run's id) the compute reports to it (tasks/progress.py).
     """
     import torch
 
@@ -67,15 +70,16 @@ def execute(
     store = spec.open()
     compute = compute_of(name)
     node = node_name()
-    result = run_stage(
-        store, stage_def(name, inputs), config, inputs,
-        lambda local, workdir: compute(local, workdir, config=config, device=device), host=node, repair=repair,
-    )
+    with worker_channel(progress):
+        result = run_stage(
+            store, stage_def(name, inputs), config, inputs,
+            lambda local, workdir: compute(local, workdir, config=config, device=device), host=node, repair=repair,
+        )
     return result.status, result.manifest.model_dump_json(), time.monotonic() - started, node, retries_seen() - retries_before
 
 
 _remote_execute = None
-_print_lock = threading.Lock()
+_print_lock = PRINT_LOCK  # one lock for every stage line, tasks.progress's too: lines never interleave
 
 
 class StageAbandoned(RuntimeError):
@@ -94,9 +98,22 @@ def abandon(run_id: str) -> int:
     with _runs_lock:
         _abandoned.add(run_id)
         refs = _in_flight.pop(run_id, set())
-        for ref in refs:
+        running = _not_ready(list(refs))
+        for ref in running:
             _cancel(ref)
-        return len(refs)
+        return len(running)
+
+
+def _not_ready(refs: list[Any]) -> list[Any]:
+    """The refs whose task has not finished: a cancel racing a task's completion can abort the driver in Ray 2.60
+    (ray-project/ray#54798), so a finished task is never cancelled (what finishes in the microseconds between this
+    check and the cancel is the race left)."""
+    if not refs:
+        return []
+    import ray
+
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+    return [ref for ref in refs if ref not in ready]
 
 
 def forget(run_id: str) -> None:
@@ -145,6 +162,7 @@ class ClusterSpec:
     num_cpus: int | None = None
     object_store_mb: int = 200
     progress: bool = False
+    board: str | None = None  # the run's live progress board (tasks.progress.Board.token); None: no live progress
 
 
 def _resolve(upstream: Mapping[str, tuple[Any, str]]) -> dict[str, BlobRef]:
@@ -221,6 +239,8 @@ def stage_task(
     if cluster.progress:
         retried = f"  ({record.s3_retries} S3 retries)" if record.s3_retries else ""
         _print_progress(stage, task_name, method, record.status, f"{record.seconds:7.1f}s  {record.node}{retried}")
+    if board := board_of(cluster.board):
+        board.finished((stage, task_name, method), record.status)
     return record
 
 
@@ -241,8 +261,10 @@ def _compute_on_ray(
     if cluster.progress:
         _print_progress(stage, task_name, method, "running", f"on {num_cpus:g} CPU(s), {num_gpus:g} GPU(s)")
     _check_abandoned(run_id, stage)
+    board = board_of(cluster.board)
+    channel = board.queued((stage, task_name, method)) if board else None
     ref = _remote_execute.options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0).remote(
-        store, stage, config, inputs, num_cpus, device, repair
+        store, stage, config, inputs, num_cpus, device, repair, channel
     )
     _track(run_id, ref)
     try:
@@ -255,6 +277,8 @@ def _compute_on_ray(
         raise
     finally:
         _untrack(run_id, ref)
+        if board:
+            board.ended(channel)
     manifest = Manifest.model_validate_json(manifest_json)
     return StageRecord(stage, task_name, method, manifest.key, status, seconds, node, manifest.outputs, s3_retries)
 

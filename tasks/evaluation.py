@@ -14,6 +14,7 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
+from tasks.progress import batch_reporter
 from tasks.rows import get_row
 from tasks.rows.row import EvalContext, EvalInputs, EvalStageConfig
 from tasks.stages import load_base
@@ -31,7 +32,9 @@ def compute_eval(inputs: Mapping[str, Path], workdir: Path, *, config: EvalStage
     parsed = EvalInputs.parse(inputs)
     base_model, processor = load_base(parsed.base, config.dtype, device)
     tasks = [read_task(path) for path in parsed.data]
-    results, fields = row.evaluate(EvalContext(parsed, base_model, processor, tasks, config))
+    answers = sum(len(task.test[: config.eval.max_samples]) for task in tasks)  # what the row's generate calls add up to
+    context = EvalContext(parsed, base_model, processor, tasks, config, batch_reporter("answer", answers))
+    results, fields = row.evaluate(context)
     predictions = write_predictions(results, workdir / "predictions.parquet")
     scores = workdir / "scores.json"
     scores.write_text(json.dumps({

@@ -7,7 +7,9 @@ rows' own chain stages (tasks.rows), and tasks.dispatch runs any of them through
              └─► prototypes[t]
 
 A stage's cache key is its sub-config plus the digests of its inputs (`tasks.cache.cache_key`). A compute reads
-local copies of its inputs and writes its outputs under a work directory; it never sees the store.
+local copies of its inputs and writes its outputs under a work directory; it never sees the store. A training stage
+also writes its loss curve, the `losses` output (many.progress.LossCurve), which no stage reads; a compute reports
+its progress to tasks.progress's reporters, which are None unless it runs in a worker that shows progress.
 """
 
 from __future__ import annotations
@@ -20,20 +22,21 @@ from pydantic import PositiveInt
 
 from many.config import BaseConfig, FinetuneConfig, Frozen, StatsConfig
 from many.data import Metric, MiniUcitConfig
+from tasks.progress import batch_reporter, step_reporter
 
 # Bump a stage's version when its code would produce different results: its cache keys change.
 VERSIONS = {
     "data": "1",
-    "base": "1",
-    "finetune": "2",  # 2: the adapter files hold no local path (identical bytes on every machine)
+    "base": "2",  # 2: the `losses` output (the model's bytes are unchanged)
+    "finetune": "3",  # 2: the adapter files hold no local path (identical bytes on every machine); 3: `losses`
     "adapter": "1",
     "prototypes": "2",  # 2: f(x) = mean of the projector's input tokens, not the CLS pooler output
     "stats": "2",  # 2: Grams stored once per input group (q/k/v, gate/up share one), layer → group map in metadata
 }
 OUTPUTS = {
     "data": ("task",),
-    "base": ("model",),
-    "finetune": ("task",),
+    "base": ("model", "losses"),
+    "finetune": ("task", "losses"),
     "adapter": ("task",),
     "prototypes": ("prototypes",),
     "stats": ("grams",),
@@ -114,8 +117,10 @@ def compute_data(inputs: Mapping[str, Path], workdir: Path, *, config: DataStage
 
 
 def compute_base(inputs: Mapping[str, Path], workdir: Path, *, config: BaseStageConfig, device: str) -> dict[str, Path]:
+    """The base model and its pretraining loss curve (no rows for a HF base: it is not trained here)."""
     from many.data import pretrain_samples, vocabulary
     from many.pretrain import make_base
+    from many.progress import LossCurve, fan_out
 
     cfg = config.base.model_copy(update={"device": device})
     if cfg.kind == "tiny":
@@ -123,23 +128,28 @@ def compute_base(inputs: Mapping[str, Path], workdir: Path, *, config: BaseStage
         words = vocabulary()
     else:
         samples, words = (), ()
-    make_base(cfg, words, samples, workdir / "model", progress=False)
-    return {"model": workdir / "model"}
+    curve = LossCurve()
+    make_base(cfg, words, samples, workdir / "model", progress=False, on_step=fan_out(curve, step_reporter()))
+    return {"model": workdir / "model", "losses": curve.write(workdir / "losses.parquet")}
 
 
 def compute_finetune(
     inputs: Mapping[str, Path], workdir: Path, *, config: FinetuneStageConfig, device: str
 ) -> dict[str, Path]:
-    """finetune[t] from the base; with a `previous` input (a chain's task dir at t−1) it continues that fine-tune."""
+    """finetune[t] from the base, and its loss curve; with a `previous` input (a chain's task dir at t−1) it
+    continues that fine-tune."""
     from many.adapters import save_task
     from many.data import read_task
+    from many.progress import LossCurve, fan_out
     from many.training import finetune
 
     model, processor = load_base(inputs["base"], config.dtype, device)
     task = read_task(inputs["data"])
-    trained = finetune(model, processor, task.train, config.finetune, init_dir=inputs.get("previous"), progress=False)
+    curve = LossCurve()
+    trained = finetune(model, processor, task.train, config.finetune, init_dir=inputs.get("previous"), progress=False,
+                       on_step=fan_out(curve, step_reporter()))
     save_task(trained, workdir / "task")
-    return {"task": workdir / "task"}
+    return {"task": workdir / "task", "losses": curve.write(workdir / "losses.parquet")}
 
 
 def compute_adapter(inputs: Mapping[str, Path], workdir: Path, *, config: AdapterStageConfig, device: str) -> dict[str, Path]:
@@ -164,7 +174,7 @@ def compute_prototypes(
 
     model, processor = load_base(inputs["base"], config.dtype, device)
     task = read_task(inputs["data"])
-    features = image_features(model, processor, task.train, config.batch_size)
+    features = image_features(model, processor, task.train, config.batch_size, on_batch=batch_reporter("image"))
     path = workdir / "prototypes.parquet"
     write_prototypes(prototype_table(task.name, task.train, features), path)
     return {"prototypes": path}
@@ -179,7 +189,7 @@ def compute_stats(inputs: Mapping[str, Path], workdir: Path, *, config: StatsSta
     model, processor = load_base(inputs["base"], config.dtype, device)
     tuned = load_task(model, inputs["finetune"])
     task = read_task(inputs["data"])
-    grams = collect_grams(tuned, processor, task.train, config.stats, progress=False)
+    grams = collect_grams(tuned, processor, task.train, config.stats, progress=False, on_batch=batch_reporter("batch"))
     path = workdir / "gram.safetensors"
     save_grams(grams, path)
     return {"grams": path}

@@ -9,6 +9,7 @@ from typing import Any
 
 from many.config import Frozen
 from many.methods.cram import CramConfig
+from tasks.progress import step_reporter
 from tasks.rows.row import Chain, EvalContext, PerTask, Row, indexed, indexed_paths
 from tasks.stages import load_base
 
@@ -19,16 +20,19 @@ class CramStageConfig(Frozen):
 
 
 def compute_cram(inputs: dict[str, Path], workdir: Path, *, config: CramStageConfig, device: str) -> dict[str, Path]:
-    """cram[t]: task t's isolated expert from the base; its rank and orthogonality penalty read the experts of
-    tasks < t (inputs expert_0 … expert_{t−1}), which stay untouched."""
+    """cram[t]: task t's isolated expert from the base, and its loss curve; its rank and orthogonality penalty read
+    the experts of tasks < t (inputs expert_0 … expert_{t−1}), which stay untouched."""
     from many.data import read_task
     from many.methods.cram import save_expert, train_expert
+    from many.progress import LossCurve, fan_out
 
     model, processor = load_base(inputs["base"], config.dtype, device)
     task = read_task(inputs["data"])
-    expert, allocation = train_expert(model, processor, task.train, config.cram, indexed_paths(inputs, "expert"), progress=False)
+    curve = LossCurve()
+    expert, allocation = train_expert(model, processor, task.train, config.cram, indexed_paths(inputs, "expert"),
+                                      progress=False, on_step=fan_out(curve, step_reporter()))
     save_expert(expert, allocation, workdir / "expert")
-    return {"expert": workdir / "expert"}
+    return {"expert": workdir / "expert", "losses": curve.write(workdir / "losses.parquet")}
 
 
 def _link(t: int, shared: PerTask, links: list[Any]) -> dict[str, tuple[Any, str]]:
@@ -37,8 +41,8 @@ def _link(t: int, shared: PerTask, links: list[Any]) -> dict[str, tuple[Any, str
 
 CHAIN = Chain(
     stage="cram",
-    version="1",
-    outputs=("expert",),
+    version="2",  # 2: `losses`
+    outputs=("expert", "losses"),
     read="expert",
     method="cram",
     group="finetune",
@@ -55,7 +59,8 @@ def evaluate(ctx: EvalContext) -> tuple[list[Any], dict[str, Any]]:
 
     experts = [load_expert(path) for path in ctx.inputs.chain]
     _, centroids, _ = read_prototypes(list(ctx.inputs.prototypes))
-    results = evaluate_cram(ctx.base_model, ctx.processor, list(ctx.tasks), experts, centroids, ctx.config.eval)
+    results = evaluate_cram(ctx.base_model, ctx.processor, list(ctx.tasks), experts, centroids, ctx.config.eval,
+                            on_batch=ctx.on_batch)
     per_task = [trainable_parameters(expert)["total"] for expert in experts]
     return results, {"trainable_parameters": sum(per_task), "parameters_per_task": per_task,
                      "ranks": [expert.allocation.rank for expert in experts]}

@@ -10,6 +10,7 @@ from typing import Any
 
 from many.config import Frozen
 from many.methods.fwd_prompt import FwdPromptConfig
+from tasks.progress import step_reporter
 from tasks.rows.row import Chain, EvalContext, PerTask, Row
 from tasks.stages import load_base
 
@@ -20,16 +21,20 @@ class FwdPromptStageConfig(Frozen):
 
 
 def compute_fwd_prompt(inputs: dict[str, Path], workdir: Path, *, config: FwdPromptStageConfig, device: str) -> dict[str, Path]:
-    """fwd_prompt[t]: the prompts and core after task t, continuing `previous` (fwd_prompt[t−1]); no samples kept."""
+    """fwd_prompt[t]: the prompts and core after task t, continuing `previous` (fwd_prompt[t−1]), and the prompts'
+    loss curve; no samples kept."""
     from many.data import read_task
     from many.methods.fwd_prompt import load_state, save_state, train_task
+    from many.progress import LossCurve, fan_out
 
     model, processor = load_base(inputs["base"], config.dtype, device)
     task = read_task(inputs["data"])
     previous = load_state(inputs["previous"]) if "previous" in inputs else None
-    state = train_task(model, processor, task.train, previous, config.fwd_prompt, progress=False)
+    curve = LossCurve()
+    state = train_task(model, processor, task.train, previous, config.fwd_prompt, progress=False,
+                       on_step=fan_out(curve, step_reporter()))
     save_state(state, workdir / "state")
-    return {"state": workdir / "state"}
+    return {"state": workdir / "state", "losses": curve.write(workdir / "losses.parquet")}
 
 
 def _link(t: int, shared: PerTask, links: list[Any]) -> dict[str, tuple[Any, str]]:
@@ -41,8 +46,8 @@ def _link(t: int, shared: PerTask, links: list[Any]) -> dict[str, tuple[Any, str
 
 CHAIN = Chain(
     stage="fwd_prompt",
-    version="1",
-    outputs=("state",),
+    version="2",  # 2: `losses`
+    outputs=("state", "losses"),
     read="state",
     method="fwd_prompt",
     group="finetune",
@@ -60,7 +65,8 @@ def evaluate(ctx: EvalContext) -> tuple[list[Any], dict[str, Any]]:
     state = load_state(ctx.inputs.chain[-1])
     model, prompted = prompted_model(ctx.base_model, ctx.processor, state)
     n = state.prompts.shape[0]
-    results = [evaluate(model, prompted, replace(task, test=prompted_samples(task.test, n)), ctx.config.eval)
+    results = [evaluate(model, prompted, replace(task, test=prompted_samples(task.test, n)), ctx.config.eval,
+                        on_batch=ctx.on_batch)
                for task in ctx.tasks]
     # the prompts (n, d) are the only trained tensor; the core basis is computed, not trained
     return results, {"trainable_parameters": state.prompts.numel(), "core_dims": state.core.shape[1]}

@@ -57,5 +57,6 @@ def score(ctx: EvalContext, assemblies: Sequence[Any]) -> list[Any]:
     for task, assembly in zip(ctx.tasks, assemblies, strict=True):
         if assembly is not built:
             model, built = assemble(ctx.base_model, assembly), assembly
-        results.append(evaluate(model, ctx.processor, task, ctx.config.eval, routing=assembly.router))
+        results.append(evaluate(model, ctx.processor, task, ctx.config.eval, routing=assembly.router,
+                                on_batch=ctx.on_batch))
     return results

@@ -116,13 +116,15 @@ class EvalInputs:
 
 @dataclass(frozen=True)
 class EvalContext:
-    """What a row's `evaluate` gets: its inputs, the base model, the test tasks ≤ t and the stage's config."""
+    """What a row's `evaluate` gets: its inputs, the base model, the test tasks ≤ t and the stage's config, and the
+    `on_batch` to pass to every many.evaluate.generate_answers / evaluate call (the stage's progress; may be None)."""
 
     inputs: EvalInputs
     base_model: Any  # LlavaForConditionalGeneration
     processor: Any  # LlavaProcessor
     tasks: Sequence[Any]  # many.data.TaskData, tasks ≤ t
     config: EvalStageConfig
+    on_batch: Callable[[int, int], None] | None = None  # (answers done, answers) per generate call
 
 
 EvalFields = dict[str, Any]  # row-specific fields of the scores JSON, beside method/tasks/scores/tau

@@ -19,8 +19,8 @@ def _link(t: int, shared: PerTask, links: list[Any]) -> dict[str, tuple[Any, str
 
 CHAIN = Chain(
     stage="seqlora",
-    version="2",  # 2: the adapter files hold no local path (identical bytes on every machine)
-    outputs=("task",),
+    version="3",  # 2: the adapter files hold no local path (identical bytes on every machine); 3: `losses`
+    outputs=("task", "losses"),
     read="task",
     method="seqlora",
     group="finetune",

@@ -32,3 +32,13 @@ def run(capsys, *argv: str) -> dict:
 def computed(summary: dict) -> set[tuple[str, str | None, str | None]]:
     """(stage, task, method) of every stage the run computed (not cached)."""
     return {(s["stage"], s["task"], s["method"]) for s in summary["stages"] if s["status"] == "computed"}
+
+
+def stored_losses(store, entry: dict) -> dict[str, list]:
+    """The `losses` output (many.progress.LossCurve's Parquet) of a run summary's training stage, as columns."""
+    import pyarrow as pa
+
+    from many.progress import read_losses
+
+    manifest = store.read_manifest(entry["stage"], entry["key"])
+    return read_losses(pa.BufferReader(store.get_bytes(manifest.outputs["losses"].digest, context="test"))).to_pydict()

@@ -18,8 +18,9 @@ from flows.cli import main
 from flows.config import DEFAULT_METHODS, ConfigError, parse_config
 from many.methods.cram import CramConfig
 from many.methods.fwd_prompt import FwdPromptConfig
+from tasks.store import Store
 from tests.flows import e2e
-from tests.flows.e2e import TINY, computed, run
+from tests.flows.e2e import TINY, computed, run, stored_losses
 
 SYSTEMS = ["cram", "fwd_prompt"]
 
@@ -113,6 +114,8 @@ def test_cram_and_fwd_prompt_run_cache_grow_and_report(harness, tmp_path: Path, 
     assert cram["parameters_per_task"] == [stored_parameters(store, cold, t) for t in two]
     assert report["methods"]["cram"]["trainable_parameters"] == sum(cram["parameters_per_task"])
     assert all(CramConfig().r_min <= r <= CramConfig().r_max for r in cram["ranks"]) and len(cram["ranks"]) == 2
+    for entry in (s for s in cold["stages"] if s["stage"] in SYSTEMS):  # their loss curves: a row per step
+        assert stored_losses(Store.open(store), entry)["step"] == list(range(1, TINY["finetune"]["steps"] + 1))
 
     cached = run(capsys, "--config", str(config), "--store", store, "--tasks", "2")
     assert cached["ray_started"] is False

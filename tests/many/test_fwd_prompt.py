@@ -171,7 +171,7 @@ def test_the_chain_continues_the_previous_prompts_and_keeps_the_core(base, chain
     assert first.core.shape[1] > 0 and torch.equal(projected.core[:, : first.core.shape[1]], first.core)
     losses = []
     cfg = CFG.model_copy(update={"steps": 1})
-    train_task(model, processor, NEW, first, cfg, progress=False, on_step=lambda _, value: losses.append(value))
+    train_task(model, processor, NEW, first, cfg, progress=False, on_step=lambda step: losses.append(step.loss))
     prompted, prompted_processor = prompted_model(model, processor, first)
     data = encode_dataset(prompted_processor, prompted_samples(NEW, CFG.n_prompts))
     batch = data.batch(next(batch_indices(len(data), cfg.batch_size, cfg.seed)), torch.device("cpu"))
@@ -207,7 +207,7 @@ def test_bfloat16_base_trains_under_autocast(base):
     model, processor = base
     losses = []
     state = train_task(copy.deepcopy(model).to(torch.bfloat16), processor, OLD, None,
-                       CFG.model_copy(update={"steps": 2}), progress=False, on_step=lambda _, v: losses.append(v))
+                       CFG.model_copy(update={"steps": 2}), progress=False, on_step=lambda step: losses.append(step.loss))
     assert all(torch.isfinite(torch.tensor(losses))) and state.prompts.dtype == torch.float32
 
 

@@ -15,6 +15,7 @@ import pytest
 from many.report import (
     IncompleteScores,
     file_stem,
+    losses_png,
     markdown_table,
     matrix_markdown,
     render,
@@ -386,3 +387,28 @@ def test_render_writes_the_timeline_into_png_markdown_and_html(report: dict, tmp
     assert TIMELINE_CAPTION in written["report.md"].read_text()
     assert json.loads(written["report.json"].read_text()) == report  # the timeline is not part of the report
     assert "timeline.png" not in render(report, tmp_path / "empty", timeline=[])
+
+
+LOSSES = [
+    {"stage": "base", "task": None, "method": None, "step": list(range(1, 101)), "loss": [5.0 * 0.95**s for s in range(100)]},
+    {"stage": "finetune", "task": "shape", "method": None, "step": [1, 2, 3], "loss": [2.0, 1.5, 1.2]},
+    {"stage": "finetune", "task": "chart $x^$", "method": None, "step": [1, 2, 3], "loss": [2.2, 1.9, 1.4]},
+    {"stage": "seqlora", "task": "chart $x^$", "method": "seqlora", "step": [1, 2, 3], "loss": [1.9, 1.6, 1.3]},
+    {"stage": "finetune", "task": "count", "method": None, "step": [], "loss": []},  # no steps: left out
+]
+
+
+def test_render_adds_the_training_loss_figure(report: dict, tmp_path) -> None:  # noqa: ANN001
+    written = render(report, tmp_path / "out", losses=LOSSES)
+    figure = written["losses.png"].read_bytes()
+    assert figure.startswith(PNG_MAGIC) and len(figure) > 5000
+    assert figure == losses_png(LOSSES)  # deterministic
+    assert "![training loss](losses.png)" in written["report.md"].read_text()
+    page = written["report.html"].read_text()
+    assert "<h2>Training loss</h2>" in page and base64.b64encode(figure).decode() in page
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(written)
+
+    untrained = render(report, tmp_path / "untrained", losses=LOSSES[-1:])  # e.g. an HF base only: nothing to plot
+    assert "losses.png" not in untrained and "Training loss" not in untrained["report.html"].read_text()
+    with pytest.raises(ValueError, match="no loss curve has any step"):
+        losses_png(LOSSES[-1:])

@@ -17,6 +17,7 @@ from many.loop import batch_indices, encode_dataset
 from many.model.chat import encode_for_training
 from many.model.load import load_base
 from many.model.parts import projector_of
+from many.progress import LossCurve
 from many.training import finetune
 from tests.conftest import FIXTURE_BASE, FIXTURE_MODEL, make_samples
 
@@ -90,9 +91,12 @@ def test_saved_task_reloads_with_identical_logits(base, trained, task_dir):
 def test_same_seed_gives_a_bit_identical_adapter(base):
     model, processor = base
     cfg = CFG.model_copy(update={"steps": 3, "grad_accum": 2, "lora": LoraConfig(rank=4, alpha=8.0, dropout=0.1)})
-    runs = [finetune(model, processor, SAMPLES, cfg, progress=False) for _ in range(2)]
+    curves = [LossCurve(), LossCurve()]
+    runs = [finetune(model, processor, SAMPLES, cfg, progress=False, on_step=curve) for curve in curves]
     states = [{k: v for k, v in run.state_dict().items() if "lora_" in k or "projector" in k} for run in runs]
     assert states[0].keys() == states[1].keys() and all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    # the loss curve is bit-reproducible too (its `seconds` column is wall-clock time, not compared)
+    assert [(s.step, s.loss, s.lr) for s in curves[0].steps] == [(s.step, s.loss, s.lr) for s in curves[1].steps]
     other = finetune(model, processor, SAMPLES, cfg.model_copy(update={"seed": 1}), progress=False)
     assert any(not torch.equal(v, other.state_dict()[k]) for k, v in states[0].items())
 
@@ -106,7 +110,7 @@ def test_seqlora_starts_from_the_previous_task(base, task_dir):
     model, processor = base
     cfg = CFG.model_copy(update={"steps": 1})
     losses = []
-    finetune(model, processor, SAMPLES, cfg, init_dir=task_dir, progress=False, on_step=lambda _, l: losses.append(l))
+    finetune(model, processor, SAMPLES, cfg, init_dir=task_dir, progress=False, on_step=lambda s: losses.append(s.loss))
     with torch.no_grad():
         previous = load_task(model, task_dir)(**first_batch(processor, cfg), use_cache=False).loss.item()
         fresh = model(**first_batch(processor, cfg), use_cache=False).loss.item()
@@ -119,7 +123,7 @@ def test_bfloat16_base_trains_under_autocast(base):
     half = copy.deepcopy(model).to(torch.bfloat16)
     losses = []
     tuned = finetune(half, processor, SAMPLES, CFG.model_copy(update={"steps": 2}), progress=False,
-                     on_step=lambda _, l: losses.append(l))
+                     on_step=lambda s: losses.append(s.loss))
     assert all(torch.isfinite(torch.tensor(losses)))
     assert {p.dtype for p in projector_of(tuned).parameters()} == {torch.bfloat16}
 

@@ -141,14 +141,14 @@ REF, OTHER = BlobRef(digest="a" * 64, size=1), BlobRef(digest="b" * 64, size=1)
 def test_a_chain_link_is_keyed_by_its_config_and_every_earlier_link() -> None:
     inputs = {"base": REF, "data": REF, "expert_0": REF, "expert_1": REF}
     cram = stage_def("cram", inputs)
-    assert cram.inputs == ("base", "data", "expert_0", "expert_1") and cram.outputs == ("expert",)
+    assert cram.inputs == ("base", "data", "expert_0", "expert_1") and cram.outputs == ("expert", "losses")
     config = CramStageConfig(cram=CramConfig(finetune=FinetuneConfig(steps=30)))
     key = cache_key(cram, config, inputs)
     assert key != cache_key(cram, config, {**inputs, "expert_0": OTHER})
     assert key != cache_key(cram, CramStageConfig(cram=CramConfig(ortho_weight=0.5)), inputs)
     chained = {"base": REF, "data": REF, "previous": REF}
     fwd = stage_def("fwd_prompt", chained)
-    assert fwd.outputs == ("state",)
+    assert fwd.outputs == ("state", "losses")
     first = cache_key(fwd, FwdPromptStageConfig(fwd_prompt=FwdPromptConfig()), chained)
     assert first != cache_key(fwd, FwdPromptStageConfig(fwd_prompt=FwdPromptConfig(lr=0.5)), chained)
     assert first != cache_key(fwd, FwdPromptStageConfig(fwd_prompt=FwdPromptConfig()), {**chained, "previous": OTHER})

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from PIL import ImageDraw
 
-from many.data.draw import PALETTE, SHAPES, RGB, draw_shape, jitter, pick, textured, to_image
+from many.data.draw import PALETTE, RGB, SHAPES, draw_shape, jitter, pick, textured, to_image
 from many.data.mini_ucit.kind import Caption, Generator
 from many.data.mini_ucit.text import article, words_of
 

@@ -39,6 +39,7 @@ from many.methods.cram.rank import (
     expert_bases,
 )
 from many.model.parts import model_device_dtype
+from many.progress import StepCallback
 from many.training import finetune
 
 EXPERT_FILE = "cram.json"
@@ -73,8 +74,10 @@ def train_expert(
     previous: Sequence[Path] = (),
     *,
     progress: bool = True,
+    on_step: StepCallback | None = None,
 ) -> tuple[PeftModel, RankAllocation]:
     """Task t's expert (steps 1–4 of the module docstring) and its rank allocation; the base is left unchanged.
+    `on_step` gets every training step of step 4 (many.progress.Step).
 
     Returns the PEFT model frozen, in eval mode, its projector in the base dtype — as `many.training.finetune`.
     """
@@ -85,7 +88,7 @@ def train_expert(
     on_device = {layer: basis.to(device, torch.float32) for layer, basis in bases.items()}  # (in, k) each
     penalty = partial(_penalty, bases=on_device, weight=cfg.ortho_weight) if bases and cfg.ortho_weight else None
     model = finetune(base_model, processor, samples, ranked_finetune(cfg.finetune, allocation.rank),
-                     progress=progress, extra_loss=penalty, desc="cram expert")
+                     progress=progress, on_step=on_step, extra_loss=penalty, desc="cram expert")
     return model, allocation
 
 

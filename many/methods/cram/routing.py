@@ -25,6 +25,7 @@ from many.config import EvalConfig
 from many.data.schema import TaskData
 from many.evaluate import Assembly, EvalResult, assemble, generate_answers, lora_deltas
 from many.methods.cram.expert import CramExpert
+from many.progress import BatchCallback
 from many.prototypes import image_features
 
 
@@ -40,11 +41,13 @@ def evaluate_cram(
     experts: Sequence[CramExpert],
     centroids: Tensor,
     cfg: EvalConfig,
+    on_batch: BatchCallback | None = None,
 ) -> list[EvalResult]:
     """Score (percent) of each task on its first `cfg.max_samples` test samples, each answered by its routed expert.
 
     Each expert's model is assembled once for all `tasks` (T copies of the base per accuracy-matrix row, not T²);
-    its answers are generated task by task, so the batches are the same as when one task is scored alone."""
+    its answers are generated task by task, so the batches are the same as when one task is scored alone.
+    `on_batch` goes to each of those `generate_answers` calls."""
     if not experts:
         raise ValueError("evaluate_cram: no experts")
     if centroids.ndim != 2 or centroids.shape[0] != len(experts):
@@ -63,7 +66,8 @@ def evaluate_cram(
         model = assemble(base_model, Assembly(lora_deltas(expert.factors), (expert.projector,)))
         for test, rows, answered in zip(samples, routed, predictions, strict=True):
             if rows:
-                for row, answer in zip(rows, generate_answers(model, processor, [test[r] for r in rows], cfg), strict=True):
+                answers = generate_answers(model, processor, [test[r] for r in rows], cfg, on_batch=on_batch)
+                for row, answer in zip(rows, answers, strict=True):
                     answered[row] = answer
         del model
     results = []
