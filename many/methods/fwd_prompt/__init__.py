@@ -15,9 +15,7 @@ use.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from many.lazy import lazy_attributes
 from many.methods.fwd_prompt.config import FwdPromptConfig
 
 _LAZY = {
@@ -32,15 +30,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
-
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)
 
 __all__ = [
     "FwdPromptConfig",
