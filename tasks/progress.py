@@ -338,17 +338,18 @@ class Board:
                     self._overall_at = time.monotonic()
 
     def _take(self) -> bool:
-        """Show the hub's pending events, in order; False when the hub cannot be reached (Ray is gone)."""
+        """Show the hub's pending events, in order; False when the hub is gone (Ray shut down, the actor died): then
+        progress stops, the run goes on. A slow answer (a loaded machine) only skips this round."""
         with self._take_lock:
             hub = self._hub
             if hub is None:
                 return True
-            try:
-                import ray
+            import ray
 
+            try:
                 events = ray.get(hub.take.remote(), timeout=HUB_TIMEOUT)
-            except Exception:  # noqa: BLE001 - Ray shut down or the hub died: stop showing progress, never fail the run
-                return False
+            except Exception as error:  # noqa: BLE001 - progress never fails the run
+                return ray.is_initialized() and not isinstance(error, ray.exceptions.RayActorError)
             self.receive(events)
             return True
 

@@ -140,6 +140,30 @@ def test_the_board_shows_stage_lines_and_the_stage_count(monkeypatch) -> None:
     assert "running" not in lines[0].split()  # tests/reliability parse "running" lines as stage starts
 
 
+def test_the_board_skips_a_slow_hub_and_stops_on_a_dead_one(monkeypatch) -> None:
+    import ray
+
+    answers: list = [ray.exceptions.GetTimeoutError("slow"), [], ray.exceptions.RayActorError()]
+
+    def get(_ref, timeout):
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(ray, "get", get)
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    board = Board(stream=io.StringIO(), live=False)
+    board._hub = type("Hub", (), {"take": type("Method", (), {"remote": lambda _: "ref"})()})()
+    try:
+        assert board._take() is True  # timed out: try again next round
+        assert board._take() is True
+        assert board._take() is False  # the actor died: stop polling
+    finally:
+        board._hub = None
+        board.close()
+
+
 def _digest(directory: Path) -> str:
     digest = hashlib.sha256()
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):
