@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tasks.stages import OUTPUTS
 from tasks.store import CorruptArtifact, Store
 from tests.reliability.conftest import (
     assert_store_sound,
@@ -59,8 +60,8 @@ def test_damaged_blob_is_detected_on_read_and_repaired_with_repair(
     shutil.copytree(Path(reference_store.removeprefix("file://")), root)
     store = Store.open(str(root), cache_dir=tmp_path / "inspect")
     damaged = store.read_manifest(stage, entry(summary, stage, task)["key"])
-    ref = store.read_listing(next(iter(damaged.outputs.values())), context="test").files[file] \
-        if next(iter(damaged.outputs.values())).kind == "dir" else next(iter(damaged.outputs.values()))
+    output = damaged.outputs[OUTPUTS[stage][0]]  # the output `reader` reads (a manifest's outputs are sorted by name)
+    ref = store.read_listing(output, context="test").files[file] if output.kind == "dir" else output
     blob = root / "blobs" / "sha256" / ref.digest[:2] / ref.digest[2:]
     blob.chmod(0o644)
     blob.write_bytes(damage(blob.read_bytes()))
