@@ -62,7 +62,7 @@ def test_gc_beside_a_run_in_progress_then_superseded_merge_states_go_and_a_rerun
     stored = [json.loads((root / "runs" / f"{s['run_id']}.json").read_text()) for s in (first, second.summary)]
     assert stored[0]["config_fingerprint"] == stored[1]["config_fingerprint"]  # one config
     only_first = manifests_of(first) - manifests_of(second.summary)
-    assert {p.split("/")[1] for p in only_first} == {"data", "finetune", "prototypes", "stats", "merge", "eval"}
+    assert {p.split("/")[1] for p in only_first} == {"data", "finetune", "prototypes", "stats", "merge", "merge_diagnostics", "eval"}
     dry = gc(capsys, root, "--dry-run")
     assert set(dry["removed"]["stages"]) == only_first and dry["removed"]["runs"] == [f"runs/{first['run_id']}.json"]
 
@@ -86,7 +86,7 @@ def test_gc_beside_a_run_in_progress_then_superseded_merge_states_go_and_a_rerun
     assert third.code == 0, third.err
     status = {(s["stage"], s["task"]): s["status"] for s in third.summary["stages"]}
     assert {key for key, value in status.items() if value == "computed"} == {
-        (stage, "count-math") for stage in ("data", "finetune", "prototypes", "stats", "merge", "eval")}
+        (stage, "count-math") for stage in ("data", "finetune", "prototypes", "stats", "merge", "merge_diagnostics", "eval")}
     assert manifests_of(third.summary) >= only_first  # the stages it read were the ones gc named
 
     before = listing(root)
