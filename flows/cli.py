@@ -6,11 +6,13 @@
     many export [--store URL] --out DIR
     many predict IMAGE [QUESTION] [--export DIR | --store URL] [--method M] [--task T] [--json] [--interactive]
     many gc     [--config FILE] [--store URL] [--keep-last N] [--dry-run] [--json] [--min-age-seconds S]
-    many serve  [--config FILE] [--store URL] [--name NAME] --cron "…"
+    many serve  [--config FILE] [--store URL] [--name NAME] (--cron "…" | --interval SECONDS)
 
 Errors: one line on stderr, exit 2 for bad input (config, store URL, a missing store for a command that only reads,
 an endpoint that does not answer, task kind, data), 1 for runtime failures, 130 when interrupted; `--debug` shows the
-traceback. `many --version` prints the version.
+traceback. `many --version` prints the version. From the command line, `run` and `serve` run under a supervisor
+process (flows/supervise.py) that starts a local Prefect server when none is configured and turns Ctrl-C / SIGTERM
+into one line and exit 130 / 143.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from flows.supervise import SUPERVISOR, supervise
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
@@ -45,7 +49,6 @@ def _quiet_environment(debug: bool) -> None:
         "PREFECT_SERVER_LOGGING_LEVEL": "WARNING" if debug else "CRITICAL",
         "RAY_USAGE_STATS_ENABLED": "0",
         "DO_NOT_TRACK": "1",
-        "RAY_AUTH_MODE": "disabled",
         "TOKENIZERS_PARALLELISM": "false",
     }
     for key, value in defaults.items():
@@ -114,9 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--json", action="store_true", help="print the report as JSON")
     gc.add_argument("--min-age-seconds", type=float, default=3600.0, help="spare files younger than this")
     store_option(gc)
-    serve = commands.add_parser("serve", help="a Prefect deployment running `many run` on a cron schedule")
+    serve = commands.add_parser("serve", help="a Prefect deployment running `many run` on a schedule")
     serve.add_argument("--config", help="YAML run config, re-read at every run (a task_source in it makes the stream grow)")
-    serve.add_argument("--cron", required=True, help='schedule, e.g. "0 * * * *" (hourly, UTC)')
+    schedule = serve.add_mutually_exclusive_group(required=True)
+    schedule.add_argument("--cron", help='schedule, e.g. "0 * * * *" (hourly, UTC)')
+    schedule.add_argument("--interval", type=float, metavar="SECONDS", help="schedule: a run every SECONDS seconds")
     serve.add_argument("--name", default="many", help="deployment name (default many)")
     store_option(serve)
     return parser
@@ -162,8 +167,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     # a bad URL, a missing bucket or an endpoint that does not answer: exit 2 before anything runs
     _store(spec.url, create=True, endpoint_url=spec.endpoint_url, region=spec.region, profile=spec.profile)
     from flows.preflight import preflight
+    from flows.supervise import await_local_server
 
     preflight(config)  # task data, GPUs, user adapters: exit 2 before Prefect starts (the flow checks again)
+    await_local_server()
     from flows.pipeline import continual_update
 
     if not args.json:
@@ -311,15 +318,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from flows.config import load_config
     from flows.serve import deployment
+    from flows.supervise import await_local_server
 
     load_config(args.config)  # a bad file is exit 2 now, not at the first scheduled run; the stream is read per run
-    try:
-        Cron(args.cron)
-    except Exception as error:  # croniter's several error types
-        raise UsageError(f"bad --cron {args.cron!r}: {error}") from None
+    if args.cron is not None:
+        try:
+            Cron(args.cron)
+        except Exception as error:  # croniter's several error types
+            raise UsageError(f"bad --cron {args.cron!r}: {error}") from None
+    elif not args.interval > 0:
+        raise UsageError(f"bad --interval {args.interval:g}: must be a positive number of seconds")
     config_path = str(Path(args.config).resolve()) if args.config else None
-    print(f"serving deployment 'scheduled-update/{args.name}' on cron {args.cron!r} (Ctrl-C stops)", file=sys.stderr)
-    serve(deployment(config_path, args.store, args.cron, args.name), print_starting_message=False)
+    await_local_server()
+    every = f"cron {args.cron!r}" if args.cron is not None else f"every {args.interval:g} s"
+    print(f"serving deployment 'scheduled-update/{args.name}' {every} (Ctrl-C stops)", file=sys.stderr, flush=True)
+    serve(deployment(config_path, args.store, args.cron, args.name, interval=args.interval), print_starting_message=False)
     return 0
 
 
@@ -328,11 +341,16 @@ COMMANDS["predict"] = cmd_predict
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `many` command. From the command line (`argv` None), `run` and `serve` run as a worker process under
+    a supervisor (flows/supervise.py); called with an argument list, every command runs in this process."""
+    supervised = argv is None
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     _quiet_environment(debug)
     try:
         args = build_parser().parse_args(argv)
+        if supervised and args.command in ("run", "serve") and SUPERVISOR not in os.environ:
+            return supervise(args.command, argv)
         return COMMANDS[args.command](args)
     except SystemExit as exit_:  # --help
         return int(exit_.code or 0)

@@ -12,6 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow
+from prefect.client.schemas.objects import (
+    ConcurrencyLimitConfig,
+    ConcurrencyLimitStrategy,
+)
 from prefect.deployments.runner import RunnerDeployment
 
 from flows.config import RunConfig, load_config
@@ -34,8 +38,16 @@ def scheduled_update(config_path: str | None = None, store_url: str | None = Non
     return continual_update(run_config(config_path, store_url), progress=True)
 
 
-def deployment(config_path: str | None, store_url: str | None, cron: str, name: str = "many") -> RunnerDeployment:
-    """The deployment `many serve` serves: `scheduled_update(config_path, store_url)` on the cron schedule."""
+def deployment(
+    config_path: str | None, store_url: str | None, cron: str | None = None, name: str = "many", interval: float | None = None
+) -> RunnerDeployment:
+    """The deployment `many serve` serves: `scheduled_update(config_path, store_url)` on the cron schedule or
+    every `interval` seconds (exactly one of the two). One run at a time: a run falling due while the previous one
+    still runs is cancelled, not queued — the next one reads the whole stream anyway, so nothing is lost, and a
+    schedule shorter than a run cannot build a backlog."""
+    if (cron is None) == (interval is None):
+        raise ValueError("a deployment needs exactly one schedule: cron or interval")
     return scheduled_update.to_deployment(
-        name=name, cron=cron, parameters={"config_path": config_path, "store_url": store_url}
+        name=name, cron=cron, interval=interval, parameters={"config_path": config_path, "store_url": store_url},
+        concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
     )

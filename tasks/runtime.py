@@ -4,15 +4,22 @@ started lazily — only when some stage must compute — or joined at a configur
 A Ray task asking for GPUs on a GPU-less cluster would wait forever, so `check_resources` fails fast
 with a message instead. Each worker sets `torch.set_num_threads` to the CPUs it was granted, so parallel
 stages share cores instead of thrashing them.
+
+A local cluster is reachable from this machine only: every Ray process binds its servers to 127.0.0.1
+(`_loopback_only`), and it gets a token of its own for Ray's token authentication (`_local_token`). Joining a cluster on the network is
+the explicit `ray.address`, with the cluster's token (deploy/README.md).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,12 +67,48 @@ def ray_started() -> bool:
     return _ray_used
 
 
+def _local_token() -> None:
+    """Token authentication for a local cluster, set before Ray is imported (it reads RAY_AUTH_MODE then).
+
+    Ray 2.60 turns token authentication on for a new local cluster when RAY_AUTH_MODE is unset, writing a token to
+    ~/.ray/auth_token; instead the cluster gets a fresh token in this process's environment, which Ray's processes
+    inherit and nothing writes down. RAY_AUTH_MODE set by the caller (`disabled`, or `token` with its own token) is
+    respected."""
+    if "RAY_AUTH_MODE" not in os.environ and "ray" not in sys.modules:
+        os.environ["RAY_AUTH_MODE"] = "token"
+        if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+            os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+
+
+@contextmanager
+def _loopback_only() -> Iterator[None]:
+    """Around the `ray.init` that starts a local cluster: every Ray process binds to 127.0.0.1.
+
+    Ray binds its servers (GCS, raylet and object manager, core workers, agents) to the node IP, which on Linux
+    it takes from the machine's routable address: reachable from the network. With multi-node clusters off
+    (`ray_constants.ENABLE_RAY_CLUSTER`, the macOS/Windows default, env RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0) the
+    node IP is 127.0.0.1. It is off only while the cluster starts, so a later `ray.address` in this process still
+    joins over the network. tests/tasks/test_runtime.py checks every socket of such a cluster, and
+    tests/reliability/test_signals.py every socket of a whole `many run`."""
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
 def ensure_ray(address: str | None, num_cpus: int | None, object_store_mb: int) -> None:
-    """Connect to Ray once per process: join `address`, or start a local cluster of `num_cpus` CPUs.
+    """Connect to Ray once per process: join `address`, or start a local cluster of `num_cpus` CPUs (loopback
+    only, with a token of its own).
 
     A connection made by the caller beforehand (e.g. `ray.init` in a notebook) is used as it is."""
     global _ray_used, _ray_initialized_here
     with _ray_lock:
+        if not address:
+            _local_token()
         import ray
 
         _ray_used = True
@@ -78,13 +121,14 @@ def ensure_ray(address: str | None, num_cpus: int | None, object_store_mb: int) 
             if address:
                 ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
             else:
-                ray.init(
-                    num_cpus=num_cpus or os.cpu_count() or 1,
-                    object_store_memory=object_store_mb * 2**20,
-                    include_dashboard=False,
-                    logging_level=logging.ERROR,
-                    log_to_driver=False,
-                )
+                with _loopback_only():
+                    ray.init(
+                        num_cpus=num_cpus or os.cpu_count() or 1,
+                        object_store_memory=object_store_mb * 2**20,
+                        include_dashboard=False,
+                        logging_level=logging.ERROR,
+                        log_to_driver=False,
+                    )
         except ConnectionError as error:
             raise ClusterError(f"cannot join the Ray cluster at {address!r}: {error}") from None
         _ray_initialized_here = True

@@ -77,8 +77,8 @@ def test_ray_cluster_and_kuberay_share_image_groups_and_version() -> None:
 @pytest.mark.parametrize(("argv", "message"), [
     (["serve", "--cron", "every tuesday"], "many: error: bad --cron 'every tuesday'"),
     (["serve", "--cron", "0 * * * *", "--config", "/no/such.yaml"], "many: error: config file not found: /no/such.yaml"),
-    (["serve"], "many: error: many serve: the following arguments are required: --cron"),
-], ids=["bad-cron", "missing-config", "no-cron"])
+    (["serve"], "many: error: many serve: one of the arguments --cron --interval is required"),
+], ids=["bad-cron", "missing-config", "no-schedule"])
 def test_serve_rejects_bad_input_with_exit_2(argv: list[str], message: str, capsys) -> None:
     assert main(argv) == 2
     assert capsys.readouterr().err.strip().startswith(message)
