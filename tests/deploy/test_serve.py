@@ -64,7 +64,8 @@ def test_serve_runs_the_schedule_on_its_own_server_picks_up_new_tasks_and_stops_
         grown = next(r for r in runs if len(r["tasks"]) == 3)
         task = "003-icon-qa"
         assert computed(grown) == {("data", task, None), ("finetune", task, None), ("prototypes", task, None),
-                                   ("stats", task, None), ("merge", task, "many"), ("eval", task, "many")}
+                                   ("stats", task, None), ("merge", task, "many"),
+                                   ("merge_diagnostics", task, "many"), ("eval", task, "many")}
         assert len(runs) >= 2
 
         pids = tree(process.pid)
