@@ -272,3 +272,18 @@ def test_many_r_residual_link_t_reads_merge_t_and_every_task_adapter_up_to_t() -
     config = parse_config({"many_r": {"rank": 4}})
     inputs = {name: REF for name in upstream}
     assert cache_key(key, RESIDUAL_CHAIN.config(config), inputs) != cache_key(key, RESIDUAL_CHAIN.config(parse_config({})), inputs)
+
+
+def test_stored_counts_the_tensors_of_safetensors_files_and_directories(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from tasks.rows import parts
+
+    (tmp_path / "task" / "adapter").mkdir(parents=True)
+    save_file({"a": torch.zeros(3, 4), "b": torch.zeros(2, dtype=torch.float64)}, str(tmp_path / "task" / "adapter" / "w.safetensors"))
+    save_file({"p": torch.zeros(5, dtype=torch.bfloat16)}, str(tmp_path / "task" / "projector.safetensors"))
+    (tmp_path / "task" / "notes.json").write_text("{}")  # not a tensor file: not counted
+    assert parts.stored(tmp_path / "task" / "projector.safetensors") == (5, 10)
+    assert parts.stored(tmp_path / "task") == (12 + 2 + 5, 48 + 16 + 10)
+    assert parts.footprint(19, 74, 2) == {"trainable_parameters": 19, "bytes_per_task": 37}
