@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-train", type=int, help="training samples per task (default: the config's)")
     parser.add_argument("--n-test", type=int, help="test samples per task (default: the config's)")
     parser.add_argument("--no-unprojected", action="store_true", help="skip the project=False column")
+    parser.add_argument("--no-references", action="store_true",
+                        help="skip the base and own-LoRA rows (when another run of the same base measured them)")
     parser.add_argument("--base", type=Path, help="a base model dir to reuse (else pretrained here and kept in the scratch dir)")
     parser.add_argument("--json", type=Path, help="also write every cell here")
     args = parser.parse_args(argv)
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     model, processor = load_base(base_dir, config.base.model_copy(update={"device": "cpu"}))
     cells: list[dict[str, Any]] = []
 
-    token_norm = float(model.get_input_embeddings().weight.norm(dim=1).median())
+    token_norm = float(model.get_input_embeddings().weight.detach().norm(dim=1).median())
 
     def record(task: str, method: str, lr: float | None, n: int | None, score: float, loss: float | None,
                seconds: float, prompt_norm: float | None = None) -> None:
@@ -91,18 +93,19 @@ def main(argv: list[str] | None = None) -> int:
 
     for kind in [t for t in args.tasks.split(",") if t]:
         task = make_task(kind, mini)
-        start = time.perf_counter()
-        record(kind, "base (no training)", None, None,
-               evaluate(model, processor, task, config.eval).score, None, time.perf_counter() - start)
-        start = time.perf_counter()
-        losses: list[float] = []
-        trained = finetune(model, processor, task.train, config.finetune.model_copy(update={"steps": steps}),
-                           progress=False, on_step=lambda s: losses.append(s.loss))
-        save_task(trained, scratch / "own" / kind)
-        own_model = assemble(model, own(scratch / "own" / kind))
-        record(kind, "own LoRA + projector", config.finetune.lr, None,
-               evaluate(own_model, processor, task, config.eval).score, sum(losses[-10:]) / 10,
-               time.perf_counter() - start)
+        if not args.no_references:
+            start = time.perf_counter()
+            record(kind, "base (no training)", None, None,
+                   evaluate(model, processor, task, config.eval).score, None, time.perf_counter() - start)
+            start = time.perf_counter()
+            losses: list[float] = []
+            trained = finetune(model, processor, task.train, config.finetune.model_copy(update={"steps": steps}),
+                               progress=False, on_step=lambda s: losses.append(s.loss))
+            save_task(trained, scratch / "own" / kind)
+            own_model = assemble(model, own(scratch / "own" / kind))
+            record(kind, "own LoRA + projector", config.finetune.lr, None,
+                   evaluate(own_model, processor, task, config.eval).score, sum(losses[-10:]) / 10,
+                   time.perf_counter() - start)
         for project in (True, False) if not args.no_unprojected else (True,):
             for n in _ints(args.prompts):
                 for lr in _floats(args.lrs):
