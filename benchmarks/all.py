@@ -31,6 +31,9 @@ import torch
 BENCHMARKS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("benchmarks.quality", "Quality: every method on mini-UCIT through the pipeline (issue #8)", ()),
     ("benchmarks.ablation", "Where MAny's gap to the oracle comes from: its final model taken apart (issue #8)", ()),
+    ("benchmarks.fwd_prompt_sweep", "Can Fwd-Prompt's prompt tuning learn a mini-UCIT task? (issue #16)",
+     ("--tasks", "noisy-caption,style-cls", "--lrs", "0.1,1", "--prompts", "8,32", "--steps", "200", "--n-test", "50",
+      "--no-unprojected")),
     ("benchmarks.perf", "Performance goals as ratios, 100-task stream, 7B-shaped merge (issue #8)", ()),
     ("benchmarks.merge_cost", "LPM merge cost vs a bare solve (issue: foundation)", ()),
     ("benchmarks.store_overhead", "Store overhead vs a plain fsspec copy (issue: store)", ()),

@@ -4,11 +4,17 @@ For each seed s and task order (UCIT order, and its reverse) one `flows.pipeline
 base.seed = finetune.seed = data.mini_ucit.seed = s, all into ONE store, so whatever two runs share is computed
 once (a seed's base, data, finetunes, statistics and prototypes serve both orders; only the order-dependent merges,
 SeqLoRA chain and eval rows are recomputed). The reports are aggregated per order and method as mean ± std
-over seeds of Last (MFN), MFT, MAA and BWT, and checked against issue #8's goals, stated here and never tuned
-to a method:
+over seeds of Last (MFN), normalised Last, MFT, MAA and BWT, with each row's size, and checked against issue #8's
+goals, stated here and never tuned to a method:
 
     MAny Last ≥ SeqLoRA Last + 15     MAny Last > every merge baseline's Last
     MAny Last ≥ individual Last − 3   MAny BWT ≥ −2
+
+Normalised Last = 100 × mean over tasks j of A[T−1][j] / individual's A[T−1][j] (tasks where individual scores 0
+left out), so a caption task's CIDEr-heavy scale, which can exceed 100, does not outweigh the others. Sizes, from each
+row's last eval (tasks.rows.parts.footprint): trainable parameters over the whole stream, and the bytes of the tensors
+the final model answers with divided by the number of tasks (what is kept only to train further, such as MAny's RLS
+state and Grams or Fwd-Prompt's core basis, is not counted).
 
 Default: the embedded mini-UCIT defaults, 6 tasks, 3 seeds, both orders (~25 min per seed and order on two
 cores, cold). `--smoke`: examples/tiny.yaml, 2 tasks, 1 seed (a minute or two).
@@ -32,16 +38,18 @@ from benchmarks.common import quiet_environment, seed_count, stream_config
 
 ORDERS = ("ucit", "reverse")
 SUMMARY = (("Last", "MFN"), ("MFT", "MFT"), ("MAA", "MAA"), ("BWT", "BWT"))
+SIZES = (("params", "trainable_parameters"), ("bytes", "bytes_per_task"))  # scalars of a report row
 MERGE_BASELINES = ("average", "task_arithmetic", "ties", "regmean")
 SYSTEMS = ("cram", "fwd_prompt")  # the other continual-learning systems (issue #10): opt-in in a run, always here
+EXTRA_ROWS = ("many_r",)  # opt-in rows that cost little (a CPU chain and its evals): always here
 
 
 def seeded(config: Any, seed: int, order: str, tasks: int, store: str, systems: bool = True) -> Any:
     """`config` for one replicate: every seed set to `seed`, the first `tasks` tasks in `order`, into `store`,
-    with CRAM and Fwd-Prompt added to the config's methods unless `systems` is False."""
+    with MAny-R, and CRAM and Fwd-Prompt unless `systems` is False, added to the config's methods."""
     stream = config.tasks[:tasks]
     return config.model_copy(update={
-        "methods": tuple(dict.fromkeys((*config.methods, *(SYSTEMS if systems else ())))),
+        "methods": tuple(dict.fromkeys((*config.methods, *EXTRA_ROWS, *(SYSTEMS if systems else ())))),
         "tasks": stream if order == "ucit" else tuple(reversed(stream)),
         "base": config.base.model_copy(update={"seed": seed}),
         "finetune": config.finetune.model_copy(update={"seed": seed}),
@@ -50,17 +58,33 @@ def seeded(config: Any, seed: int, order: str, tasks: int, store: str, systems: 
     })
 
 
+def normalised_last(report: dict[str, Any], method: str) -> float | None:
+    """100 × mean_j A[T−1][j] / A_individual[T−1][j] over the tasks where individual scores above 0; None without an
+    individual row (or when it scores 0 everywhere)."""
+    if "individual" not in report["methods"]:
+        return None
+    pairs = [(m, i) for m, i in zip(report["methods"][method]["matrix"][-1], report["methods"]["individual"]["matrix"][-1])
+             if i and i > 0]
+    return 100 * statistics.fmean(m / i for m, i in pairs) if pairs else None
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def aggregate(reports: list[dict[str, Any]]) -> dict[str, dict[str, tuple[float, float]]]:
-    """{method: {metric: (mean, std)}} over the replicates' reports (std 0 for one replicate)."""
+    """{method: {metric: (mean, std)}} over the replicates' reports (std 0 for one replicate): SUMMARY's metrics,
+    "Last / ind." (normalised Last) when the runs have an individual row, and SIZES when every report has them."""
     out: dict[str, dict[str, tuple[float, float]]] = {}
     for method in reports[0]["methods"]:
-        out[method] = {}
-        for label, key in SUMMARY:
-            values = [r["methods"][method][key] for r in reports]
-            out[method][label] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
-        params = [r["methods"][method].get("trainable_parameters") for r in reports]
-        if all(p is not None for p in params):  # CRAM / Fwd-Prompt report their trainable-parameter counts
-            out[method]["params"] = (statistics.fmean(params), statistics.stdev(params) if len(params) > 1 else 0.0)
+        out[method] = {label: _mean_std([r["methods"][method][key] for r in reports]) for label, key in SUMMARY}
+        normalised = [normalised_last(r, method) for r in reports]
+        if all(v is not None for v in normalised):
+            out[method]["Last / ind."] = _mean_std(normalised)
+        for label, key in SIZES:
+            values = [r["methods"][method].get(key) for r in reports]
+            if all(v is not None for v in values):
+                out[method][label] = _mean_std(values)
     return out
 
 
@@ -84,15 +108,20 @@ def goals(table: dict[str, dict[str, tuple[float, float]]]) -> list[tuple[str, s
     return rows
 
 
+COLUMNS = ("Last", "Last / ind.", "MFT", "MAA", "BWT")
+
+
 def markdown(order: str, tasks: list[str], n_seeds: int, table: dict[str, dict[str, tuple[float, float]]]) -> str:
+    """The order's table: COLUMNS as mean ± std ("Last / ind." = normalised Last, %), then trainable parameters and
+    bytes stored per task (means; empty where a row did not report them), then issue #8's goals."""
     lines = [f"**{order} order** ({' → '.join(tasks)}), mean ± std over {n_seeds} seed(s)", "",
-             "| method | " + " | ".join(label for label, _ in SUMMARY) + " | trainable parameters |",
-             "|---|" + "---:|" * (len(SUMMARY) + 1)]
+             "| method | " + " | ".join(COLUMNS) + " | trainable parameters | bytes per task |",
+             "|---|" + "---:|" * (len(COLUMNS) + 2)]
     for method, row in table.items():
-        cells = [f"{mean:+.1f} ± {std:.1f}" if label == "BWT" else f"{mean:.1f} ± {std:.1f}"
-                 for label, (mean, std) in row.items() if label != "params"]
-        params = f"{row['params'][0]:,.0f}" if "params" in row else ""
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {params} |")
+        cells = ["" if label not in row else f"{row[label][0]:+.1f} ± {row[label][1]:.1f}" if label == "BWT"
+                 else f"{row[label][0]:.1f} ± {row[label][1]:.1f}" for label in COLUMNS]
+        cells += [f"{row[label][0]:,.0f}" if label in row else "" for label, _ in SIZES]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
     checks = goals(table)
     if checks:
         lines += ["", "| goal (issue #8) | measured | met |", "|---|---:|---|"]

@@ -96,6 +96,16 @@ class LPMConfig(Frozen):
     diagnostics: bool = Field(True, exclude=True)
 
 
+class ResidualConfig(Frozen):
+    """MAny-R's per-task residuals (many.residual; docs/design.md §1.4): rank k of each task's ΔW_i − M_t.
+
+    rank: k. The default, 8, is the default LoRA rank: each task then stores as many residual bytes as its own
+          LoRA (k·(out + in) floats per layer). k ≥ r_i + Σ r makes the residual exact.
+    """
+
+    rank: PositiveInt = 8
+
+
 class CPMConfig(Frozen):
     """Cross-modal projection merging: w = softmax(cos(f(x), μ_i) / τ) (docs/design.md §1).
 

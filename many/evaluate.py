@@ -5,6 +5,7 @@ Every method is evaluated through one harness. An `Assembly` names what differs 
     W = W0 + ΔW            per LoRA-targeted linear (ΔW dense, (out, in); none = the base LLM)
     H = P(z)               "single": one projector (or the base's own when none is given)
     H = Σ_i w_i P_i(z)     "cpm": w = softmax(cos(f(x), μ_i) / τ) per image, optional top-k (many.cpm)
+    y += Σ_i w_i U_i V_i x  "cpm" with residuals: per-task low-rank residuals mixed by the same w (many.residual)
 
 Individual (task-id oracle) = task j's ΔW_j + its own projector; SeqLoRA = the chain's adapter + projector;
 the merges = merged ΔW + CPM routing (MAny) or one averaged projector. `assemble` returns a new model (the
@@ -36,6 +37,7 @@ from many.model.chat import decode_answers, encode_for_generation
 from many.model.parts import PEFT_PREFIX, llava  # PEFT module name = PEFT_PREFIX + the base model's module name
 from many.progress import BatchCallback
 from many.prototypes import pooled_features, read_prototypes
+from many.residual import RoutedResidual
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: a field-wise == on tensors has no truth value
@@ -60,7 +62,8 @@ class Assembly:
     """What to evaluate: dense LoRA updates per PEFT module name, projector state dicts, and their routing.
 
     routing "single": at most one projector (none = the base's own); "cpm": one projector per known task,
-    `prototypes` (T, D) in the same order, and `tau`.
+    `prototypes` (T, D) in the same order, and `tau`. `residuals` (routing "cpm" only, MAny-R): one
+    {PEFT module name: (U (out, k), V (k, in))} per known task, in the projectors' order, mixed by the same weights.
     """
 
     deltas: Mapping[str, Tensor] = field(default_factory=dict)  # PEFT module name -> ΔW (out, in)
@@ -69,8 +72,12 @@ class Assembly:
     prototypes: Tensor | None = None  # (T, D)
     tau: float | None = None
     top_k: int | None = None
+    residuals: tuple[Mapping[str, tuple[Tensor, Tensor]], ...] = ()  # per task: module -> (U (out, k), V (k, in))
 
     def __post_init__(self) -> None:
+        if self.residuals and (self.routing != "cpm" or len(self.residuals) != len(self.projectors)):
+            raise ValueError(f"Assembly: residuals need routing 'cpm' and one residual set per projector, got "
+                             f"{len(self.residuals)} sets for {len(self.projectors)} projectors ({self.routing!r})")
         if self.routing == "single":
             if len(self.projectors) > 1:
                 raise ValueError(
@@ -134,6 +141,16 @@ def _add_delta(modules: Mapping[str, nn.Module], name: str, delta: Tensor) -> No
         weight.copy_((weight.to(torch.float64) + delta.to(weight.device, torch.float64)).to(weight.dtype))
 
 
+def _add_residual(model: nn.Module, modules: Mapping[str, nn.Module], name: str, factors: list) -> None:
+    """Replace the linear `name` by a RoutedResidual holding the tasks' residual factors (None: that task has none)."""
+    path = name.removeprefix(PEFT_PREFIX)
+    if not name.startswith(PEFT_PREFIX) or not isinstance(modules.get(path), nn.Linear):
+        raise ValueError(f"assemble: residual for {name!r}, which is not a linear layer of the base "
+                         f"(residuals are keyed by PEFT module names, '{PEFT_PREFIX}' + a linear layer)")
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent), child, RoutedResidual(modules[path], factors))
+
+
 def _projector(template: nn.Module, state: Mapping[str, Tensor], index: int) -> nn.Module:
     projector = copy.deepcopy(template)
     expected = projector.state_dict()
@@ -161,6 +178,8 @@ def assemble(
     modules = dict(model.named_modules())
     for name, delta in assembly.deltas.items():
         _add_delta(modules, name, delta)
+    for name in sorted({name for task in assembly.residuals for name in task}):
+        _add_residual(model, modules, name, [task.get(name) for task in assembly.residuals])
     template = model.model.multi_modal_projector
     projectors = [_projector(template, state, i) for i, state in enumerate(assembly.projectors)]
     if assembly.routing == "cpm":
@@ -187,6 +206,7 @@ def generate_answers(
     if isinstance(projector, cpm.RoutedProjector) != (routing is not None):
         raise ValueError("generate_answers: pass routing exactly when the model has a CPM RoutedProjector "
                          "(use Assembly.router)")
+    residual_layers = [m for m in model.modules() if isinstance(m, RoutedResidual)]  # only beside a RoutedProjector
     tokenizer = processor.tokenizer
     device = next(model.parameters()).device
     dtype = next(llava(model).model.vision_tower.parameters()).dtype
@@ -202,6 +222,8 @@ def generate_answers(
                 features = pooled_features(model, batch["pixel_values"])  # (B, D)
                 weights = cpm.routing_weights(features, routing.prototypes.to(device), routing.tau, routing.top_k)
                 projector.route(weights)  # (B, T), in force for this batch's generate
+                for module in residual_layers:
+                    module.route(weights)
             with torch.no_grad():
                 out = model.generate(
                     **batch, do_sample=False, max_new_tokens=cfg.max_new_tokens, use_cache=use_cache,

@@ -53,7 +53,7 @@ from many.metrics import summarize
 METRICS = ("MFT", "MFN", "MAA", "BWT")
 METRIC_HEADERS = {"MFT": "MFT", "MFN": "MFN (Last)", "MAA": "MAA", "BWT": "BWT"}
 RESERVED_FIELDS = ("matrix", *METRICS)
-SCORE_EXTRAS = ("trainable_parameters",)  # scalars of an eval's scores.json that the report shows per method
+SCORE_EXTRAS = ("trainable_parameters", "bytes_per_task")  # scalars of an eval's scores.json that the report shows per method
 Extra = bool | int | float | str | None
 
 CAPTION_MARK = "†"

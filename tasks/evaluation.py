@@ -5,7 +5,8 @@ module loads the base and the test tasks, calls the row, and writes the two outp
     predictions.parquet   task, sample_id, prediction, reference — one row per test sample
     scores.json           {"method", "tasks", "scores" (percent), "tau" (CPM's τ, null when not routed), **fields}
 
-`fields` are the row's own (CRAM's and Fwd-Prompt's "trainable_parameters", CRAM's "parameters_per_task", "ranks").
+`fields` are the row's own: every row's size, "trainable_parameters" and "bytes_per_task" (tasks.rows.parts.footprint),
+CPM's "tau", CRAM's "parameters_per_task" and "ranks", MAny-R's "residual_bytes_per_task" and "residual_error".
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from tasks.rows import get_row
 from tasks.rows.row import EvalContext, EvalInputs, EvalStageConfig
 from tasks.stages import load_base
 
-VERSION = "2"  # 2: CPM routes with the patch-mean feature
+VERSION = "3"  # 2: CPM routes with the patch-mean feature; 3: every row reports trainable_parameters, bytes_per_task
 OUTPUTS = ("predictions", "scores")
 
 

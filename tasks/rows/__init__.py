@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import model_validator
 
-from many.config import FinetuneConfig, Frozen
+from many.config import FinetuneConfig, Frozen, ResidualConfig
 from many.merging.config import AverageConfig, RegMeanConfig, TaskArithmeticConfig, TiesConfig
 from many.methods.cram import CramConfig
 from many.methods.fwd_prompt import FwdPromptConfig
@@ -27,6 +27,7 @@ BUILT_IN = (
     "tasks.rows.many",
     "tasks.rows.many_lpm_only",
     "tasks.rows.many_cpm_only",
+    "tasks.rows.many_r",
     "tasks.rows.individual",
     "tasks.rows.seqlora",
     "tasks.rows.average",
@@ -89,13 +90,14 @@ class MergingConfig(Frozen):
 
 
 class MethodSettings(Frozen):
-    """The run config's sections that belong to method rows (YAML top level: merging, cram, fwd_prompt).
+    """The run config's sections that belong to method rows (YAML top level: merging, many_r, cram, fwd_prompt).
 
     CRAM and Fwd-Prompt train with the run's budget: `cram.finetune` defaults to the `finetune` section, and
     `fwd_prompt` to its steps, batch_size and seed, unless their section sets its own.
     """
 
     merging: MergingConfig = MergingConfig()
+    many_r: ResidualConfig = ResidualConfig()
     cram: CramConfig = CramConfig()
     fwd_prompt: FwdPromptConfig = FwdPromptConfig()
 

@@ -10,6 +10,7 @@ from typing import Any
 from many.config import Frozen
 from many.methods.cram import CramConfig
 from tasks.progress import step_reporter
+from tasks.rows import parts
 from tasks.rows.row import Chain, EvalContext, PerTask, Row, indexed, indexed_paths
 from tasks.stages import load_base
 
@@ -62,7 +63,8 @@ def evaluate(ctx: EvalContext) -> tuple[list[Any], dict[str, Any]]:
     results = evaluate_cram(ctx.base_model, ctx.processor, list(ctx.tasks), experts, centroids, ctx.config.eval,
                             on_batch=ctx.on_batch)
     per_task = [trainable_parameters(expert)["total"] for expert in experts]
-    return results, {"trainable_parameters": sum(per_task), "parameters_per_task": per_task,
+    kept = sum(parts.stored(path)[1] for path in ctx.inputs.chain) + parts.prototype_bytes(ctx)  # experts, centroids
+    return results, {**parts.footprint(sum(per_task), kept, len(ctx.tasks)), "parameters_per_task": per_task,
                      "ranks": [expert.allocation.rank for expert in experts]}
 
 

@@ -11,6 +11,7 @@ from typing import Any
 from many.config import Frozen
 from many.methods.fwd_prompt import FwdPromptConfig
 from tasks.progress import step_reporter
+from tasks.rows import parts
 from tasks.rows.row import Chain, EvalContext, PerTask, Row
 from tasks.stages import load_base
 
@@ -68,8 +69,10 @@ def evaluate(ctx: EvalContext) -> tuple[list[Any], dict[str, Any]]:
     results = [evaluate(model, prompted, replace(task, test=prompted_samples(task.test, n)), ctx.config.eval,
                         on_batch=ctx.on_batch)
                for task in ctx.tasks]
-    # the prompts (n, d) are the only trained tensor; the core basis is computed, not trained
-    return results, {"trainable_parameters": state.prompts.numel(), "core_dims": state.core.shape[1]}
+    # the prompts (n, d) are the only trained tensor and all the model keeps; the core basis is computed, not
+    # trained, and kept only for training the next task
+    return results, {**parts.footprint(state.prompts.numel(), state.prompts.numel() * 4, len(ctx.tasks)),
+                     "core_dims": state.core.shape[1]}
 
 
 ROW = Row(

@@ -11,7 +11,9 @@ from tasks.rows.row import EvalContext, Row
 
 
 def evaluate(ctx: EvalContext) -> tuple[list[Any], dict[str, Any]]:
-    return parts.score(ctx, [parts.own(task_dir) for task_dir in ctx.inputs.finetune]), {}
+    kept = sum(parts.stored(task_dir)[1] for task_dir in ctx.inputs.finetune)
+    return (parts.score(ctx, [parts.own(task_dir) for task_dir in ctx.inputs.finetune]),
+            parts.task_adapters_footprint(ctx, kept))
 
 
 ROW = Row(

@@ -14,7 +14,8 @@ def evaluate(ctx: EvalContext) -> tuple[list[Any], dict[str, Any]]:
     from many.evaluate import Assembly
 
     assembly = Assembly(lpm_deltas(ctx), (parts.averaged_projector(ctx.inputs.finetune),))
-    return parts.score(ctx, [assembly] * len(ctx.tasks)), {}
+    kept = parts.stored(ctx.inputs.chain[-1])[1] + parts.projector_bytes(ctx.inputs.finetune[0])  # one projector
+    return parts.score(ctx, [assembly] * len(ctx.tasks)), parts.task_adapters_footprint(ctx, kept)
 
 
 ROW = Row(

@@ -1,5 +1,6 @@
 """The pieces rows build their models from (docs/design.md §1, §10): a task's own LoRA and projector, the averaged
-projector, CPM routing over the tasks ≤ t, and the loop that scores one Assembly per test task.
+projector, CPM routing over the tasks ≤ t, the loop that scores one Assembly per test task, and what a row reports
+of its size (`footprint`: trainable parameters, bytes stored per task).
 
 Everything here reads local copies of stage outputs (paths) and calls `many`; nothing knows a method's name.
 """
@@ -60,3 +61,51 @@ def score(ctx: EvalContext, assemblies: Sequence[Any]) -> list[Any]:
         results.append(evaluate(model, ctx.processor, task, ctx.config.eval, routing=assembly.router,
                                 on_batch=ctx.on_batch))
     return results
+
+
+def stored(*paths: Path) -> tuple[int, int]:
+    """(elements, bytes) of every tensor in the safetensors files at `paths` (files, or directories searched
+    recursively), read from the file headers."""
+    from safetensors import safe_open
+
+    files = [f for p in map(Path, paths) for f in ([p] if p.is_file() else sorted(p.rglob("*.safetensors")))]
+    elements = nbytes = 0
+    for path in files:
+        with safe_open(str(path), framework="pt") as reader:
+            for key in reader.keys():
+                view = reader.get_slice(key)
+                count = 1
+                for size in view.get_shape():
+                    count *= size
+                elements += count
+                nbytes += count * _ITEMSIZE[view.get_dtype()]
+    return elements, nbytes
+
+
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def projector_bytes(task_dir: Path) -> int:
+    from many.adapters import PROJECTOR_FILE
+
+    return stored(Path(task_dir) / PROJECTOR_FILE)[1]
+
+
+def prototype_bytes(ctx: EvalContext) -> int:
+    """The (T, D) float32 prototypes a routed model keeps (one vector per task; the per-image rows are not needed)."""
+    from many.prototypes import read_prototypes
+
+    _, prototypes, _ = read_prototypes(ctx.inputs.prototypes)
+    return prototypes.numel() * 4
+
+
+def footprint(trained: int, kept_bytes: int, tasks: int) -> dict[str, int]:
+    """A row's size fields of scores.json (docs/design.md §2.1): `trainable_parameters`, every parameter trained by
+    gradient over the stream so far, and `bytes_per_task`, the bytes of the tensors the model after the last task
+    answers with (adapters, merged updates, projectors, residuals, prototypes, prompts), divided by the tasks."""
+    return {"trainable_parameters": trained, "bytes_per_task": kept_bytes // tasks}
+
+
+def task_adapters_footprint(ctx: EvalContext, kept_bytes: int) -> dict[str, int]:
+    """`footprint` of a row built from the per-task fine-tunes (each task's LoRA + projector trained once)."""
+    return footprint(sum(stored(d)[0] for d in ctx.inputs.finetune), kept_bytes, len(ctx.tasks))

@@ -32,7 +32,9 @@ CHAIN = Chain(
 
 
 def evaluate(ctx: EvalContext) -> tuple[list[Any], dict[str, Any]]:
-    return parts.score(ctx, [parts.own(ctx.inputs.chain[-1])] * len(ctx.tasks)), {}
+    elements, kept = parts.stored(ctx.inputs.chain[-1])  # one LoRA + projector, trained through every task
+    return (parts.score(ctx, [parts.own(ctx.inputs.chain[-1])] * len(ctx.tasks)),
+            parts.footprint(elements, kept, len(ctx.tasks)))
 
 
 ROW = Row(

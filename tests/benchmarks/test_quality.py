@@ -16,7 +16,16 @@ def report(many: float, seqlora: float, ties: float, individual: float) -> dict:
         return [[last, None], [last, last]]
 
     return report_from_matrices(TASKS, {"many": [[80.0, None], [many, 80.0]], "seqlora": diagonal(seqlora),
-                                         "ties": diagonal(ties), "individual": diagonal(individual)})
+                                         "ties": diagonal(ties), "individual": diagonal(individual)},
+                                extras={"many": {"trainable_parameters": 1234, "bytes_per_task": 4936}})
+
+
+def test_normalised_last_leaves_out_tasks_individual_scores_zero_on_and_needs_individual() -> None:
+    from benchmarks.quality import normalised_last
+
+    zero = report_from_matrices(TASKS, {"many": [[5.0, None], [5.0, 40.0]], "individual": [[0.0, None], [0.0, 80.0]]})
+    assert normalised_last(zero, "many") == pytest.approx(50.0)
+    assert normalised_last(report_from_matrices(TASKS, {"many": [[1.0, None], [1.0, 1.0]]}), "many") is None
 
 
 def test_mean_std_and_goals() -> None:
@@ -27,8 +36,12 @@ def test_mean_std_and_goals() -> None:
     checks = {goal: met for goal, _, met in goals(table)}
     assert checks == {"MAny Last ≥ SeqLoRA Last + 15": True, "MAny Last > best merge baseline (ties)": True,
                       "MAny Last ≥ individual Last − 3": False, "MAny BWT ≥ −2": False}
+    # normalised Last: mean over tasks of many / individual = (70/80 + 80/80) / 2 and (74/80 + 1) / 2
+    assert table["many"]["Last / ind."] == pytest.approx((95.0, 1.25 * 2 ** 0.5))
+    assert table["individual"]["Last / ind."] == (100.0, 0.0)
     text = markdown("ucit", TASKS, 2, table)
-    assert "| many | 76.0 ± 1.4 | 80.0 ± 0.0 | 78.0 ± 0.7 | -8.0 ± 2.8 |" in text
+    assert "| many | 76.0 ± 1.4 | 95.0 ± 1.8 | 80.0 ± 0.0 | 78.0 ± 0.7 | -8.0 ± 2.8 | 1,234 | 4,936 |" in text
+    assert "| seqlora | 42.0 ± 2.8 | 52.5 ± 3.5 |" in text and text.count("|  |  |") == 3  # no sizes reported
     assert "| MAny BWT ≥ −2 | -8.0 | no |" in text
 
 

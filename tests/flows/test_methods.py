@@ -106,10 +106,11 @@ def test_cram_and_fwd_prompt_run_cache_grow_and_report(harness, tmp_path: Path, 
     report = cold["report"]
     assert list(report["methods"]) == SYSTEMS
     for row in report["methods"].values():
-        assert set(row) == {"matrix", "MFT", "MFN", "MAA", "BWT", "trainable_parameters"}
+        assert set(row) == {"matrix", "MFT", "MFN", "MAA", "BWT", "trainable_parameters", "bytes_per_task"}
         assert row["matrix"][0][1] is None and all(v is not None for v in row["matrix"][1])
     n_prompts, hidden = FwdPromptConfig().n_prompts, TINY["base"]["tiny"]["text_hidden"]
     assert report["methods"]["fwd_prompt"]["trainable_parameters"] == n_prompts * hidden
+    assert report["methods"]["fwd_prompt"]["bytes_per_task"] == n_prompts * hidden * 4 // 2  # the prompts, float32
     cram = eval_scores(store, cold, "chart-qa", "cram")
     assert cram["parameters_per_task"] == [stored_parameters(store, cold, t) for t in two]
     assert report["methods"]["cram"]["trainable_parameters"] == sum(cram["parameters_per_task"])

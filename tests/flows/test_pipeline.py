@@ -47,7 +47,15 @@ def test_cold_cached_incremental_tau_export_report(tmp_path: Path, capsys) -> No
     assert set(report["methods"]) == set(METHODS)
     for row in report["methods"].values():
         assert row["matrix"][0][1] is None and all(v is not None for v in row["matrix"][1])
-        assert set(row) == {"matrix", "MFT", "MFN", "MAA", "BWT"}
+        assert set(row) == {"matrix", "MFT", "MFN", "MAA", "BWT", "trainable_parameters", "bytes_per_task"}
+    sizes = {m: (row["trainable_parameters"], row["bytes_per_task"]) for m, row in report["methods"].items()}
+    # every row built from the per-task fine-tunes trained the same parameters; SeqLoRA trained one set of them
+    assert len({sizes[m][0] for m in METHODS if m != "seqlora"}) == 1
+    assert sizes["seqlora"][0] * 2 == sizes["individual"][0]
+    assert sizes["individual"][1] == 4 * sizes["individual"][0] // 2  # float32, per task
+    # the merged LoRA of rank Σr holds as much as the tasks' own LoRAs; MAny adds every projector and a prototype
+    assert sizes["individual"][1] < sizes["many"][1] < sizes["individual"][1] * 1.1
+    assert sizes["many_lpm_only"][1] < sizes["many"][1]
     check_diagnostics(store, cold)
 
     cached = run(capsys, "--config", str(config), "--store", store, "--tasks", "2")

@@ -181,7 +181,7 @@ def test_each_row_declares_the_recipe_its_model_is_served_by() -> None:
                        "many_cpm_only": ("merged", "cpm"), "individual": ("task", "own"), "seqlora": ("merged", "own"),
                        "average": ("merged", "average"), "task_arithmetic": ("merged", "average"),
                        "ties": ("merged", "average"), "regmean": ("merged", "average"), "cram": None,
-                       "fwd_prompt": None}
+                       "fwd_prompt": None, "many_r": None}
     # an export holds the tasks' own parts, the LPM chain's last link if the run merged, prototypes if it made them
     assert list(served_methods(merged=True, routed=True)) == ["many", "many_lpm_only", "individual"]
     assert list(served_methods(merged=True, routed=False)) == ["many_lpm_only", "individual"]
@@ -253,3 +253,37 @@ def test_a_toy_row_from_outside_the_package_runs_through_the_pipeline(tmp_path: 
     predictions = pq.read_table(opened.materialize(last_eval.outputs["predictions"], context="test")).to_pylist()
     assert [(p["sample_id"], p["prediction"]) for p in predictions] == [
         (sample_id, prediction) for r in results for sample_id, prediction, _ in r.predictions]
+
+
+def test_many_r_residual_link_t_reads_merge_t_and_every_task_adapter_up_to_t() -> None:
+    from tasks.rows.many import LPM_CHAIN
+    from tasks.rows.many_r import RESIDUAL_CHAIN
+
+    row = ROWS["many_r"]
+    assert not row.default and row.routed and row.recipe is None
+    assert row.chains() == (LPM_CHAIN, RESIDUAL_CHAIN) and RESIDUAL_CHAIN.follows is LPM_CHAIN
+    assert row.needs == {"finetune", "prototypes", "stats"}
+    links, _ = _links("many_r", 3)
+    stage, t, upstream = links[2]
+    assert (stage, t) == ("residual", 2)
+    assert upstream["merge"] == (("merge", 2, _links("many", 3)[0][2][2]), "adapter")
+    assert sorted(upstream) == ["finetune_0", "finetune_1", "finetune_2", "merge"]
+    key = stage_def("residual", upstream)
+    config = parse_config({"many_r": {"rank": 4}})
+    inputs = {name: REF for name in upstream}
+    assert cache_key(key, RESIDUAL_CHAIN.config(config), inputs) != cache_key(key, RESIDUAL_CHAIN.config(parse_config({})), inputs)
+
+
+def test_stored_counts_the_tensors_of_safetensors_files_and_directories(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from tasks.rows import parts
+
+    (tmp_path / "task" / "adapter").mkdir(parents=True)
+    save_file({"a": torch.zeros(3, 4), "b": torch.zeros(2, dtype=torch.float64)}, str(tmp_path / "task" / "adapter" / "w.safetensors"))
+    save_file({"p": torch.zeros(5, dtype=torch.bfloat16)}, str(tmp_path / "task" / "projector.safetensors"))
+    (tmp_path / "task" / "notes.json").write_text("{}")  # not a tensor file: not counted
+    assert parts.stored(tmp_path / "task" / "projector.safetensors") == (5, 10)
+    assert parts.stored(tmp_path / "task") == (12 + 2 + 5, 48 + 16 + 10)
+    assert parts.footprint(19, 74, 2) == {"trainable_parameters": 19, "bytes_per_task": 37}

@@ -1,0 +1,81 @@
+"""MAny-R as a method row of the pipeline (tasks/rows/many_r.py; many.residual): opt-in, its `residual` chain follows
+the LPM merge, `many_r.rank` keys only that chain and its evals. Slow: the tiny stream of examples/tiny.yaml — with a
+rank that keeps every residual exact and top-1 routing, each test image is answered by the model of the task it is
+routed to, exactly that task's own adapter and projector: on images routed to their own task MAny-R answers as
+`individual` does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flows.config import DEFAULT_METHODS, parse_config
+from tests.flows.e2e import computed, run, write_config
+from tests.flows.test_methods import eval_scores
+
+METHODS = ["many", "many_r", "individual"]
+
+
+def test_many_r_is_opt_in_with_its_own_rank() -> None:
+    assert "many_r" not in DEFAULT_METHODS
+    assert parse_config({}).many_r.rank == 8  # the default LoRA rank: as many bytes per task as its own LoRA
+    assert parse_config({"methods": ["many_r"], "many_r": {"rank": 3}}).many_r.rank == 3
+
+
+def _output(store_url: str, summary: dict, stage: str, task: str | None, output: str, method: str | None = None) -> Path:
+    from tasks.store import Store
+
+    store = Store.open(store_url)
+    entry = next(s for s in summary["stages"] if (s["stage"], s["task"]) == (stage, task)
+                 and (method is None or s["method"] == method))
+    return store.materialize(store.read_manifest(stage, entry["key"]).outputs[output], context="test")
+
+
+def _predictions(store_url: str, summary: dict, task: str, method: str) -> dict[str, str]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(_output(store_url, summary, "eval", task, "predictions", method)).to_pylist()
+    return {r["sample_id"]: r["prediction"] for r in table}
+
+
+def _routed_to(store_url: str, summary: dict, tasks: list[str]) -> dict[str, int]:
+    """The task (index) top-1 CPM routing sends each test image of `tasks` to: argmax_i cos(f(x), μ_i)."""
+    from many.config import BaseConfig
+    from many.cpm import routing_weights
+    from many.data import read_task
+    from many.model.load import load_base
+    from many.prototypes import image_features, read_prototypes
+
+    base, processor = load_base(_output(store_url, summary, "base", None, "model"), BaseConfig(device="cpu"))
+    _, prototypes, _ = read_prototypes([_output(store_url, summary, "prototypes", t, "prototypes") for t in tasks])
+    routed = {}
+    for t in tasks:
+        test = read_task(_output(store_url, summary, "data", t, "task")).test
+        choice = routing_weights(image_features(base, processor, test), prototypes, tau=1.0).argmax(dim=1)
+        routed |= {sample.sample_id: int(i) for sample, i in zip(test, choice, strict=True)}
+    return routed
+
+
+@pytest.mark.slow
+def test_exact_residuals_with_top1_routing_answer_as_the_routed_tasks_own_model(harness, tmp_path: Path, capsys) -> None:
+    store = str(tmp_path / "store")
+    two = ["style-cls", "chart-qa"]
+    exact = write_config(tmp_path / "exact.yaml", methods=METHODS, many_r={"rank": 64}, cpm={"top_k": 1})
+    cold = run(capsys, "--config", str(exact), "--store", store, "--tasks", "2")
+    assert {(s["stage"], s["task"]) for s in cold["stages"] if s["method"] == "many_r"} == {
+        ("residual", t) for t in two} | {("eval", t) for t in two}
+    scores = eval_scores(store, cold, "chart-qa", "many_r")
+    assert scores["residual_error"] < 1e-6  # rank 64 ≥ r + Σr = 8 + 16: nothing truncated
+    # two residual files (one per task) of 64 × (out + in) float32 per LoRA layer, plus a header each
+    assert scores["residual_bytes_per_task"] > 64 * 4 * (32 + 32)
+    own, answers = _predictions(store, cold, "chart-qa", "individual"), _predictions(store, cold, "chart-qa", "many_r")
+    routed_to = _routed_to(store, cold, two)
+    home = [k for k in own if routed_to[k] == two.index(k.split("/")[0])]  # images routed to their own task
+    assert len(home) >= len(own) // 4, "too few images routed home for the check to mean anything"
+    assert [answers[k] for k in home] == [own[k] for k in home]
+
+    truncated = write_config(tmp_path / "k1.yaml", methods=METHODS, many_r={"rank": 1}, cpm={"top_k": 1})
+    retuned = run(capsys, "--config", str(truncated), "--store", store, "--tasks", "2")
+    assert computed(retuned) == {(stage, t, "many_r") for t in two for stage in ("residual", "eval")}
+    assert 0 < eval_scores(store, retuned, "chart-qa", "many_r")["residual_error"] < 1
