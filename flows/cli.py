@@ -132,7 +132,7 @@ def _config(args: argparse.Namespace):
     from flows.config import load_config
 
     load_config(args.config)  # a bad file is exit 2 in about a second: flows.config imports no torch, no Prefect
-    from flows.serve import run_config
+    from flows.stream import run_config
 
     return run_config(args.config, getattr(args, "store", None)).first(getattr(args, "tasks", None))
 
@@ -173,10 +173,43 @@ def cmd_run(args: argparse.Namespace) -> int:
     await_local_server()
     from flows.pipeline import continual_update
 
-    if not args.json:
-        print(f"many: {len(config.tasks)} tasks × {len(config.methods)} methods into {spec.url}", file=sys.stderr)
+    _announce(args, config)
     started = time.monotonic()
     summary = continual_update(config, progress=True, repair=args.repair)
+    _print_run(args, summary, started)
+    return 0
+
+
+def cmd_run_cached(args: argparse.Namespace) -> int | None:
+    """`many run` when every stage it needs is cached (flows/cached.py): the same output as cmd_run, without a
+    Prefect server, Ray or torch; None when there is work to do (then the supervisor runs cmd_run) or with --repair."""
+    if args.repair:
+        return None
+    config = _config(args)
+    spec = config.store
+    _store(spec.url, create=True, endpoint_url=spec.endpoint_url, region=spec.region, profile=spec.profile)
+    from flows.cached import cached_run
+
+    started = time.monotonic()
+    summary = cached_run(config)
+    if summary is None:
+        return None
+    _announce(args, config)
+    if not args.json:  # each stage's line, as the flow prints them
+        from tasks.record import print_stage_line
+
+        for s in summary["stages"]:
+            print_stage_line(s["stage"], s["task"], s["method"], s["status"], f"{s['seconds']:7.1f}s  {s['node']}")
+    _print_run(args, summary, started)
+    return 0
+
+
+def _announce(args: argparse.Namespace, config: Any) -> None:
+    if not args.json:
+        print(f"many: {len(config.tasks)} tasks × {len(config.methods)} methods into {config.store.url}", file=sys.stderr)
+
+
+def _print_run(args: argparse.Namespace, summary: dict[str, Any], started: float) -> None:
     if args.json:
         print(json.dumps({k: summary[k] for k in ("run_id", "stages", "report", "ray_started", "tasks", "methods")}, indent=2))
     else:
@@ -186,7 +219,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"run {summary['run_id']}: {computed} computed, {len(summary['stages']) - computed} cached, "
               f"{time.monotonic() - started:.1f}s", file=sys.stderr)
         print(text_table(summary["report"]))
-    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -350,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if supervised and args.command in ("run", "serve") and SUPERVISOR not in os.environ:
+            if args.command == "run" and (code := cmd_run_cached(args)) is not None:
+                return code  # nothing to compute: no Prefect server, no Ray, no torch (flows/cached.py)
             return supervise(args.command, argv)
         return COMMANDS[args.command](args)
     except SystemExit as exit_:  # --help

@@ -16,9 +16,6 @@ flight — the base pretraining — are cancelled) and raises that error. Other 
 from __future__ import annotations
 
 import sys
-import uuid
-from collections.abc import Callable
-from datetime import datetime, timezone
 from typing import Any
 
 from prefect import flow
@@ -27,54 +24,16 @@ from prefect.futures import PrefectFuture, as_completed, wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.config import RunConfig
+from flows.graph import new_run_id, store_spec, submit_stream, upload_adapters, write_summary
 from flows.preflight import preflight
-from flows.report import build_report, last_diagnostics, timeline_from_run
-from flows.retention import config_fingerprint, leased
-from tasks.dispatch import ClusterSpec, StageRecord, abandon, forget, stage_task
+from flows.report import last_diagnostics, timeline_from_run
+from flows.retention import leased
+from tasks.dispatch import ClusterSpec, abandon, forget, stage_task
 from tasks.progress import Board
-from tasks.rows import get_row
-from tasks.rows.row import Chain, PerTask, Reuse, Row
-from tasks.runtime import StoreSpec, node_name, ray_started, shutdown_ray
-from tasks.stages import (
-    AdapterStageConfig,
-    BaseStageConfig,
-    DataStageConfig,
-    FinetuneStageConfig,
-    PrototypesStageConfig,
-    StatsStageConfig,
-)
+from tasks.record import StageRecord
+from tasks.runtime import ray_started, shutdown_ray
 
 Upstream = dict[str, tuple[PrefectFuture, str]]
-
-
-def store_spec(config: RunConfig) -> StoreSpec:
-    """The store as every worker reopens it: its canonical URL (a relative path made absolute here)."""
-    s = config.store
-    opened = StoreSpec(s.url, s.endpoint_url, s.region, s.profile).open()
-    return StoreSpec(opened.url, s.endpoint_url, s.region, s.profile)
-
-
-def new_run_id() -> str:
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
-
-
-def _data_config(config: RunConfig, index: int) -> DataStageConfig:
-    spec = config.tasks[index]
-    if spec.kind is not None:
-        return DataStageConfig(name=spec.name, kind=spec.kind, mini_ucit=config.data.mini_ucit)
-    return DataStageConfig(
-        name=spec.name, train_json=spec.train_json, test_json=spec.test_json, image_root=spec.image_root, metric=spec.metric
-    )
-
-
-def _base_config(config: RunConfig) -> BaseStageConfig:
-    base = config.base.model_copy(update={"device": "auto"})  # the worker's resources pick the device
-    if base.kind == "tiny":
-        return BaseStageConfig(base=base, mini_ucit=config.data.mini_ucit, pretrain_samples=config.data.pretrain_samples)
-    return BaseStageConfig(base=base)
-
-
-Submit = Callable[..., PrefectFuture]
 
 
 @flow(name="continual-update", task_runner=ThreadPoolTaskRunner(max_workers=64), persist_result=False, validate_parameters=False)
@@ -90,7 +49,6 @@ def continual_update(config: RunConfig, run_id: str | None = None, progress: boo
     board = Board() if progress else None  # live progress of the stages that compute (tasks/progress.py)
     cluster = ClusterSpec(config.ray.address, config.ray.num_cpus, config.ray.object_store_mb, progress,
                           board.token if board else None)
-    names = [t.name for t in config.tasks]
     submitted: list[PrefectFuture] = []
 
     def submit(stage: str, cfg: Any, upstream: Upstream, group: str, task: str | None = None, method: str | None = None) -> PrefectFuture:
@@ -105,18 +63,9 @@ def continual_update(config: RunConfig, run_id: str | None = None, progress: boo
         submitted.append(future)
         return future
 
-    rows = [get_row(method) for method in config.methods]
-    shared = _shared_stages(config, submit, _upload_adapters(config, store), rows)
-    chains: dict[str, list[PrefectFuture]] = {}
-    for row in rows:
-        for chain in row.chains(config):  # its own chain and extras, each followed chain first
-            if chain.stage not in chains:
-                chains[chain.stage] = _chain_stages(config, submit, chain, shared, chains)
-    evals = [
-        (row.name, t, submit("eval", row.eval_config(config), row.eval_upstream(t, shared, chains),
-                             "eval", name, row.name))
-        for row in rows for t, name in enumerate(names)
-    ]
+    stream = submit_stream(config, submit, upload_adapters(config, store))
+    shared, chains = stream.shared, stream.chains
+    evals = stream.evals
     if board:
         board.expect(len(submitted))
     try:
@@ -136,88 +85,13 @@ def continual_update(config: RunConfig, run_id: str | None = None, progress: boo
             board.close()
         shutdown_ray()
     diagnostics = last_diagnostics(chains)
-    report = build_report(store.open(), names, config.methods, [(m, t, f.result()) for m, t, f in evals],
-                          data=[f.result() for f in shared.data],
-                          diagnostics=None if diagnostics is None else diagnostics.result())
-    summary = {
-        "run_id": run_id,
-        "tasks": names,
-        "methods": list(config.methods),
-        "config_fingerprint": config_fingerprint(config),  # which runs are one config to `gc --keep-last`
-        "store": store.url,
-        "ray_started": started_ray,
-        "stages": [r.summary() for r in records],
-        "report": report,
-    }
-    store.open().write_run(run_id, summary)
-    store.open().write_run("latest", summary)
+    summary = write_summary(
+        config, store, run_id, records, [(m, t, f.result()) for m, t, f in evals], [f.result() for f in shared.data],
+        None if diagnostics is None else diagnostics.result(), started_ray,
+    )
+    report = summary["report"]
     _publish_artifacts(report, timeline_from_run(store.open(), summary))
     return summary
-
-
-def _upload_adapters(config: RunConfig, store: StoreSpec) -> dict[str, StageRecord]:
-    """The user's own task adapters (`tasks[i].adapter`, checked by preflight), put into the store: as the
-    output "task" of a pseudo-record, the upstream of that task's adapter stage."""
-    import tempfile
-    from pathlib import Path
-
-    from many.adapters import copy_task_dir
-
-    uploads = {}
-    for spec in config.tasks:
-        if spec.adapter is not None:
-            with tempfile.TemporaryDirectory(prefix="many-adapter-") as scratch:
-                ref = store.open().put(copy_task_dir(Path(spec.adapter), Path(scratch) / "task"))
-            uploads[spec.name] = StageRecord("upload", spec.name, None, ref.digest, "cached", 0.0, node_name(), {"task": ref})
-    return uploads
-
-
-def _shared_stages(config: RunConfig, submit: Submit, uploads: dict[str, StageRecord], rows: list[Row]) -> PerTask:
-    """base and, per task, data plus the shared stages some row needs: finetune (all at once: they need only the
-    base), prototypes, stats. A task with its own adapter (`uploads`) gets an adapter stage, which checks it against
-    the base, instead of a finetune."""
-    names, dtype = [t.name for t in config.tasks], config.base.dtype
-    needs = frozenset().union(*(row.needs for row in rows))
-    base = submit("base", _base_config(config), {}, "base")
-    data = [submit("data", _data_config(config, t), {}, "data", name) for t, name in enumerate(names)]
-    finetune = prototypes = stats = None
-    if needs & {"finetune", "stats"}:
-        finetune = [
-            submit("adapter", AdapterStageConfig(), {"base": (base, "model"), "task": (uploads[name], "task")}, "finetune", name)
-            if name in uploads else
-            submit("finetune", FinetuneStageConfig(finetune=config.finetune, dtype=dtype),
-                   {"base": (base, "model"), "data": (data[t], "task")}, "finetune", name)
-            for t, name in enumerate(names)
-        ]
-    if "prototypes" in needs:
-        prototypes = [
-            submit("prototypes", PrototypesStageConfig(batch_size=config.eval.batch_size, dtype=dtype),
-                   {"base": (base, "model"), "data": (data[t], "task")}, "prototypes", name)
-            for t, name in enumerate(names)
-        ]
-    if "stats" in needs:
-        stats = [
-            submit("stats", StatsStageConfig(stats=config.stats, dtype=dtype),
-                   {"base": (base, "model"), "data": (data[t], "task"), "finetune": (finetune[t], "task")}, "stats", name)
-            for t, name in enumerate(names)
-        ]
-    return PerTask(base, data, finetune, prototypes, stats)
-
-
-def _chain_stages(
-    config: RunConfig, submit: Submit, chain: Chain, shared: PerTask, submitted: dict[str, list[PrefectFuture]]
-) -> list[PrefectFuture]:
-    """The links of one chain in task order; link t reads what the chain declares at t, its links < t and, if it
-    follows a chain, that chain's links (`submitted`: the chains submitted so far)."""
-    links: list[PrefectFuture] = []
-    sub_config = chain.config(config)
-    for t, name in enumerate(t.name for t in config.tasks):
-        upstream = chain.upstream(t, shared, links, submitted)
-        if isinstance(upstream, Reuse):
-            links.append(upstream.handle)
-        else:
-            links.append(submit(chain.stage, sub_config, upstream, chain.group, name, chain.method))
-    return links
 
 
 def _first_bad_input(futures: list[PrefectFuture]) -> BaseException | None:
