@@ -29,6 +29,7 @@ from flows.preflight import preflight
 from flows.report import last_diagnostics, timeline_from_run
 from flows.retention import leased
 from tasks.dispatch import ClusterSpec, abandon, forget, stage_task
+from tasks.gate import stage_priority
 from tasks.progress import Board
 from tasks.record import StageRecord
 from tasks.runtime import ray_started, shutdown_ray
@@ -48,7 +49,8 @@ def continual_update(config: RunConfig, run_id: str | None = None, progress: boo
     store = store_spec(config)
     board = Board() if progress else None  # live progress of the stages that compute (tasks/progress.py)
     cluster = ClusterSpec(config.ray.address, config.ray.num_cpus, config.ray.object_store_mb, progress,
-                          board.token if board else None)
+                          board.token if board else None, config.ray.critical_path_first)
+    index = {t.name: i for i, t in enumerate(config.tasks)}
     submitted: list[PrefectFuture] = []
 
     def submit(stage: str, cfg: Any, upstream: Upstream, group: str, task: str | None = None, method: str | None = None) -> PrefectFuture:
@@ -58,7 +60,7 @@ def continual_update(config: RunConfig, run_id: str | None = None, progress: boo
         future = stage_task.with_options(task_run_name=label, retries=config.retries, retry_delay_seconds=2).submit(
             stage, cfg, upstream, store=store, cluster=cluster, num_cpus=resources.num_cpus,
             num_gpus=resources.num_gpus, resource_group=group, task_name=task, method=method, repair=repair,
-            run_id=run_id,
+            run_id=run_id, priority=stage_priority(stage, index.get(task)),
         )
         submitted.append(future)
         return future

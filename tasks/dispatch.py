@@ -11,6 +11,7 @@ bad task fails the run in seconds instead of after the base has pretrained.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Mapping
@@ -23,6 +24,7 @@ from pydantic import BaseModel
 
 from tasks.cache import intact, lookup, run_stage
 from tasks.catalog import compute_of, stage_def
+from tasks.gate import Priority, PriorityGate
 from tasks.progress import Channel, board_of, worker_channel
 from tasks.record import StageRecord, print_stage_line, read_json_output
 from tasks.runtime import ClusterError, StoreSpec, check_resources, ensure_ray, node_name, ray_get
@@ -140,6 +142,21 @@ class ClusterSpec:
     object_store_mb: int = 200
     progress: bool = False
     board: str | None = None  # the run's live progress board (tasks.progress.Board.token); None: no live progress
+    critical_path_first: bool = True  # a local cluster admits stages by priority (tasks/gate.py)
+
+
+_gates: dict[int, PriorityGate] = {}  # local cluster size → its gate (one per process)
+_gates_lock = threading.Lock()
+
+
+def _local_gate(cluster: ClusterSpec) -> PriorityGate | None:
+    """The priority gate of the local cluster this process starts (tasks/gate.py); None when joining a cluster
+    (its size changes, other drivers share it) or when the run turned the gate off."""
+    if cluster.address or not cluster.critical_path_first:
+        return None
+    cpus = cluster.num_cpus or os.cpu_count() or 1  # the size tasks.runtime.ensure_ray gives a local cluster
+    with _gates_lock:
+        return _gates.setdefault(cpus, PriorityGate(cpus))
 
 
 def _resolve(upstream: Mapping[str, tuple[Any, str]]) -> dict[str, BlobRef]:
@@ -179,12 +196,14 @@ def stage_task(
     method: str | None = None,
     repair: bool = False,
     run_id: str | None = None,
+    priority: Priority | None = None,
 ) -> StageRecord:
     """Return the stage's cached manifest, or compute it on Ray with the given resources.
 
     `upstream` maps input name → (upstream StageRecord, its output name); Prefect resolves futures in it.
     With `repair`, a cached stage counts only if its manifest reads and its output blobs re-hash intact.
-    `run_id` names the run for `abandon`.
+    `run_id` names the run for `abandon`; `priority` (tasks.gate.stage_priority) orders the stages waiting for a
+    local cluster's cores.
     """
     _check_abandoned(run_id, stage)
     started = time.monotonic()
@@ -203,7 +222,7 @@ def stage_task(
     else:
         record = _compute_on_ray(
             stage, config, inputs, store, cluster, num_cpus, num_gpus, resource_group or stage, task_name, method,
-            repair, run_id,
+            repair, run_id, priority,
         )
     if cluster.progress:
         retried = f"  ({record.s3_retries} S3 retries)" if record.s3_retries else ""
@@ -216,7 +235,7 @@ def stage_task(
 def _compute_on_ray(
     stage: str, config: BaseModel, inputs: dict[str, BlobRef], store: StoreSpec, cluster: ClusterSpec,
     num_cpus: float, num_gpus: float, group: str, task_name: str | None, method: str | None, repair: bool = False,
-    run_id: str | None = None,
+    run_id: str | None = None, priority: Priority | None = None,
 ) -> StageRecord:
     global _remote_execute
     import ray
@@ -225,6 +244,17 @@ def _compute_on_ray(
     check_resources(group, num_cpus, num_gpus)
     if _remote_execute is None:
         _remote_execute = ray.remote(execute)
+    gate = _local_gate(cluster) if priority is not None and num_gpus == 0 else None
+    if gate is None:
+        return _run_on_ray(stage, config, inputs, store, cluster, num_cpus, num_gpus, task_name, method, repair, run_id)
+    with gate.slot(num_cpus, priority, give_up=lambda: run_id is not None and run_id in _abandoned):
+        return _run_on_ray(stage, config, inputs, store, cluster, num_cpus, num_gpus, task_name, method, repair, run_id)
+
+
+def _run_on_ray(
+    stage: str, config: BaseModel, inputs: dict[str, BlobRef], store: StoreSpec, cluster: ClusterSpec,
+    num_cpus: float, num_gpus: float, task_name: str | None, method: str | None, repair: bool, run_id: str | None,
+) -> StageRecord:
     # "auto": CUDA if the worker Ray placed us on has it, else CPU (a GPU resource on a CUDA-less node).
     device = "auto" if num_gpus > 0 else "cpu"
     if cluster.progress:
