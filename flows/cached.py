@@ -14,15 +14,12 @@ computed the stages.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from flows.config import RunConfig
-from flows.graph import new_run_id, submit_stream, write_summary
+from flows.graph import cached_record, new_run_id, submit_stream, write_summary
 from flows.preflight import preflight
 from flows.report import last_diagnostics
-from tasks.cache import lookup
-from tasks.catalog import stage_def
 from tasks.record import StageRecord
 from tasks.runtime import StoreSpec, node_name
 from tasks.store import Store, StoreNotFound
@@ -51,13 +48,9 @@ def cached_run(config: RunConfig) -> dict[str, Any] | None:
 
     def submit(stage: str, cfg: Any, upstream: dict[str, tuple[StageRecord, str]], group: str,
                task: str | None = None, method: str | None = None) -> StageRecord:
-        started = time.monotonic()
-        inputs = {name: record.outputs[output] for name, (record, output) in upstream.items()}
-        manifest = lookup(opened, stage_def(stage, inputs), cfg, inputs)
-        if manifest is None:
+        record = cached_record(opened, stage, cfg, upstream, task, method, node)
+        if record is None:
             raise _NotCached(stage)
-        record = StageRecord(stage, task, method, manifest.key, "cached", time.monotonic() - started, node,
-                             manifest.outputs)
         records.append(record)
         return record
 

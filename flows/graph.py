@@ -9,6 +9,7 @@ stage up in the store at once. Nothing here imports Prefect, Ray or torch.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from typing import Any
 from flows.config import RunConfig
 from flows.report import build_report
 from flows.retention import config_fingerprint
+from tasks.cache import lookup
+from tasks.catalog import stage_def
 from tasks.record import StageRecord
 from tasks.rows import get_row
 from tasks.rows.row import Chain, PerTask, Reuse, Row
@@ -30,6 +33,7 @@ from tasks.stages import (
     PrototypesStageConfig,
     StatsStageConfig,
 )
+from tasks.store import Store
 
 Submit = Callable[..., Any]
 
@@ -60,6 +64,18 @@ def submit_stream(config: RunConfig, submit: Submit, uploads: dict[str, StageRec
         for row in rows for t, name in enumerate(names)
     ]
     return Stream(shared, chains, evals)
+
+
+def cached_record(store: Store, stage: str, cfg: Any, upstream: dict[str, tuple[StageRecord, str]], task: str | None,
+                  method: str | None, node: str) -> StageRecord | None:
+    """The record of a stage whose upstream stages are all finished (`upstream` holds their records) if its manifest
+    is in the store, else None: its key from their output digests, one manifest read, nothing computed."""
+    started = time.monotonic()
+    inputs = {name: record.outputs[output] for name, (record, output) in upstream.items()}
+    manifest = lookup(store, stage_def(stage, inputs), cfg, inputs)
+    if manifest is None:
+        return None
+    return StageRecord(stage, task, method, manifest.key, "cached", time.monotonic() - started, node, manifest.outputs)
 
 
 def write_summary(

@@ -5,7 +5,8 @@ needs — all finetunes at once (they depend only on the base), so they run as p
 then each distinct chain once (the RLS merge, the batch merges, SeqLoRA, CRAM, Fwd-Prompt: each link follows as
 its inputs complete), then one eval stage per (row, t). Each stage first looks its cache key up in the store, so a
 rerun with nothing new computes nothing and never starts Ray; adding a task computes only that task's stages, its
-chain links and row t of every method's matrix.
+chain links and row t of every method's matrix. A stage whose inputs are already known and which is cached (the
+stages of the tasks a growing stream already had) is looked up as it is submitted and becomes no Prefect task.
 
 A stage that fails with bad input (a ValueError: a task's data, an adapter that does not fit) fails the run at once:
 the flow stops waiting, abandons the rest (tasks.dispatch.abandon: stages not started do not start, Ray tasks in
@@ -24,15 +25,16 @@ from prefect.futures import PrefectFuture, as_completed, wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.config import RunConfig
-from flows.graph import new_run_id, store_spec, submit_stream, upload_adapters, write_summary
+from flows.graph import cached_record, new_run_id, store_spec, submit_stream, upload_adapters, write_summary
 from flows.preflight import preflight
 from flows.report import last_diagnostics, timeline_from_run
 from flows.retention import leased
 from tasks.dispatch import ClusterSpec, abandon, forget, stage_task
 from tasks.gate import stage_priority
 from tasks.progress import Board
-from tasks.record import StageRecord
-from tasks.runtime import ray_started, shutdown_ray
+from tasks.record import StageRecord, print_stage_line
+from tasks.runtime import node_name, ray_started, shutdown_ray
+from tasks.store import StoreError
 
 Upstream = dict[str, tuple[PrefectFuture, str]]
 
@@ -51,10 +53,26 @@ def continual_update(config: RunConfig, run_id: str | None = None, progress: boo
     cluster = ClusterSpec(config.ray.address, config.ray.num_cpus, config.ray.object_store_mb, progress,
                           board.token if board else None, config.ray.critical_path_first)
     index = {t.name: i for i, t in enumerate(config.tasks)}
-    submitted: list[PrefectFuture] = []
+    submitted: list[PrefectFuture | StageRecord] = []
+    opened, node = store.open(), node_name()
 
-    def submit(stage: str, cfg: Any, upstream: Upstream, group: str, task: str | None = None, method: str | None = None) -> PrefectFuture:
-        """One stage as a Prefect task; `group` picks its Ray resources from config.resources."""
+    def submit(stage: str, cfg: Any, upstream: Upstream, group: str, task: str | None = None,
+               method: str | None = None) -> PrefectFuture | StageRecord:
+        """One stage: its record at once when its inputs are known and it is cached (no Prefect task: the cached
+        prefix of a stream that grew costs a manifest read per stage), else a Prefect task; `group` picks its Ray
+        resources from config.resources."""
+        if not repair and all(isinstance(handle, StageRecord) for handle, _ in upstream.values()):
+            try:
+                record = cached_record(opened, stage, cfg, upstream, task, method, node)
+            except StoreError:  # an unreadable manifest, a store hiccup: the Prefect task retries or reports it
+                record = None
+            if record is not None:
+                submitted.append(record)
+                if progress:
+                    print_stage_line(stage, task, method, "cached", f"{record.seconds:7.1f}s  {record.node}")
+                if board:
+                    board.finished((stage, task, method), "cached")
+                return record
         resources = getattr(config.resources, group)
         label = stage + (f"[{task}]" if task else "") + (f"[{method}]" if method else "")
         future = stage_task.with_options(task_run_name=label, retries=config.retries, retry_delay_seconds=2).submit(
@@ -70,14 +88,15 @@ def continual_update(config: RunConfig, run_id: str | None = None, progress: boo
     evals = stream.evals
     if board:
         board.expect(len(submitted))
+    futures = [f for f in submitted if not isinstance(f, StageRecord)]
     try:
-        bad_input = _first_bad_input(submitted)
+        bad_input = _first_bad_input(futures)
         if bad_input is not None:
             cancelled = abandon(run_id)
             if progress:
                 print(f"  stopping: a stage failed with bad input ({type(bad_input).__name__}); {cancelled} stage(s) "
                       "in flight cancelled", file=sys.stderr, flush=True)
-            wait(submitted)  # seconds: what has not started gives up, what ran is cancelled
+            wait(futures)  # seconds: what has not started gives up, what ran is cancelled
             raise bad_input
         records = _results(submitted)
         started_ray = ray_started()
@@ -88,8 +107,8 @@ def continual_update(config: RunConfig, run_id: str | None = None, progress: boo
         shutdown_ray()
     diagnostics = last_diagnostics(chains)
     summary = write_summary(
-        config, store, run_id, records, [(m, t, f.result()) for m, t, f in evals], [f.result() for f in shared.data],
-        None if diagnostics is None else diagnostics.result(), started_ray,
+        config, store, run_id, records, [(m, t, _result(f)) for m, t, f in evals], [_result(f) for f in shared.data],
+        None if diagnostics is None else _result(diagnostics), started_ray,
     )
     report = summary["report"]
     _publish_artifacts(report, timeline_from_run(store.open(), summary))
@@ -111,12 +130,16 @@ def _first_bad_input(futures: list[PrefectFuture]) -> BaseException | None:
     return None
 
 
-def _results(futures: list[PrefectFuture]) -> list[StageRecord]:
+def _result(handle: PrefectFuture | StageRecord) -> StageRecord:
+    return handle if isinstance(handle, StageRecord) else handle.result()
+
+
+def _results(futures: list[PrefectFuture | StageRecord]) -> list[StageRecord]:
     """Every stage's record; on failure, raise the first root cause (not the 'upstream failed' echoes)."""
     records, failures = [], []
     for future in futures:
         try:
-            records.append(future.result())
+            records.append(_result(future))
         except UpstreamTaskError:
             continue
         except BaseException as error:  # noqa: BLE001 - re-raised below, first root cause wins
