@@ -187,7 +187,12 @@ def cmd_run_cached(args: argparse.Namespace) -> int | None:
         return None
     config = _config(args)
     spec = config.store
-    _store(spec.url, create=True, endpoint_url=spec.endpoint_url, region=spec.region, profile=spec.profile)
+    from tasks.store import StoreNotFound
+
+    try:  # a bad URL or an endpoint that does not answer: exit 2 here; a store not there yet holds nothing cached
+        _store(spec.url, endpoint_url=spec.endpoint_url, region=spec.region, profile=spec.profile)
+    except StoreNotFound:
+        return None  # the supervised run creates it (after its own checks, e.g. of the Prefect API)
     from flows.cached import cached_run
 
     started = time.monotonic()

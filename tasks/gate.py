@@ -13,19 +13,28 @@ tasks). Only the order changes: every stage still computes the same bytes from t
 from __future__ import annotations
 
 import contextlib
+import functools
 import heapq
 import itertools
 import threading
 from collections.abc import Callable, Iterator
 
-TRAINING_CHAINS = frozenset({"base", "seqlora", "cram", "fwd_prompt"})  # each link waits for the previous one
 Priority = tuple[int, int]
+
+
+@functools.cache
+def training_chains() -> frozenset[str]:
+    """The base and every row's training chain (its links run on the finetune resources: SeqLoRA, CRAM,
+    Fwd-Prompt), whose links each wait for the previous one."""
+    from tasks.rows import chains
+
+    return frozenset({"base"} | {name for name, chain in chains().items() if chain.group == "finetune"})
 
 
 def stage_priority(stage: str, t: int | None) -> Priority:
     """The rank of `stage` for task index `t` (None for the base); lower runs first."""
     t = t or 0
-    if stage in TRAINING_CHAINS:
+    if stage in training_chains():
         return (0, t)
     if stage in ("finetune", "adapter"):
         return (1, t)  # finetune[0] first: seqlora[1] reads it
