@@ -20,12 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from flows.supervise import SUPERVISOR, supervise
+from flows.supervise import SUPERVISOR, Interrupted, supervise
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
@@ -377,6 +378,10 @@ COMMANDS = {"run": cmd_run, "report": cmd_report, "ls": cmd_ls, "export": cmd_ex
 COMMANDS["predict"] = cmd_predict
 
 
+def _terminated(signum: int, _frame: object) -> None:
+    raise Interrupted(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     """The `many` command. From the command line (`argv` None), `run` and `serve` run as a worker process under
     a supervisor (flows/supervise.py); called with an argument list, every command runs in this process."""
@@ -387,8 +392,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if supervised and args.command in ("run", "serve") and SUPERVISOR not in os.environ:
-            if args.command == "run" and (code := cmd_run_cached(args)) is not None:
-                return code  # nothing to compute: no Prefect server, no Ray, no torch (flows/cached.py)
+            if args.command == "run":
+                previous = signal.signal(signal.SIGTERM, _terminated)  # as under the supervisor: one line, 143
+                try:
+                    code = cmd_run_cached(args)
+                finally:
+                    signal.signal(signal.SIGTERM, previous)
+                if code is not None:
+                    return code  # nothing to compute: no Prefect server, no Ray, no torch (flows/cached.py)
             return supervise(args.command, argv)
         return COMMANDS[args.command](args)
     except SystemExit as exit_:  # --help
@@ -396,6 +407,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("many: interrupted", file=sys.stderr)
         return 130
+    except Interrupted as stop:  # SIGTERM while `many run` checked its cache, before any worker started
+        print(f"many: terminated by {signal.Signals(stop.signum).name}; stopped", file=sys.stderr)
+        return 128 + stop.signum
     except BaseException as error:  # noqa: BLE001 - the one place errors become exit codes
         if debug:
             import traceback
