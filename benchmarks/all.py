@@ -40,7 +40,9 @@ BENCHMARKS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("benchmarks.train_overhead", "Training-loop overhead vs a bare PyTorch loop (issue: model/training)", ()),
     ("benchmarks.cluster", "Tiny pipeline: 1 node vs a simulated 3-node cluster (issue #7)", ()),
     ("benchmarks.reliability", "Reliability suite: faults, bad inputs, security (issue #9)", ()),
-)
+    ("benchmarks.issue17", "Issue #17: fast cold run, cheap store, free cached rerun, GPU", ()),
+) + ((("benchmarks.gpu", "GPU: tiny pipeline on CUDA, 7B-shaped LoRA step vs bare PEFT (issue #17)", ()),)
+     if torch.cuda.is_available() else ())  # benchmarks.gpu refuses without CUDA: registered only where it can run
 SHARED_STORE = ("quality", "ablation")  # ablation takes quality's runs apart: given one store, it recomputes no stage
 NOTES = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "notes"  # <name>.md: commentary kept under a section
 HEADING = re.compile(r"^## ", re.MULTILINE)

@@ -1,15 +1,18 @@
 """Overhead of the artifact store (docs/design.md §3) against a plain fsspec copy, on a local directory and on
 an S3 server (moto over HTTP), in the same run.
 
-One round trip = put a safetensors file, then get it back to a local path. Through the store, put streams
-the file through sha256, checks whether the blob exists, and uploads it atomically; get downloads to a temp
-file, re-hashes it and renames it into place. The plain side is `fs.put_file` + `fs.get_file`. Goal:
-store / plain ≤ 1.2. Each store round trip uses a fresh store root, so put really uploads (no dedup).
-Rounds alternate plain and store so both share the machine's noise; each number is a median.
+One round trip = put a safetensors file, then read it back to a local path as a stage reads its inputs. Through
+the store, put streams the file through sha256, checks whether the blob exists, and uploads it atomically; the
+read is `materialize` (what every stage does with its inputs, tasks.cache.run_stage): from a local store on the
+cache's filesystem a hard link to the blob, verified by one sha256 pass, then stamped; elsewhere a download to a temp
+file, re-hashed and renamed into place. The plain side is `fs.put_file` + `fs.get_file`. Goal: store / plain ≤
+1.2. Each store round trip uses a fresh store root and a fresh cache, so put really uploads (no dedup) and the read
+really fetches. Rounds alternate plain and store so both share the machine's noise; each number is a median. The
+"copying get" column is the read as it was before linking (`get_file`: copy, then hash), for comparison.
 
-Locally the copy itself is a kernel copy (tens of ms for 50 MB) while sha256 runs at ~1.5 GB/s, so hashing
-twice (once per direction, the price of verified reads) is what the local ratio measures; the "sha256"
-column shows that floor. On S3 the network dominates.
+Locally the copy itself is a kernel copy (tens of ms for 50 MB) while sha256 runs at ~1.5 GB/s, so the two
+hashes (one per direction: the address, and the price of verified reads) are what the local ratio measures; the
+"sha256" figure shows that floor. On S3 the network dominates.
 
     python -m benchmarks.store_overhead [--smoke] [--json PATH] [--repeats N]
 """
@@ -68,22 +71,26 @@ def measure(backend: str, src: Path, scratch: Path, endpoint: str, repeats: int)
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
         base = bucket
         store_url = lambda name: f"s3://{bucket}/{name}"  # noqa: E731
-    plain_times, store_times = [], []
+    plain_times, store_times, copying_times = [], [], []
     for round_ in range(repeats + 1):  # round 0 warms up both sides and is not counted
         out = scratch / f"out-{backend}-{round_}"
         plain_dest = f"{base}/plain-{round_}/{src.name}"
         fs.makedirs(f"{base}/plain-{round_}", exist_ok=True)
         _, plain = timed(lambda: (fs.put_file(str(src), plain_dest), fs.get_file(plain_dest, str(out) + ".plain")))
-        store = Store.open(store_url(f"store-{round_}"), endpoint_url=endpoint, cache_dir=scratch / "cache")
-        _, through_store = timed(
+        store = Store.open(store_url(f"store-{round_}"), endpoint_url=endpoint, cache_dir=scratch / f"cache-{backend}-{round_}")
+        local, through_store = timed(lambda: store.materialize(store.put_file(src), context="benchmark"))
+        assert local.read_bytes() == Path(str(out) + ".plain").read_bytes()
+        store = Store.open(store_url(f"copying-{round_}"), endpoint_url=endpoint, cache_dir=scratch / "cache")
+        _, copying = timed(
             lambda: store.get_file(store.put_file(src).digest, Path(str(out) + ".store"), context="benchmark")
         )
-        assert Path(str(out) + ".store").read_bytes() == Path(str(out) + ".plain").read_bytes()
         if round_:
             plain_times.append(plain)
             store_times.append(through_store)
+            copying_times.append(copying)
     plain_s, store_s = statistics.median(plain_times), statistics.median(store_times)
-    return {"backend": backend, "plain_s": plain_s, "store_s": store_s, "ratio": store_s / plain_s}
+    return {"backend": backend, "plain_s": plain_s, "store_s": store_s, "ratio": store_s / plain_s,
+            "copying_s": statistics.median(copying_times), "copying_ratio": statistics.median(copying_times) / plain_s}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,11 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.stop()
     print(f"put + get of a {megabytes:.0f} MB safetensors file, median of {repeats}; sha256 of it alone: {sha256_s * 1e3:.0f} ms\n")
-    print("| backend | plain fsspec (ms) | store (ms) | store / plain | goal |")
-    print("|---|---|---|---|---|")
+    print("| backend | plain fsspec (ms) | store: put + materialize (ms) | store / plain | goal | copying get (ms) | copying / plain |")
+    print("|---|---|---|---|---|---|---|")
     for row in rows:
-        verdict = "met" if row["ratio"] <= GOAL else "not met"
-        print(f"| {row['backend']} | {row['plain_s'] * 1e3:.0f} | {row['store_s'] * 1e3:.0f} | {row['ratio']:.2f}× | ≤ {GOAL}× ({verdict}) |")
+        verdict = "met" if row["ratio"] <= GOAL else "missed"
+        print(f"| {row['backend']} | {row['plain_s'] * 1e3:.0f} | {row['store_s'] * 1e3:.0f} | {row['ratio']:.2f}× | "
+              f"≤ {GOAL}× ({verdict}) | {row['copying_s'] * 1e3:.0f} | {row['copying_ratio']:.2f}× |")
     if args.json:
         args.json.write_text(json.dumps({"file_bytes": size, "repeats": repeats, "sha256_s": sha256_s, "goal": GOAL, "rows": rows}, indent=2))
     return 0

@@ -20,12 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from flows.supervise import SUPERVISOR, supervise
+from flows.supervise import SUPERVISOR, Interrupted, supervise
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
@@ -132,7 +133,7 @@ def _config(args: argparse.Namespace):
     from flows.config import load_config
 
     load_config(args.config)  # a bad file is exit 2 in about a second: flows.config imports no torch, no Prefect
-    from flows.serve import run_config
+    from flows.stream import run_config
 
     return run_config(args.config, getattr(args, "store", None)).first(getattr(args, "tasks", None))
 
@@ -173,10 +174,48 @@ def cmd_run(args: argparse.Namespace) -> int:
     await_local_server()
     from flows.pipeline import continual_update
 
-    if not args.json:
-        print(f"many: {len(config.tasks)} tasks × {len(config.methods)} methods into {spec.url}", file=sys.stderr)
+    _announce(args, config)
     started = time.monotonic()
     summary = continual_update(config, progress=True, repair=args.repair)
+    _print_run(args, summary, started)
+    return 0
+
+
+def cmd_run_cached(args: argparse.Namespace) -> int | None:
+    """`many run` when every stage it needs is cached (flows/cached.py): the same output as cmd_run, without a
+    Prefect server, Ray or torch; None when there is work to do (then the supervisor runs cmd_run) or with --repair."""
+    if args.repair:
+        return None
+    config = _config(args)
+    spec = config.store
+    from tasks.store import StoreNotFound
+
+    try:  # a bad URL or an endpoint that does not answer: exit 2 here; a store not there yet holds nothing cached
+        _store(spec.url, endpoint_url=spec.endpoint_url, region=spec.region, profile=spec.profile)
+    except StoreNotFound:
+        return None  # the supervised run creates it (after its own checks, e.g. of the Prefect API)
+    from flows.cached import cached_run
+
+    started = time.monotonic()
+    summary = cached_run(config)
+    if summary is None:
+        return None
+    _announce(args, config)
+    if not args.json:  # each stage's line, as the flow prints them
+        from tasks.record import print_stage_line
+
+        for s in summary["stages"]:
+            print_stage_line(s["stage"], s["task"], s["method"], s["status"], f"{s['seconds']:7.1f}s  {s['node']}")
+    _print_run(args, summary, started)
+    return 0
+
+
+def _announce(args: argparse.Namespace, config: Any) -> None:
+    if not args.json:
+        print(f"many: {len(config.tasks)} tasks × {len(config.methods)} methods into {config.store.url}", file=sys.stderr)
+
+
+def _print_run(args: argparse.Namespace, summary: dict[str, Any], started: float) -> None:
     if args.json:
         print(json.dumps({k: summary[k] for k in ("run_id", "stages", "report", "ray_started", "tasks", "methods")}, indent=2))
     else:
@@ -186,7 +225,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"run {summary['run_id']}: {computed} computed, {len(summary['stages']) - computed} cached, "
               f"{time.monotonic() - started:.1f}s", file=sys.stderr)
         print(text_table(summary["report"]))
-    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -340,6 +378,10 @@ COMMANDS = {"run": cmd_run, "report": cmd_report, "ls": cmd_ls, "export": cmd_ex
 COMMANDS["predict"] = cmd_predict
 
 
+def _terminated(signum: int, _frame: object) -> None:
+    raise Interrupted(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     """The `many` command. From the command line (`argv` None), `run` and `serve` run as a worker process under
     a supervisor (flows/supervise.py); called with an argument list, every command runs in this process."""
@@ -350,6 +392,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if supervised and args.command in ("run", "serve") and SUPERVISOR not in os.environ:
+            if args.command == "run":
+                previous = signal.signal(signal.SIGTERM, _terminated)  # as under the supervisor: one line, 143
+                try:
+                    code = cmd_run_cached(args)
+                finally:
+                    signal.signal(signal.SIGTERM, previous)
+                if code is not None:
+                    return code  # nothing to compute: no Prefect server, no Ray, no torch (flows/cached.py)
             return supervise(args.command, argv)
         return COMMANDS[args.command](args)
     except SystemExit as exit_:  # --help
@@ -357,6 +407,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("many: interrupted", file=sys.stderr)
         return 130
+    except Interrupted as stop:  # SIGTERM while `many run` checked its cache, before any worker started
+        print(f"many: terminated by {signal.Signals(stop.signum).name}; stopped", file=sys.stderr)
+        return 128 + stop.signum
     except BaseException as error:  # noqa: BLE001 - the one place errors become exit codes
         if debug:
             import traceback

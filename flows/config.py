@@ -109,6 +109,7 @@ class RayConfig(Frozen):
     address: str | None = None  # join an existing cluster ("auto", "ray://host:10001"); None: start a local one
     num_cpus: PositiveInt | None = None  # size of a local cluster (None: every core)
     object_store_mb: int = Field(200, ge=80)
+    critical_path_first: bool = True  # a local cluster runs the most urgent waiting stage first (tasks/gate.py)
 
 
 class Resources(Frozen):

@@ -5,7 +5,8 @@ needs — all finetunes at once (they depend only on the base), so they run as p
 then each distinct chain once (the RLS merge, the batch merges, SeqLoRA, CRAM, Fwd-Prompt: each link follows as
 its inputs complete), then one eval stage per (row, t). Each stage first looks its cache key up in the store, so a
 rerun with nothing new computes nothing and never starts Ray; adding a task computes only that task's stages, its
-chain links and row t of every method's matrix.
+chain links and row t of every method's matrix. A stage whose inputs are already known and which is cached (the
+stages of the tasks a growing stream already had) is looked up as it is submitted and becomes no Prefect task.
 
 A stage that fails with bad input (a ValueError: a task's data, an adapter that does not fit) fails the run at once:
 the flow stops waiting, abandons the rest (tasks.dispatch.abandon: stages not started do not start, Ray tasks in
@@ -16,9 +17,6 @@ flight — the base pretraining — are cancelled) and raises that error. Other 
 from __future__ import annotations
 
 import sys
-import uuid
-from collections.abc import Callable
-from datetime import datetime, timezone
 from typing import Any
 
 from prefect import flow
@@ -27,54 +25,18 @@ from prefect.futures import PrefectFuture, as_completed, wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.config import RunConfig
+from flows.graph import cached_record, new_run_id, store_spec, submit_stream, upload_adapters, write_summary
 from flows.preflight import preflight
-from flows.report import build_report, last_diagnostics, timeline_from_run
-from flows.retention import config_fingerprint, leased
-from tasks.dispatch import ClusterSpec, StageRecord, abandon, forget, stage_task
+from flows.report import last_diagnostics, timeline_from_run
+from flows.retention import leased
+from tasks.dispatch import ClusterSpec, abandon, forget, stage_task
+from tasks.gate import stage_priority
 from tasks.progress import Board
-from tasks.rows import get_row
-from tasks.rows.row import Chain, PerTask, Reuse, Row
-from tasks.runtime import StoreSpec, node_name, ray_started, shutdown_ray
-from tasks.stages import (
-    AdapterStageConfig,
-    BaseStageConfig,
-    DataStageConfig,
-    FinetuneStageConfig,
-    PrototypesStageConfig,
-    StatsStageConfig,
-)
+from tasks.record import StageRecord, print_stage_line
+from tasks.runtime import node_name, ray_started, shutdown_ray
+from tasks.store import StoreError
 
 Upstream = dict[str, tuple[PrefectFuture, str]]
-
-
-def store_spec(config: RunConfig) -> StoreSpec:
-    """The store as every worker reopens it: its canonical URL (a relative path made absolute here)."""
-    s = config.store
-    opened = StoreSpec(s.url, s.endpoint_url, s.region, s.profile).open()
-    return StoreSpec(opened.url, s.endpoint_url, s.region, s.profile)
-
-
-def new_run_id() -> str:
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
-
-
-def _data_config(config: RunConfig, index: int) -> DataStageConfig:
-    spec = config.tasks[index]
-    if spec.kind is not None:
-        return DataStageConfig(name=spec.name, kind=spec.kind, mini_ucit=config.data.mini_ucit)
-    return DataStageConfig(
-        name=spec.name, train_json=spec.train_json, test_json=spec.test_json, image_root=spec.image_root, metric=spec.metric
-    )
-
-
-def _base_config(config: RunConfig) -> BaseStageConfig:
-    base = config.base.model_copy(update={"device": "auto"})  # the worker's resources pick the device
-    if base.kind == "tiny":
-        return BaseStageConfig(base=base, mini_ucit=config.data.mini_ucit, pretrain_samples=config.data.pretrain_samples)
-    return BaseStageConfig(base=base)
-
-
-Submit = Callable[..., PrefectFuture]
 
 
 @flow(name="continual-update", task_runner=ThreadPoolTaskRunner(max_workers=64), persist_result=False, validate_parameters=False)
@@ -89,44 +51,52 @@ def continual_update(config: RunConfig, run_id: str | None = None, progress: boo
     store = store_spec(config)
     board = Board() if progress else None  # live progress of the stages that compute (tasks/progress.py)
     cluster = ClusterSpec(config.ray.address, config.ray.num_cpus, config.ray.object_store_mb, progress,
-                          board.token if board else None)
-    names = [t.name for t in config.tasks]
-    submitted: list[PrefectFuture] = []
+                          board.token if board else None, config.ray.critical_path_first)
+    index = {t.name: i for i, t in enumerate(config.tasks)}
+    submitted: list[PrefectFuture | StageRecord] = []
+    opened, node = store.open(), node_name()
 
-    def submit(stage: str, cfg: Any, upstream: Upstream, group: str, task: str | None = None, method: str | None = None) -> PrefectFuture:
-        """One stage as a Prefect task; `group` picks its Ray resources from config.resources."""
+    def submit(stage: str, cfg: Any, upstream: Upstream, group: str, task: str | None = None,
+               method: str | None = None) -> PrefectFuture | StageRecord:
+        """One stage: its record at once when its inputs are known and it is cached (no Prefect task: the cached
+        prefix of a stream that grew costs a manifest read per stage), else a Prefect task; `group` picks its Ray
+        resources from config.resources."""
+        if not repair and all(isinstance(handle, StageRecord) for handle, _ in upstream.values()):
+            try:
+                record = cached_record(opened, stage, cfg, upstream, task, method, node)
+            except StoreError:  # an unreadable manifest, a store hiccup: the Prefect task retries or reports it
+                record = None
+            if record is not None:
+                submitted.append(record)
+                if progress:
+                    print_stage_line(stage, task, method, "cached", f"{record.seconds:7.1f}s  {record.node}")
+                if board:
+                    board.finished((stage, task, method), "cached")
+                return record
         resources = getattr(config.resources, group)
         label = stage + (f"[{task}]" if task else "") + (f"[{method}]" if method else "")
         future = stage_task.with_options(task_run_name=label, retries=config.retries, retry_delay_seconds=2).submit(
             stage, cfg, upstream, store=store, cluster=cluster, num_cpus=resources.num_cpus,
             num_gpus=resources.num_gpus, resource_group=group, task_name=task, method=method, repair=repair,
-            run_id=run_id,
+            run_id=run_id, priority=stage_priority(stage, index.get(task)),
         )
         submitted.append(future)
         return future
 
-    rows = [get_row(method) for method in config.methods]
-    shared = _shared_stages(config, submit, _upload_adapters(config, store), rows)
-    chains: dict[str, list[PrefectFuture]] = {}
-    for row in rows:
-        for chain in row.chains(config):  # its own chain and extras, each followed chain first
-            if chain.stage not in chains:
-                chains[chain.stage] = _chain_stages(config, submit, chain, shared, chains)
-    evals = [
-        (row.name, t, submit("eval", row.eval_config(config), row.eval_upstream(t, shared, chains),
-                             "eval", name, row.name))
-        for row in rows for t, name in enumerate(names)
-    ]
+    stream = submit_stream(config, submit, upload_adapters(config, store))
+    shared, chains = stream.shared, stream.chains
+    evals = stream.evals
     if board:
         board.expect(len(submitted))
+    futures = [f for f in submitted if not isinstance(f, StageRecord)]
     try:
-        bad_input = _first_bad_input(submitted)
+        bad_input = _first_bad_input(futures)
         if bad_input is not None:
             cancelled = abandon(run_id)
             if progress:
                 print(f"  stopping: a stage failed with bad input ({type(bad_input).__name__}); {cancelled} stage(s) "
                       "in flight cancelled", file=sys.stderr, flush=True)
-            wait(submitted)  # seconds: what has not started gives up, what ran is cancelled
+            wait(futures)  # seconds: what has not started gives up, what ran is cancelled
             raise bad_input
         records = _results(submitted)
         started_ray = ray_started()
@@ -136,88 +106,13 @@ def continual_update(config: RunConfig, run_id: str | None = None, progress: boo
             board.close()
         shutdown_ray()
     diagnostics = last_diagnostics(chains)
-    report = build_report(store.open(), names, config.methods, [(m, t, f.result()) for m, t, f in evals],
-                          data=[f.result() for f in shared.data],
-                          diagnostics=None if diagnostics is None else diagnostics.result())
-    summary = {
-        "run_id": run_id,
-        "tasks": names,
-        "methods": list(config.methods),
-        "config_fingerprint": config_fingerprint(config),  # which runs are one config to `gc --keep-last`
-        "store": store.url,
-        "ray_started": started_ray,
-        "stages": [r.summary() for r in records],
-        "report": report,
-    }
-    store.open().write_run(run_id, summary)
-    store.open().write_run("latest", summary)
+    summary = write_summary(
+        config, store, run_id, records, [(m, t, _result(f)) for m, t, f in evals], [_result(f) for f in shared.data],
+        None if diagnostics is None else _result(diagnostics), started_ray,
+    )
+    report = summary["report"]
     _publish_artifacts(report, timeline_from_run(store.open(), summary))
     return summary
-
-
-def _upload_adapters(config: RunConfig, store: StoreSpec) -> dict[str, StageRecord]:
-    """The user's own task adapters (`tasks[i].adapter`, checked by preflight), put into the store: as the
-    output "task" of a pseudo-record, the upstream of that task's adapter stage."""
-    import tempfile
-    from pathlib import Path
-
-    from many.adapters import copy_task_dir
-
-    uploads = {}
-    for spec in config.tasks:
-        if spec.adapter is not None:
-            with tempfile.TemporaryDirectory(prefix="many-adapter-") as scratch:
-                ref = store.open().put(copy_task_dir(Path(spec.adapter), Path(scratch) / "task"))
-            uploads[spec.name] = StageRecord("upload", spec.name, None, ref.digest, "cached", 0.0, node_name(), {"task": ref})
-    return uploads
-
-
-def _shared_stages(config: RunConfig, submit: Submit, uploads: dict[str, StageRecord], rows: list[Row]) -> PerTask:
-    """base and, per task, data plus the shared stages some row needs: finetune (all at once: they need only the
-    base), prototypes, stats. A task with its own adapter (`uploads`) gets an adapter stage, which checks it against
-    the base, instead of a finetune."""
-    names, dtype = [t.name for t in config.tasks], config.base.dtype
-    needs = frozenset().union(*(row.needs for row in rows))
-    base = submit("base", _base_config(config), {}, "base")
-    data = [submit("data", _data_config(config, t), {}, "data", name) for t, name in enumerate(names)]
-    finetune = prototypes = stats = None
-    if needs & {"finetune", "stats"}:
-        finetune = [
-            submit("adapter", AdapterStageConfig(), {"base": (base, "model"), "task": (uploads[name], "task")}, "finetune", name)
-            if name in uploads else
-            submit("finetune", FinetuneStageConfig(finetune=config.finetune, dtype=dtype),
-                   {"base": (base, "model"), "data": (data[t], "task")}, "finetune", name)
-            for t, name in enumerate(names)
-        ]
-    if "prototypes" in needs:
-        prototypes = [
-            submit("prototypes", PrototypesStageConfig(batch_size=config.eval.batch_size, dtype=dtype),
-                   {"base": (base, "model"), "data": (data[t], "task")}, "prototypes", name)
-            for t, name in enumerate(names)
-        ]
-    if "stats" in needs:
-        stats = [
-            submit("stats", StatsStageConfig(stats=config.stats, dtype=dtype),
-                   {"base": (base, "model"), "data": (data[t], "task"), "finetune": (finetune[t], "task")}, "stats", name)
-            for t, name in enumerate(names)
-        ]
-    return PerTask(base, data, finetune, prototypes, stats)
-
-
-def _chain_stages(
-    config: RunConfig, submit: Submit, chain: Chain, shared: PerTask, submitted: dict[str, list[PrefectFuture]]
-) -> list[PrefectFuture]:
-    """The links of one chain in task order; link t reads what the chain declares at t, its links < t and, if it
-    follows a chain, that chain's links (`submitted`: the chains submitted so far)."""
-    links: list[PrefectFuture] = []
-    sub_config = chain.config(config)
-    for t, name in enumerate(t.name for t in config.tasks):
-        upstream = chain.upstream(t, shared, links, submitted)
-        if isinstance(upstream, Reuse):
-            links.append(upstream.handle)
-        else:
-            links.append(submit(chain.stage, sub_config, upstream, chain.group, name, chain.method))
-    return links
 
 
 def _first_bad_input(futures: list[PrefectFuture]) -> BaseException | None:
@@ -235,12 +130,16 @@ def _first_bad_input(futures: list[PrefectFuture]) -> BaseException | None:
     return None
 
 
-def _results(futures: list[PrefectFuture]) -> list[StageRecord]:
+def _result(handle: PrefectFuture | StageRecord) -> StageRecord:
+    return handle if isinstance(handle, StageRecord) else handle.result()
+
+
+def _results(futures: list[PrefectFuture | StageRecord]) -> list[StageRecord]:
     """Every stage's record; on failure, raise the first root cause (not the 'upstream failed' echoes)."""
     records, failures = [], []
     for future in futures:
         try:
-            records.append(future.result())
+            records.append(_result(future))
         except UpstreamTaskError:
             continue
         except BaseException as error:  # noqa: BLE001 - re-raised below, first root cause wins

@@ -38,10 +38,11 @@ def check_resources(config: RunConfig, gpus: int | None = None, cpus: int | None
     """Every stage group's request fits the local cluster `many run` would start (no-op with `ray.address`)."""
     if config.ray.address:
         return
-    gpus = local_gpus() if gpus is None else gpus
     cpus = cpus or config.ray.num_cpus or os.cpu_count() or 1
     for group, request in config.resources:
-        if request.num_gpus > gpus:
+        if request.num_gpus > 0 and gpus is None:
+            gpus = local_gpus()  # imports torch: only a config that asks for a GPU pays for it
+        if request.num_gpus > (gpus or 0):
             raise PreflightError(
                 f"resources.{group}.num_gpus is {request.num_gpus:g} but this machine has {gpus} GPU(s) for the local "
                 f"Ray cluster; set resources.{group}.num_gpus: 0 to run it on CPU, or ray.address to join a GPU cluster"
@@ -104,7 +105,8 @@ def _exists_under(fs, root: str):
 
 
 def preflight(config: RunConfig) -> None:
-    """Cheapest first: the task data (seconds at most), then resources (imports torch), then user adapters."""
+    """Cheapest first: the task data (seconds at most), then resources (imports torch if a GPU is asked for), then
+    user adapters."""
     check_data(config)
     check_resources(config)
     check_adapters(config)

@@ -16,7 +16,7 @@ from typing import Any
 
 from many.data.io import TASK_FILE
 from many.report import IncompleteScores, StageSpan, diagnostics_summary, report_from_scores
-from tasks.dispatch import StageRecord, read_json_output
+from tasks.record import StageRecord, read_json_output
 from tasks.rows.many import DIAGNOSTICS_CHAIN
 from tasks.store import Manifest, Store, StoreError
 

@@ -18,17 +18,10 @@ from prefect.client.schemas.objects import (
 )
 from prefect.deployments.runner import RunnerDeployment
 
-from flows.config import RunConfig, load_config
 from flows.pipeline import continual_update
-from flows.stream import with_stream
+from flows.stream import run_config
 
-
-def run_config(config_path: str | None, store_url: str | None = None) -> RunConfig:
-    """The run's config: the file (None: built-in mini-UCIT), the store URL override, the stream read now."""
-    config = load_config(config_path)
-    if store_url:
-        config = config.model_copy(update={"store": config.store.model_copy(update={"url": store_url})})
-    return with_stream(config)
+__all__ = ["deployment", "run_config", "scheduled_update"]
 
 
 @flow(name="scheduled-update", persist_result=False)

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from flows.config import ConfigError, RunConfig, TaskSourceConfig, TaskSpec, parse_config
+from flows.config import ConfigError, RunConfig, TaskSourceConfig, TaskSpec, load_config, parse_config
 from tasks.store.backend import open_backend
 
 MANIFEST = "manifest.yaml"
@@ -82,3 +82,11 @@ def _spec(data: Any, file: str, url: str) -> TaskSpec:
         where = ".".join(str(p) for p in first["loc"])
         message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
         raise ConfigError(f"{url}/{file}: {where + ': ' if where else ''}{message}") from None
+
+
+def run_config(config_path: str | None, store_url: str | None = None) -> RunConfig:
+    """The run's config: the file (None: built-in mini-UCIT), the store URL override, the stream read now."""
+    config = load_config(config_path)
+    if store_url:
+        config = config.model_copy(update={"store": config.store.model_copy(update={"url": store_url})})
+    return with_stream(config)

@@ -23,11 +23,11 @@ from collections.abc import Callable, Iterator, Sequence
 
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
-from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 from many.data.schema import Metric
+from many.meteor import meteor as shared_meteor
 
 Matrix = Sequence[Sequence[float | None]]
 
@@ -88,8 +88,9 @@ def caption_scores(predictions: Sequence[str], references: Sequence[str | Sequen
     """Corpus-level BLEU-1..4, METEOR, ROUGE-L and CIDEr (pycocoevalcap; CIDEr is its CIDEr-D, range 0–10).
 
     Each reference is one caption or a list of captions. All captions go through pycocoevalcap's
-    PTBTokenizer (lowercase, punctuation removed) in one JVM call, and METEOR scores the whole batch in one
-    JVM: the JVM start (~5–10 s) dominates, so call this once per task, never per sample. pycocoevalcap's
+    PTBTokenizer (lowercase, punctuation removed) in one JVM call, and METEOR scores the whole batch on this
+    process's one METEOR JVM (many.meteor: started on the first call, reused by every later one — its ~6 s start
+    was most of a caption task's eval). Call this once per task, never per sample. pycocoevalcap's
     tokenizer writes its temporary input file next to its jar, so the install directory must be writable.
     """
     _check_pairs(predictions, references, "caption")
@@ -104,9 +105,7 @@ def caption_scores(predictions: Sequence[str], references: Sequence[str | Sequen
         res = {i: tokens[("pred", i)] for i in range(len(predictions))}
         gts = {i: tokens[("ref", i)] for i in range(len(predictions))}
         bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-        meteor_scorer = Meteor()
-        meteor, _ = meteor_scorer.compute_score(gts, res)
-        del meteor_scorer  # stops its JVM now
+        meteor = shared_meteor(gts, res)
         rouge, _ = Rouge().compute_score(gts, res)
         cider, _ = Cider().compute_score(gts, res)
     values = [*bleu, meteor, rouge, cider]

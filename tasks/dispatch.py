@@ -11,13 +11,12 @@ bad task fails the run in seconds instead of after the base has pretrained.
 
 from __future__ import annotations
 
-import json
-import sys
+import os
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -25,30 +24,11 @@ from pydantic import BaseModel
 
 from tasks.cache import intact, lookup, run_stage
 from tasks.catalog import compute_of, stage_def
-from tasks.progress import PRINT_LOCK, Channel, board_of, worker_channel
+from tasks.gate import Priority, PriorityGate
+from tasks.progress import Channel, board_of, worker_channel
+from tasks.record import StageRecord, print_stage_line, read_json_output
 from tasks.runtime import ClusterError, StoreSpec, check_resources, ensure_ray, node_name, ray_get
-from tasks.store import BlobRef, CorruptArtifact, Manifest, Store, StoreError
-
-
-@dataclass(frozen=True)
-class StageRecord:
-    """What a stage run returns to the flow: small references only (docs/design.md §5 `--json` stage entry)."""
-
-    stage: str
-    task: str | None
-    method: str | None
-    key: str
-    status: Literal["computed", "cached"]
-    seconds: float
-    node: str
-    outputs: Mapping[str, BlobRef] = field(default_factory=dict)
-    s3_retries: int = 0  # S3 requests its worker retried after a transient failure (tasks.store.backend)
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "stage": self.stage, "task": self.task, "method": self.method, "key": self.key,
-            "status": self.status, "seconds": round(self.seconds, 3), "node": self.node, "s3_retries": self.s3_retries,
-        }
+from tasks.store import BlobRef, CorruptArtifact, Manifest, StoreError
 
 
 def execute(
@@ -79,7 +59,6 @@ def execute(
 
 
 _remote_execute = None
-_print_lock = PRINT_LOCK  # one lock for every stage line, tasks.progress's too: lines never interleave
 
 
 class StageAbandoned(RuntimeError):
@@ -163,6 +142,21 @@ class ClusterSpec:
     object_store_mb: int = 200
     progress: bool = False
     board: str | None = None  # the run's live progress board (tasks.progress.Board.token); None: no live progress
+    critical_path_first: bool = True  # a local cluster admits stages by priority (tasks/gate.py)
+
+
+_gates: dict[int, PriorityGate] = {}  # local cluster size → its gate (one per process)
+_gates_lock = threading.Lock()
+
+
+def _local_gate(cluster: ClusterSpec) -> PriorityGate | None:
+    """The priority gate of the local cluster this process starts (tasks/gate.py); None when joining a cluster
+    (its size changes, other drivers share it) or when the run turned the gate off."""
+    if cluster.address or not cluster.critical_path_first:
+        return None
+    cpus = cluster.num_cpus or os.cpu_count() or 1  # the size tasks.runtime.ensure_ray gives a local cluster
+    with _gates_lock:
+        return _gates.setdefault(cpus, PriorityGate(cpus))
 
 
 def _resolve(upstream: Mapping[str, tuple[Any, str]]) -> dict[str, BlobRef]:
@@ -187,14 +181,6 @@ def _transient(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-def _print_progress(stage: str, task: str | None, method: str | None, status: str, tail: str = "") -> None:
-    where = task or ""
-    if method:
-        where = f"{where} [{method}]" if where else f"[{method}]"
-    with _print_lock:
-        print(f"  {stage:<22} {where:<34} {status:<8} {tail}".rstrip(), file=sys.stderr, flush=True)
-
-
 @task(name="stage", cache_policy=NO_CACHE, persist_result=False, retry_condition_fn=_transient)
 def stage_task(
     stage: str,
@@ -210,12 +196,14 @@ def stage_task(
     method: str | None = None,
     repair: bool = False,
     run_id: str | None = None,
+    priority: Priority | None = None,
 ) -> StageRecord:
     """Return the stage's cached manifest, or compute it on Ray with the given resources.
 
     `upstream` maps input name → (upstream StageRecord, its output name); Prefect resolves futures in it.
     With `repair`, a cached stage counts only if its manifest reads and its output blobs re-hash intact.
-    `run_id` names the run for `abandon`.
+    `run_id` names the run for `abandon`; `priority` (tasks.gate.stage_priority) orders the stages waiting for a
+    local cluster's cores.
     """
     _check_abandoned(run_id, stage)
     started = time.monotonic()
@@ -234,11 +222,11 @@ def stage_task(
     else:
         record = _compute_on_ray(
             stage, config, inputs, store, cluster, num_cpus, num_gpus, resource_group or stage, task_name, method,
-            repair, run_id,
+            repair, run_id, priority,
         )
     if cluster.progress:
         retried = f"  ({record.s3_retries} S3 retries)" if record.s3_retries else ""
-        _print_progress(stage, task_name, method, record.status, f"{record.seconds:7.1f}s  {record.node}{retried}")
+        print_stage_line(stage, task_name, method, record.status, f"{record.seconds:7.1f}s  {record.node}{retried}")
     if board := board_of(cluster.board):
         board.finished((stage, task_name, method), record.status)
     return record
@@ -247,7 +235,7 @@ def stage_task(
 def _compute_on_ray(
     stage: str, config: BaseModel, inputs: dict[str, BlobRef], store: StoreSpec, cluster: ClusterSpec,
     num_cpus: float, num_gpus: float, group: str, task_name: str | None, method: str | None, repair: bool = False,
-    run_id: str | None = None,
+    run_id: str | None = None, priority: Priority | None = None,
 ) -> StageRecord:
     global _remote_execute
     import ray
@@ -256,10 +244,21 @@ def _compute_on_ray(
     check_resources(group, num_cpus, num_gpus)
     if _remote_execute is None:
         _remote_execute = ray.remote(execute)
+    gate = _local_gate(cluster) if priority is not None and num_gpus == 0 else None
+    if gate is None:
+        return _run_on_ray(stage, config, inputs, store, cluster, num_cpus, num_gpus, task_name, method, repair, run_id)
+    with gate.slot(num_cpus, priority, give_up=lambda: run_id is not None and run_id in _abandoned):
+        return _run_on_ray(stage, config, inputs, store, cluster, num_cpus, num_gpus, task_name, method, repair, run_id)
+
+
+def _run_on_ray(
+    stage: str, config: BaseModel, inputs: dict[str, BlobRef], store: StoreSpec, cluster: ClusterSpec,
+    num_cpus: float, num_gpus: float, task_name: str | None, method: str | None, repair: bool, run_id: str | None,
+) -> StageRecord:
     # "auto": CUDA if the worker Ray placed us on has it, else CPU (a GPU resource on a CUDA-less node).
     device = "auto" if num_gpus > 0 else "cpu"
     if cluster.progress:
-        _print_progress(stage, task_name, method, "running", f"on {num_cpus:g} CPU(s), {num_gpus:g} GPU(s)")
+        print_stage_line(stage, task_name, method, "running", f"on {num_cpus:g} CPU(s), {num_gpus:g} GPU(s)")
     _check_abandoned(run_id, stage)
     board = board_of(cluster.board)
     channel = board.queued((stage, task_name, method)) if board else None
@@ -281,12 +280,6 @@ def _compute_on_ray(
             board.ended(channel)
     manifest = Manifest.model_validate_json(manifest_json)
     return StageRecord(stage, task_name, method, manifest.key, status, seconds, node, manifest.outputs, s3_retries)
-
-
-def read_json_output(store: Store, record_or_manifest: StageRecord | Manifest, output: str) -> Any:
-    """A small JSON output of a finished stage (e.g. eval scores), verified."""
-    ref = record_or_manifest.outputs[output]
-    return json.loads(store.get_bytes(ref.digest, context=f"stage {record_or_manifest.stage}, output {output}"))
 
 
 __all__ = [

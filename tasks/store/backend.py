@@ -88,6 +88,7 @@ class Backend(Protocol):
     def put_file(self, src: Path, dest: str) -> None: ...
     def put_bytes(self, data: bytes, dest: str) -> None: ...
     def create_exclusive(self, data: bytes, dest: str) -> bool: ...
+    def link(self, src: str, dest: Path) -> bool: ...
     def modified(self, info: dict[str, Any]) -> float: ...
 
 
@@ -109,6 +110,19 @@ class LocalBackend:
         tmp = _temp_beside(dest)
         Path(tmp).write_bytes(data)
         os.replace(tmp, dest)
+
+    def link(self, src: str, dest: Path) -> bool:
+        """Hard-link the stored object `src` at the local path `dest` (no byte copied); False where the filesystem
+        will not (another device, links not allowed), and the caller copies. FileNotFoundError if `src` is missing."""
+        try:
+            os.link(src, dest)
+            return True
+        except FileNotFoundError:
+            if os.path.exists(src):  # dest's directory is what is missing: the caller's bug, not a missing blob
+                raise OSError(f"cannot link into {dest.parent}: no such directory") from None
+            raise
+        except OSError:  # EXDEV, EPERM (protected_hardlinks), EMLINK, a filesystem without links
+            return False
 
     def create_exclusive(self, data: bytes, dest: str) -> bool:
         tmp = _temp_beside(dest)
@@ -145,6 +159,9 @@ class S3Backend:
 
     def put_bytes(self, data: bytes, dest: str) -> None:
         self.fs.pipe_file(dest, data)
+
+    def link(self, src: str, dest: Path) -> bool:
+        return False  # an object store has nothing to link: the caller downloads
 
     def create_exclusive(self, data: bytes, dest: str) -> bool:
         try:

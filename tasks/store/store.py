@@ -210,14 +210,19 @@ class Store:
         return data
 
     @_translated("reading a blob")
-    def get_file(self, digest: str, dest: str | Path, *, context: str) -> Path:
-        """Download a blob to `dest`, verified; `dest` appears only once its bytes are known good."""
+    def get_file(self, digest: str, dest: str | Path, *, context: str, link: bool = False) -> Path:
+        """Download a blob to `dest`, verified; `dest` appears only once its bytes are known good.
+
+        With `link`, a local store hard-links the blob at `dest` instead of copying it (where the filesystem allows;
+        else it copies) and the verification is the one read of the bytes: `dest` then shares the blob's bytes, so it
+        must never be written (materialize's read-only cache)."""
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex}")
         try:
             try:
-                self._fs.get_file(self._blob_path(digest), str(tmp))
+                if not (link and self._backend.link(self._blob_path(digest), tmp)):
+                    self._fs.get_file(self._blob_path(digest), str(tmp))
             except FileNotFoundError:
                 raise CorruptArtifact(f"blob {digest}", context, f"is missing from {self.url}") from None
             actual, _ = hash_file(tmp)
@@ -246,21 +251,25 @@ class Store:
         """A verified local copy of a file or directory artifact, cached by digest under `cache_dir`.
 
         Cached copies are read-only (a stage must not edit its inputs) and appear by atomic rename, so
-        concurrent workers on one machine share them safely."""
-        if ref.kind == "file":
-            target = self.cache_dir / "blobs" / ref.digest
-            if not target.exists():
-                self.get_file(ref.digest, target, context=context)
-                target.chmod(0o444)
+        concurrent workers on one machine share them safely. From a local store on the cache's filesystem they are
+        hard links to the blobs (`get_file(link=True)`: one read of the bytes, the verifying hash, and no copy), so
+        a blob damaged in place would damage its cached copy too: each cached entry keeps a stamp of its files'
+        digest, size, mtime and ctime as verified, and a hit whose stamp no longer matches (any write changes
+        ctime) is hashed again — a damaged one leaves the cache and raises `CorruptArtifact`."""
+        kind = "blobs" if ref.kind == "file" else "dirs"
+        target = self.cache_dir / kind / ref.digest
+        if target.exists() and self._cached_intact(ref, target, context):
             return target
-        target = self.cache_dir / "dirs" / ref.digest
-        if target.exists():
+        if ref.kind == "file":
+            self.get_file(ref.digest, target, context=context, link=True)
+            target.chmod(0o444)
+            self._write_stamp(ref, target, {".": ref.digest})
             return target
         listing = self.read_listing(ref, context=context)
         staging = target.with_name(f".{ref.digest}.tmp-{uuid.uuid4().hex}")
         try:
             for rel, file in listing.files.items():
-                self.get_file(file.digest, staging / rel, context=f"{context}, file {rel}").chmod(0o444)
+                self.get_file(file.digest, staging / rel, context=f"{context}, file {rel}", link=True).chmod(0o444)
             staging.mkdir(parents=True, exist_ok=True)  # an empty directory artifact
             try:
                 staging.rename(target)
@@ -269,7 +278,57 @@ class Store:
                     raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        self._write_stamp(ref, target, {rel: file.digest for rel, file in listing.files.items()})
         return target
+
+    # A cached entry's stamp: {relative path ("." for a file artifact): [digest, size, mtime_ns, ctime_ns]} of each
+    # of its files as verified, in cache_dir/stamps/<digest>.json.
+    def _stamp_path(self, ref: BlobRef) -> Path:
+        return self.cache_dir / "stamps" / f"{ref.digest}.json"
+
+    @staticmethod
+    def _stat_of(path: Path) -> list[int]:
+        st = path.stat()
+        return [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+    def _write_stamp(self, ref: BlobRef, target: Path, digests: dict[str, str]) -> None:
+        path = self._stamp_path(ref)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+        tmp.write_text(json.dumps({rel: [digest, *self._stat_of(target / rel)] for rel, digest in digests.items()}))
+        os.replace(tmp, path)
+
+    def _cached_intact(self, ref: BlobRef, target: Path, context: str) -> bool:
+        """Whether the cached entry `target` of `ref` is as verified: its stamp matches every file (a few stats), or
+        every file hashes right again (no stamp yet, or a file changed since) and it is stamped anew. A file that
+        hashes wrong: the entry and its stamp are removed and `CorruptArtifact` raised. False (fetch it again) when
+        the entry lost a file."""
+        try:
+            stamp = json.loads(self._stamp_path(ref).read_text())
+        except (OSError, ValueError):
+            stamp = None
+        try:
+            if stamp and all(entry[1:] == self._stat_of(target / rel) for rel, entry in stamp.items()):
+                return True
+            if ref.kind == "file":
+                digests = {".": ref.digest}
+            else:
+                digests = {rel: f.digest for rel, f in self.read_listing(ref, context=context).files.items()}
+            for rel, digest in digests.items():
+                actual, _ = hash_file(target / rel)
+                if actual != digest:
+                    self._stamp_path(ref).unlink(missing_ok=True)
+                    if ref.kind == "file":
+                        target.unlink(missing_ok=True)
+                    else:
+                        shutil.rmtree(target, ignore_errors=True)
+                    where = context if ref.kind == "file" else f"{context}, file {rel}"
+                    raise CorruptArtifact(f"blob {digest}", where, f"hashes to {actual} in the local cache "
+                                          f"{self.cache_dir} (a linked copy of {self.url}'s blob)")
+        except FileNotFoundError:
+            return False
+        self._write_stamp(ref, target, digests)
+        return True
 
     @_translated("verifying an artifact")
     def verify(self, ref: BlobRef) -> list[str]:

@@ -402,3 +402,51 @@ def test_unreachable_endpoint_is_one_store_error_after_bounded_retries(new_bucke
                        r"http://127\.0\.0\.1:9: Could not connect") as raised:
         Store.open(f"s3://{new_bucket}", endpoint_url="http://127.0.0.1:9")
     assert not isinstance(raised.value, ValueError)
+
+
+def test_cached_copies_are_linked_stamped_and_rechecked_when_changed(
+    store: Store, store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tasks.store.store as store_module
+
+    data = os.urandom(100_000)
+    ref = store.put_bytes(data)
+    make_tree(tmp_path / "adapter")
+    tree_ref = store.put_dir(tmp_path / "adapter")
+    local, tree = store.materialize(ref, context="t"), store.materialize(tree_ref, context="t")
+    local_store = store_url.startswith("file://")
+    if local_store:  # a hard link to the blob: no byte copied
+        blob = Path(store_url.removeprefix("file://"), blob_rel(ref.digest))
+        assert local.stat().st_ino == blob.stat().st_ino and local.read_bytes() == data
+    hashed: list[Path] = []
+    real_hash = store_module.hash_file
+    monkeypatch.setattr(store_module, "hash_file", lambda path: hashed.append(path) or real_hash(path))
+    assert store.materialize(ref, context="t") == local and store.materialize(tree_ref, context="t") == tree
+    assert hashed == []  # an unchanged hit is a few stats, not a hash
+
+    local.chmod(0o644)
+    local.write_bytes(flip_byte(data))  # in place: on a local store the blob's own bytes (one inode)
+    with pytest.raises(CorruptArtifact, match=rf"blob {ref.digest} \(t\) hashes to .* in the local cache"):
+        store.materialize(ref, context="t")
+    assert not local.exists()
+    assert store.verify(ref) == ([ref.digest] if local_store else [])  # the damage reached the store iff linked
+
+    vocab = tree / "tokenizer" / "vocab.json"
+    vocab.chmod(0o644)
+    vocab.write_bytes(b'{"a": 2}')
+    with pytest.raises(CorruptArtifact, match=r"\(t, file tokenizer/vocab.json\) hashes to"):
+        store.materialize(tree_ref, context="t")
+    assert not tree.exists()
+    if local_store:
+        with pytest.raises(CorruptArtifact, match="file tokenizer/vocab.json"):
+            store.materialize(tree_ref, context="t")  # fetched again from the store: its blob is the damaged one
+    else:
+        assert (store.materialize(tree_ref, context="t") / "tokenizer" / "vocab.json").read_bytes() == b'{"a": 1}'
+
+    touched = store.materialize(store.put_bytes(b"intact"), context="t")
+    os.utime(touched, ns=(1, 1))  # changed metadata, same bytes: hashed again, kept, stamped anew
+    hashed.clear()
+    assert store.materialize(store.put_bytes(b"intact"), context="t") == touched and len(hashed) == 1
+    hashed.clear()
+    store.materialize(store.put_bytes(b"intact"), context="t")
+    assert hashed == []
