@@ -28,7 +28,6 @@ from tests.reliability.conftest import (
 )
 
 
-
 def flip_byte(data: bytes) -> bytes:
     middle = len(data) // 2
     return data[:middle] + bytes([data[middle] ^ 0x01]) + data[middle + 1:]
