@@ -68,7 +68,7 @@ def measure(features: int, rank: int, task_counts: list[int], repeats: int, seed
             solve(absorb(previous, *task, cfg, LAYER), LAYER)
             current, absorb_time = timed(lambda: absorb(previous, *task, cfg, LAYER))
             _, solve_time = timed(lambda: solve(current, LAYER))
-            C, R = current.C.numpy(), current.R.numpy()
+            C, R = current.C.numpy(), current.rhs().numpy()
             time.sleep(SWITCH_PAUSE_S)
             np.linalg.solve(C, R)
             _, bare_time = timed(lambda: np.linalg.solve(C, R))

@@ -83,6 +83,9 @@ class LPMConfig(Frozen):
     rank:  optional SVD truncation of the exported merged LoRA (None: exact rank Σ r_i).
     state_dtype: how C = γI + Σ G̃_i is stored between tasks (the merge computes in float64 either way);
            "float32" halves the state (the running sum is rounded once per task), "float64" keeps it exact.
+    state_form: how each layer's R = Σ G̃_i ΔW_iᵀ is kept (docs/design.md §1.1): "auto" as thin factors B, A·G̃ while
+           Σr·(in + out) < in·out, then as the dense in×out R (whichever is smaller; the merge is the same up to
+           float64 rounding); "thin" / "dense" force one form (for comparisons: thin grows with t without bound).
     diagnostics: whether the pipeline runs merge_diagnostics[t] beside merge[t] (fit error and leakage per layer
            and task, many.lpm_diagnostics; it reads the Grams of all tasks ≤ t). It changes nothing the merge
            computes, so it is left out of the config's JSON (`exclude`): the merge's cache key does not see it.
@@ -93,6 +96,7 @@ class LPMConfig(Frozen):
     gamma_mode: Literal["relative", "absolute"] = "relative"
     rank: PositiveInt | None = None
     state_dtype: Literal["float64", "float32"] = "float64"
+    state_form: Literal["auto", "thin", "dense"] = "auto"
     diagnostics: bool = Field(True, exclude=True)
 
 
