@@ -57,6 +57,7 @@ LPM_CHAIN = Chain(
     config=lambda config: config.lpm,
     link=_link,
     compute=compute_merge,
+    recomputable=("state",),  # read only by merge[t + 1]: superseded states are collected, recomputed on demand
 )
 
 
