@@ -3,9 +3,9 @@ and that sub-config is exactly what goes into the stage's cache key (docs/design
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, SerializerFunctionWrapHandler, model_serializer
 
 # LoRA on the language model's linear layers only: the CLIP tower also has q/k/v_proj (docs/design.md §8).
 LLAMA_LORA_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
@@ -68,10 +68,25 @@ class FinetuneConfig(Frozen):
 
 
 class StatsConfig(Frozen):
-    """Gram statistics G_i = X_iᵀX_i / N_i per LoRA-targeted layer, over all tokens (docs/design.md §1, §8)."""
+    """Gram statistics G_i = X_iᵀX_i / N_i per LoRA-targeted layer, over all tokens (docs/design.md §1, §8).
+
+    gram_dtype: how the Grams are stored (they are summed in float64 either way): "float32" (default), or
+           "bfloat16" / "float16", half the bytes — 11 GB instead of 22 per task at LLaVA-1.5-7B shapes — for a merge
+           error benchmarks/perf.py measures (part "grams"); float16 overflows past 65504 (the stage then fails
+           naming bfloat16). Left out of the config's JSON at its default, so the stats stages of a store written
+           before it existed keep their cache keys.
+    """
 
     batch_size: PositiveInt = 32
     max_samples: int | None = Field(None, ge=1)  # None: every training sample
+    gram_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @model_serializer(mode="wrap")
+    def _default_dtype_unkeyed(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if self.gram_dtype == "float32":
+            data.pop("gram_dtype", None)
+        return data
 
 
 class LPMConfig(Frozen):
