@@ -239,7 +239,9 @@ def print_7b(shape: Shape, steps: list[Step], baseline_rss: int, cpus: int, conf
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes everywhere (seconds to a minute)")
-    parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of " + ", ".join(PARTS))
+    parser.add_argument("--parts", default="ratios,7b",
+                        help="comma-separated subset of " + ", ".join(PARTS) + " (default: ratios,7b — issue "
+                             "#17's stream, grams and 7b-cluster run in benchmarks.merge_bounds)")
     parser.add_argument("--tasks", type=int, help="synthetic stream length (default 100, smoke 5)")
     parser.add_argument("--7b-layers", dest="layers_7b", type=int, default=2, help="decoder blocks of the 7B-shaped merge")
     parser.add_argument("--7b-tasks", dest="tasks_7b", type=int, default=2, help="task steps of the 7B-shaped merge")

@@ -197,3 +197,11 @@ def test_half_precision_grams_halve_the_file_and_bound_the_merge_error(tmp_path)
 def test_float16_grams_that_overflow_name_bfloat16(tmp_path) -> None:
     with pytest.raises(ValueError, match="do not fit float16.*bfloat16"):
         save_grams({"q": torch.full((3, 3), 1e5)}, tmp_path / "g.safetensors", "float16")
+
+
+def test_gram_dtype_enters_the_stats_key_only_when_not_float32() -> None:
+    """Existing stores keep their stats stages: the default dumps as before, another dtype is a new key."""
+    from many.config import StatsConfig
+
+    assert StatsConfig().model_dump(mode="json") == {"batch_size": 32, "max_samples": None}
+    assert StatsConfig(gram_dtype="bfloat16").model_dump(mode="json")["gram_dtype"] == "bfloat16"
