@@ -138,6 +138,9 @@ def export(store: Store, summary: dict[str, Any], out_dir: Path) -> list[Path]:
         _copy(store, merge, "adapter", merged_dir / "adapter")
         adapters.append(merged_dir / "adapter")
         # γ and the export's form and error per module from the small export.json, not the (large) state
+        if "export" not in merge.outputs:
+            raise StoreError("the latest run's merge was computed before merges wrote export.json (merge version < 4): "
+                             "run `many run` again with the same config to bring it up to date, then export")
         layers = read_json_output(store, merge, "export")["layers"]
         gammas = {module: record["gamma"] for module, record in layers.items()}
         export = {module: {k: v for k, v in record.items() if k != "gamma"} for module, record in layers.items()}
