@@ -59,15 +59,18 @@ class LayerState:
     """RLS state of one layer after `tasks` tasks: C = γI + Σ G̃_i and R = Σ G̃_i ΔW_iᵀ, R in one of two forms:
 
     thin  (B, AG), R = AGᵀ Bᵀ never formed: B (out, Σr) = [s_1 B_1 | … | s_t B_t], AG (Σr, in) = [A_1 G̃_1; …; A_t G̃_t];
-    dense R (in, out) itself, once Σr·(in + out) ≥ in·out (`dense_is_smaller`); `rank` keeps Σr.
+    dense R (in, out) itself, once Σr·(in + out) ≥ in·out (`dense_is_smaller`); `rank` keeps Σr. At the step that
+          formed R from thin factors (the switch, or a first task) those factors stay beside it, so that this step's
+          export is the thin one — rank Σr, its solve cheaper than the dense one by as much as forming R cost —
+          but only R is stored (many.lpm_files), and the next step drops them.
 
     Layers of one input group share the same C tensor object (see `absorb_group`)."""
 
     C: Tensor  # (in, in)   float64
     gamma: float  # the absolute ridge added to C, fixed at the first task
     tasks: int
-    B: Tensor | None = None  # (out, Σr)  float64, thin form
-    AG: Tensor | None = None  # (Σr, in)  float64, thin form
+    B: Tensor | None = None  # (out, Σr)  float64, thin form (and a dense state's export at its switch)
+    AG: Tensor | None = None  # (Σr, in)  float64, thin form (idem)
     R: Tensor | None = None  # (in, out)  float64, dense form
     dense_rank: int | None = None  # Σr of a dense state (a thin one reads it off B)
 
@@ -97,7 +100,7 @@ class LayerState:
 
     @property
     def numbers(self) -> int:
-        """How many numbers the layer's own part of the state holds besides C: Σr·(in + out) thin, in·out dense."""
+        """How many numbers the layer's stored state holds besides C: Σr·(in + out) thin, in·out dense."""
         return self.R.numel() if self.R is not None else self.B.numel() + self.AG.numel()
 
 
@@ -183,14 +186,15 @@ def absorb_group(
         task_AG = A @ gram_reg  # A_t G̃_t (r, in): G̃ ΔWᵀ = (A G̃)ᵀ (s B)ᵀ never forms an in×out product
         rank = B.shape[1] + (0 if before is None else before.rank)  # Σr after task t
         if _dense(form, before, rank, A.shape[1], B.shape[0], name):
-            if before is None or before.R is None:
-                if before is not None:  # the switch: R_{t−1} + G̃_t ΔW_tᵀ = [AG_{t−1}; A_t G̃_t]ᵀ [B_{t−1} | s_t B_t]ᵀ
-                    scaled_B = torch.cat([before.B, scaled_B], dim=1)
-                    task_AG = torch.cat([before.AG, task_AG], dim=0)
-                R = task_AG.T @ scaled_B.T  # (in, out)
-            else:
+            if before is not None and before.R is not None:
                 R = torch.addmm(before.R, task_AG.T, scaled_B.T)  # R_{t−1} + (A_t G̃_t)ᵀ (s_t B_t)ᵀ (in, out)
-            new[name] = LayerState(C=C, R=R, dense_rank=rank, gamma=gamma, tasks=tasks)
+                new[name] = LayerState(C=C, R=R, dense_rank=rank, gamma=gamma, tasks=tasks)
+                continue
+            if before is not None:  # the switch: R_{t−1} + G̃_t ΔW_tᵀ = [AG_{t−1}; A_t G̃_t]ᵀ [B_{t−1} | s_t B_t]ᵀ
+                scaled_B = torch.cat([before.B, scaled_B], dim=1)  # (out, Σr)
+                task_AG = torch.cat([before.AG, task_AG], dim=0)  # (Σr, in)
+            R = task_AG.T @ scaled_B.T  # (in, out), formed once
+            new[name] = LayerState(C=C, R=R, B=scaled_B, AG=task_AG, dense_rank=rank, gamma=gamma, tasks=tasks)
             continue
         if before is not None:
             scaled_B = torch.cat([before.B, scaled_B], dim=1)  # (out, Σr)
@@ -243,7 +247,8 @@ def absorb_model(
 def export_group(states: Mapping[str, LayerState], group: str) -> dict[str, tuple[Tensor, Tensor]]:
     """Each layer's merge M_t = (C_t⁻¹ R_t)ᵀ as an exact LoRA with scale 1, (lora_B, lora_A):
 
-        thin:  (B, (C_t⁻¹ AGᵀ)ᵀ)                  rank Σr; R_t = AGᵀBᵀ is never formed
+        thin:  (B, (C_t⁻¹ AGᵀ)ᵀ)                  rank Σr; R_t = AGᵀBᵀ is never formed (also from a dense state at
+                                                 the step that formed its R: it keeps those factors, LayerState)
         dense: (M_t, I_in) if in ≤ out, else (I_out, M_t)     rank min(in, out); B_m @ A_m == M_t bit for bit
 
     C_t is factored once for the group (the layers share it); each layer's solve uses only its own AG or R, so a
@@ -253,7 +258,7 @@ def export_group(states: Mapping[str, LayerState], group: str) -> dict[str, tupl
     factor = _cholesky(first.C, first.gamma, group)  # L (in, in), C_t = L Lᵀ
     out = {}
     for name, state in states.items():
-        if state.R is None:
+        if state.B is not None:
             out[name] = (state.B.clone(), _solve_with(factor, state.AG.T, state.gamma, name).T.contiguous())
             continue
         merged = _solve_with(factor, state.R, state.gamma, name).T.contiguous()  # M_t (out, in)

@@ -90,7 +90,8 @@ def tasks(
 
 def state(layer_state: Any) -> None:
     """A LayerState's fields: C (in, in) and either B (out, Σr), AG (Σr, in) (thin) or R (in, out) with its Σr
-    `dense_rank` ≥ 1 (dense), float64 matrices; γ finite ≥ 0, tasks ≥ 1."""
+    `dense_rank` ≥ 1 (dense; at the step that formed R, also the B and AG it was formed from), float64 matrices;
+    γ finite ≥ 0, tasks ≥ 1."""
     problems = []
     thin = layer_state.R is None
     names = ("C", "B", "AG") if thin else ("C", "R")
@@ -100,8 +101,11 @@ def state(layer_state: Any) -> None:
             problems.append(f"{name} must be a 2-D float64 tensor")
     if thin and layer_state.dense_rank is not None:
         problems.append("dense_rank belongs to a dense state (R); a thin one has B and AG")
-    if not thin and (layer_state.B is not None or layer_state.AG is not None):
-        problems.append("a dense state (R) holds no thin factors B, AG")
+    switched = not thin and (layer_state.B is not None or layer_state.AG is not None)  # R formed this step
+    if switched:
+        problems += [f"{name} must be a 2-D float64 tensor" for name in ("B", "AG")
+                     if not isinstance(getattr(layer_state, name), Tensor) or getattr(layer_state, name).ndim != 2
+                     or getattr(layer_state, name).dtype != _F64]
     if not thin and not (isinstance(layer_state.dense_rank, int) and layer_state.dense_rank >= 1):
         problems.append(f"a dense state needs its Σr as dense_rank ≥ 1, got {layer_state.dense_rank!r}")
     if not problems:
@@ -110,7 +114,10 @@ def state(layer_state: Any) -> None:
             out, rank = layer_state.B.shape
             expected = {"C": (n, n), "B": (out, rank), "AG": (rank, n)}
         else:
-            expected = {"C": (n, n), "R": (n, layer_state.R.shape[1])}
+            out = layer_state.R.shape[1]
+            expected = {"C": (n, n), "R": (n, out)}
+            if switched:  # the thin factors R was formed from: R = AGᵀBᵀ
+                expected |= {"B": (out, layer_state.dense_rank), "AG": (layer_state.dense_rank, n)}
         problems += [
             f"{name} has shape {tuple(getattr(layer_state, name).shape)}, expected {shape}"
             for name, shape in expected.items()

@@ -9,6 +9,7 @@ import torch
 
 from many.config import LPMConfig
 from many.lpm import absorb, absorb_group, batch_merge, dense_is_smaller, export_lora, solve
+from many.lpm_files import group_tensors
 
 F64 = torch.float64
 
@@ -71,8 +72,8 @@ def test_state_holds_at_most_min_thin_dense(seed, out, n_in, ranks):
     for t, state in enumerate(run(loras, grams, LPMConfig(), "auto"), start=1):
         rank = sum(ranks[:t])
         assert state.numbers == min(rank * (n_in + out), n_in * out)
-        stored = sum(x.numel() for x in (state.B, state.AG, state.R) if x is not None)
-        assert stored == state.numbers
+        tensors, _ = group_tensors({"layer": state})  # what the state file holds
+        assert sum(x.numel() for key, x in tensors.items() if key not in ("C", "gamma", "tasks")) == state.numbers
 
 
 def test_switch_step_is_one_product_of_the_thin_factors():
@@ -84,6 +85,13 @@ def test_switch_step_is_one_product_of_the_thin_factors():
     assert [s.form for s in auto] == ["thin", "thin", "dense"]
     assert torch.equal(auto[2].R, thin[2].rhs())
     assert torch.equal(auto[2].C, thin[2].C)
+    # the switch step exports from the thin factors it formed R from (rank Σr, no dense solve) …
+    for got, expected in zip(export_lora(auto[2], "layer"), export_lora(thin[2], "layer")):
+        assert torch.equal(got, expected)
+    # … which the next step no longer has: it exports M_t against an identity
+    extra = random_stream(9, 16, 16, [3])
+    after = absorb(auto[2], *extra[0][0], extra[1][0], cfg, "layer")
+    assert after.B is None and export_lora(after, "layer")[0].shape == (16, 16)
 
 
 def test_a_dense_state_stays_dense_and_cannot_be_forced_thin():

@@ -217,8 +217,11 @@ def test_states_turn_dense_on_their_own_and_merge_as_the_thin_chain(tmp_path: Pa
         for layer, (out, n_in, _) in modules.items():
             record = export["layers"][layer]
             dense = t * SMALL.rank * (out + n_in) >= out * n_in
+            was_dense = (t - 1) * SMALL.rank * (out + n_in) >= out * n_in
             assert record["form"] == ("dense" if dense else "thin") and record["rank"] == t * SMALL.rank
-            assert record["exported_rank"] == (min(out, n_in) if dense else t * SMALL.rank) and record["error"] == 0.0
+            # exact: rank Σr from thin factors (also at the switch step, which still has them), else min(in, out)
+            assert record["exported_rank"] == (min(out, n_in) if was_dense else t * SMALL.rank)
+            assert record["error"] == 0.0
         got, expected = lora_deltas(lora_factors(a["adapter"])), lora_deltas(lora_factors(b["adapter"]))
         for layer in modules:  # the factors are stored float32
             torch.testing.assert_close(got[layer], expected[layer], rtol=1e-5, atol=1e-5 * expected[layer].abs().max())
