@@ -12,7 +12,8 @@ they share the machine's noise.
 Bounded by the dense RLS form (issue #17): a layer's state switches from the thin factors to the dense (C, R) once
 Σr·(in + out) ≥ in·out (lpm.state_form "auto", the default). The second table times one merge step as the merge
 stage runs it — absorb + export_lora — with the state kept "auto", always "thin" and always "dense" (the plain RLS
-step: C += G̃, R += G̃ΔWᵀ, solve C⁻¹R), at t = 2 … 200, the forms taking turns, each the fastest of its repeats.
+step: C += G̃, R += G̃ΔWᵀ, solve C⁻¹R), at t = 2 … 200, the forms taking turns, each the least thread CPU time of
+its repeats (wall time on the shared box swings by 2× between identical calls).
 Goals: auto ≤ dense at every t
 (reported against ≤ 1.10: after the switch both run the same code, so the ratio is 1 up to timing noise), and the
 state's numbers besides C ≤ min(thin, dense) at every t (exact counts).
@@ -103,9 +104,10 @@ def measure(features: int, rank: int, task_counts: list[int], repeats: int, seed
 
 
 def measure_forms(features: int, rank: int, task_counts: list[int], repeats: int, seed: int) -> list[dict]:
-    """Per t: the fastest of `repeats` steps (absorb task t + export_lora) with the state kept in each of FORMS — the
-    minimum, not the median: the forms compare costs, and on a shared machine the load only ever adds time — and
-    the numbers each state holds besides C after step t."""
+    """Per t: the least CPU time of `repeats` steps (absorb task t + export_lora, one torch thread) with the state
+    kept in each of FORMS — CPU time of this thread and the minimum, not wall time and the median: the forms compare
+    costs, and on a shared machine the other processes' load only ever adds wall time — and the numbers each state
+    holds besides C after step t."""
     generator = torch.Generator().manual_seed(seed + 1)
     cfg = LPMConfig()
     points: dict[int, dict[str, tuple[LayerState | None, tuple]]] = {t: {} for t in task_counts}
@@ -120,6 +122,8 @@ def measure_forms(features: int, rank: int, task_counts: list[int], repeats: int
             if t in after:
                 after[t][form] = states[form].numbers
     times: dict[int, dict[str, list[float]]] = {t: {form: [] for form in FORMS} for t in task_counts}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # thread CPU time counts this thread's work only
     for _ in range(repeats):
         for t in task_counts:
             for form in FORMS:
@@ -129,7 +133,10 @@ def measure_forms(features: int, rank: int, task_counts: list[int], repeats: int
                     return export_lora(absorb(previous, *task, cfg, LAYER, form), LAYER)
 
                 step()  # untimed: warms the caches like the timed call after it
-                times[t][form].append(timed(step)[1])
+                start = time.thread_time()  # this thread's CPU seconds: other processes' load does not count
+                step()
+                times[t][form].append(time.thread_time() - start)
+    torch.set_num_threads(threads)
     rows = []
     for t in task_counts:
         step = {form: min(times[t][form]) for form in FORMS}
@@ -190,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     switch = next((row["tasks"] for row in forms if row["form"] == "dense"), None)
     print(
         f"\nOne merge step (absorb + export_lora, as the merge stage) with the state kept auto / thin / dense, same "
-        f"layer and tasks; fastest of {repeats} repeats (the load only adds time). auto switches to dense at the first t with "
+        f"layer and tasks, one torch thread; the least thread CPU time of {repeats} repeats (the machine is shared: other processes' "
+        "load adds wall time, not this thread's CPU time). auto switches to dense at the first t with "
         f"Σr·(in + out) ≥ in·out (Σr ≥ {features * features // (2 * features)} here). State = numbers besides C "
         "(float64): thin Σr·(in + out), dense in·out.\n"
     )
