@@ -186,7 +186,7 @@ def report(shape: Shape, result: dict[str, Any], config: LPMConfig) -> list[tupl
     node_memory = result["node_memory"]
     what = "LLaVA-1.5-7B shapes" if (shape.hidden, shape.intermediate) == (4096, 11008) else "smoke shapes"
     print(f"{what} (hidden {shape.hidden}, MLP {shape.intermediate}, r={shape.rank} on q/k/v/o/gate/up/down), all "
-          f"{shape.layers} blocks = {len(jobs_)} input-group jobs of one merge step (t = 1), on a simulated "
+          f"{shape.layers} of 32 blocks = {len(jobs_)} input-group jobs of one merge step (t = 1), on a simulated "
           f"{result['nodes']}-node `ray.cluster_utils.Cluster`, each node {result['cpus']} CPUs and a Ray `memory` "
           f"resource of {node_memory / GiB:.2f} GiB; C stored {config.state_dtype}; each job writes its inputs, runs "
           "tasks.merge.merge_group and deletes its files (streamed). Wall time "
@@ -203,9 +203,14 @@ def report(shape: Shape, result: dict[str, Any], config: LPMConfig) -> list[tupl
               f"| {result['peak'][node] / GiB:.2f} | {above / GiB:.2f} | {node_memory / GiB:.1f} | {above / node_memory:.2f} |")
     stored = {k: sum(j[k] for j in jobs_) for k in ("state_bytes", "factors_bytes", "gram_bytes", "adapter_bytes")}
     largest = max(jobs_, key=lambda j: j["reserved"])
-    print(f"\nBytes of the step (all {shape.layers} blocks): state {stored['state_bytes'] / 1e9:.1f} GB (C, B, A·G̃ per "
-          f"group), merged factors {stored['factors_bytes'] / 1e9:.2f} GB, inputs: Grams {stored['gram_bytes'] / 1e9:.1f} "
-          f"GB, adapter {stored['adapter_bytes'] / 1e9:.2f} GB. Largest job reserves {largest['reserved'] / GiB:.2f} GiB "
+    full = 32 / shape.layers  # every block has the same four jobs: bytes and job seconds scale with the blocks
+    print(f"\nBytes of the step ({shape.layers} blocks; × {full:g} for 32): state {stored['state_bytes'] / 1e9:.2f} GB "
+          f"(C, B, A·G̃ per group) → {full * stored['state_bytes'] / 1e9:.1f} GB, merged factors "
+          f"{stored['factors_bytes'] / 1e9:.3f} → {full * stored['factors_bytes'] / 1e9:.2f} GB, inputs: Grams "
+          f"{stored['gram_bytes'] / 1e9:.2f} → {full * stored['gram_bytes'] / 1e9:.1f} GB, adapter "
+          f"{stored['adapter_bytes'] / 1e9:.3f} → {full * stored['adapter_bytes'] / 1e9:.2f} GB. Job CPU-slot seconds "
+          f"{sum(j['seconds'] for j in jobs_):.0f} → {full * sum(j['seconds'] for j in jobs_) / 60:.0f} min for 32 "
+          f"blocks (÷ the cluster's slots for its wall time). Largest job reserves {largest['reserved'] / GiB:.2f} GiB "
           f"({largest['group']}, tasks.merge.job_bytes); slowest job {max(j['seconds'] for j in jobs_):.0f} s.\n")
     rows.append((f"7B-shaped step, {shape.layers} blocks on {result['nodes']} nodes: peak per node above idle / node memory "
                  f"({node_memory / GiB:.2f} GiB)",
@@ -213,8 +218,8 @@ def report(shape: Shape, result: dict[str, Any], config: LPMConfig) -> list[tupl
     return rows
 
 
-def main_part(smoke: bool, cpus: int, node_gib: float, state_dtype: str) -> tuple[list, dict]:
-    shape = Shape(2, 64, 172, 8) if smoke else Shape(32, 4096, 11008, 8)
+def main_part(smoke: bool, cpus: int, node_gib: float, state_dtype: str, blocks: int = 32) -> tuple[list, dict]:
+    shape = Shape(2, 64, 172, 8) if smoke else Shape(blocks, 4096, 11008, 8)
     config = LPMConfig(state_dtype=state_dtype)
     print("  7b-cluster: starting a 3-node Ray cluster …", file=sys.stderr, flush=True)
     result = measure(shape, 3, cpus, 0.25 if smoke else node_gib, config)

@@ -20,7 +20,7 @@ stream, and a LLaVA-1.5-7B-shaped merge step — all through the real stages and
 
     python -m benchmarks.perf [--smoke] [--parts ratios,stream,grams,7b,7b-cluster] [--tasks N] [--7b-layers L]
                               [--7b-tasks T] [--7b-cpus N] [--7b-state-dtype float64|float32] [--7b-cluster-cpus N]
-                              [--7b-cluster-node-gib G] [--tiny-pipeline] [--json PATH]
+                              [--7b-cluster-blocks L] [--7b-cluster-node-gib G] [--tiny-pipeline] [--json PATH]
 """
 
 from __future__ import annotations
@@ -250,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="LPMConfig.state_dtype of the 7B-shaped merge (how C is stored)")
     parser.add_argument("--7b-cluster-cpus", dest="cluster_cpus", type=int, default=2,
                         help="CPUs of each of the 3 simulated nodes of the 7b-cluster part")
+    parser.add_argument("--7b-cluster-blocks", dest="cluster_blocks", type=int, default=32,
+                        help="decoder blocks of the 7b-cluster part (default all 32; bytes and job time scale with them)")
     parser.add_argument("--7b-cluster-node-gib", dest="cluster_gib", type=float, default=4.0,
                         help="Ray `memory` resource of each node of the 7b-cluster part (GiB)")
     parser.add_argument("--tiny-pipeline", action="store_true", help="incremental ratio on examples/tiny.yaml")
@@ -291,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         if "7b-cluster" in parts:
             from benchmarks.cluster7b import main_part
 
-            rows, raw = main_part(args.smoke, args.cluster_cpus, args.cluster_gib, args.state_dtype_7b)
+            rows, raw = main_part(args.smoke, args.cluster_cpus, args.cluster_gib, args.state_dtype_7b, args.cluster_blocks)
             goals += rows
             result["7b_cluster"] = raw
         if goals:
