@@ -136,6 +136,7 @@ class Step:
     state_bytes: int  # merge[t]'s state blob
     task_bytes: int  # task t's inputs as stored: adapter dir + Grams file
     added_bytes: int  # what the step added to the store: task t's inputs + merge[t]'s state and adapter
+    cpu_seconds: float = 0.0  # this process's CPU time (user + system) during the step; in-process runs only
 
 
 def _on_ray(store_url: str, config: LPMConfig) -> Callable[[dict[str, BlobRef]], Manifest]:
@@ -186,10 +187,10 @@ def merge_stream(store: Store, root: Path, shape: Shape, tasks: int, scratch: Pa
         gram_path.unlink()
         if previous is not None:
             inputs["previous"] = previous
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         with peak_rss(interval=0.05 if on_ray else 0.01, tree=on_ray) as peak:
             manifest = run(inputs)
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         previous = manifest.outputs["state"]
         links.append(manifest)
         if collect:
@@ -197,7 +198,7 @@ def merge_stream(store: Store, root: Path, shape: Shape, tasks: int, scratch: Pa
                                        "stages": [{"stage": m.stage, "key": m.key} for m in links]})
             store.gc(delete=True, min_age_seconds=0, keep_last=1, recomputable=recomputable_outputs())
         total = tree_bytes(root)
-        step = Step(t, seconds, peak["peak"], total, previous.size, task_bytes, total - before)
+        step = Step(t, seconds, peak["peak"], total, previous.size, task_bytes, total - before, cpu)
         report(step)
         steps.append(step)
     return steps, manifest
