@@ -72,8 +72,8 @@ class StatsConfig(Frozen):
 
     gram_dtype: how the Grams are stored (they are summed in float64 either way): "float32" (default), or
            "bfloat16" / "float16", half the bytes — 11 GB instead of 22 per task at LLaVA-1.5-7B shapes — for a merge
-           error benchmarks/perf.py measures (part "grams"); float16 overflows past 65504 (the stage then fails
-           naming bfloat16). Left out of the config's JSON at its default, so the stats stages of a store written
+           error benchmarks/merge_bounds.py measures (large where the Grams are ill-conditioned: check yours);
+           float16 overflows past 65504 (the stage then fails naming bfloat16). Left out of the config's JSON at its default, so the stats stages of a store written
            before it existed keep their cache keys.
     """
 
