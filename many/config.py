@@ -101,6 +101,8 @@ class LPMConfig(Frozen):
     state_form: how each layer's R = Σ G̃_i ΔW_iᵀ is kept (docs/design.md §1.1): "auto" as thin factors B, A·G̃ while
            Σr·(in + out) < in·out, then as the dense in×out R (whichever is smaller; the merge is the same up to
            float64 rounding); "thin" / "dense" force one form (for comparisons: thin grows with t without bound).
+           Left out of the config's JSON at "auto" (the merge's version marks the change), so a run config's
+           fingerprint — which runs `gc --keep-last` compares — stays what it was.
     diagnostics: whether the pipeline runs merge_diagnostics[t] beside merge[t] (fit error and leakage per layer
            and task, many.lpm_diagnostics; it reads the Grams of all tasks ≤ t). It changes nothing the merge
            computes, so it is left out of the config's JSON (`exclude`): the merge's cache key does not see it.
@@ -113,6 +115,13 @@ class LPMConfig(Frozen):
     state_dtype: Literal["float64", "float32"] = "float64"
     state_form: Literal["auto", "thin", "dense"] = "auto"
     diagnostics: bool = Field(True, exclude=True)
+
+    @model_serializer(mode="wrap")
+    def _default_form_unkeyed(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if self.state_form == "auto":
+            data.pop("state_form", None)
+        return data
 
 
 class CPMConfig(Frozen):
