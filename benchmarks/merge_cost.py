@@ -8,6 +8,15 @@ state no longer stores R_t (it is AGᵀBᵀ): `solve` goes through the exact ran
 triangular solves cost O(in²·Σr) on top of the O(in³) Cholesky — so the step grows with t once Σr = r·t is
 no longer small against `in` (160 vs 1024 at t = 20 here; 160 vs 4096 at 7B). Each number is the median of several repeats; the task counts and the two solvers take turns, so that
 they share the machine's noise.
+
+Bounded by the dense RLS form (issue #17): a layer's state switches from the thin factors to the dense (C, R) once
+Σr·(in + out) ≥ in·out (lpm.state_form "auto", the default). The second table times one merge step as the merge
+stage runs it — absorb + export_lora — with the state kept "auto", always "thin" and always "dense" (the plain RLS
+step: C += G̃, R += G̃ΔWᵀ, solve C⁻¹R), at t = 2 … 200, the forms taking turns, each the least thread CPU time of
+its repeats (wall time on the shared box swings by 2× between identical calls).
+Goals: auto ≤ dense at every t
+(reported against ≤ 1.10: after the switch both run the same code, so the ratio is 1 up to timing noise), and the
+state's numbers besides C ≤ min(thin, dense) at every t (exact counts).
 On a shared or busy machine, multi-threaded timings are dominated by thread contention: run with
 OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 to give both libraries one core each.
 
@@ -30,11 +39,13 @@ from torch import Tensor
 
 from benchmarks.common import timed
 from many.config import LPMConfig
-from many.lpm import LayerState, absorb, solve
+from many.lpm import LayerState, absorb, dense_is_smaller, export_lora, solve
 
 STEP_GROWTH_GOAL = 1.2  # step(t=max) / step(t=min)
 BARE_SOLVE_GOAL = 1.5  # step / bare solve
 LAYER = "benchmark.layer"
+FORMS_GOAL = 1.10  # auto step / dense RLS step, worst over t (1 after the switch, up to noise)
+FORMS = ("auto", "thin", "dense")
 SWITCH_PAUSE_S = 0.1  # lets a library's spinning worker threads go to sleep before the other library runs
 
 
@@ -68,7 +79,7 @@ def measure(features: int, rank: int, task_counts: list[int], repeats: int, seed
             solve(absorb(previous, *task, cfg, LAYER), LAYER)
             current, absorb_time = timed(lambda: absorb(previous, *task, cfg, LAYER))
             _, solve_time = timed(lambda: solve(current, LAYER))
-            C, R = current.C.numpy(), current.R.numpy()
+            C, R = current.C.numpy(), current.rhs().numpy()
             time.sleep(SWITCH_PAUSE_S)
             np.linalg.solve(C, R)
             _, bare_time = timed(lambda: np.linalg.solve(C, R))
@@ -89,6 +100,53 @@ def measure(features: int, rank: int, task_counts: list[int], repeats: int, seed
                 "step_over_bare": step / bare,
             }
         )
+    return rows
+
+
+def measure_forms(features: int, rank: int, task_counts: list[int], repeats: int, seed: int) -> list[dict]:
+    """Per t: the least CPU time of `repeats` steps (absorb task t + export_lora, one torch thread) with the state
+    kept in each of FORMS — CPU time of this thread and the minimum, not wall time and the median: the forms compare
+    costs, and on a shared machine the other processes' load only ever adds wall time — and the numbers each state
+    holds besides C after step t."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    cfg = LPMConfig()
+    points: dict[int, dict[str, tuple[LayerState | None, tuple]]] = {t: {} for t in task_counts}
+    states: dict[str, LayerState | None] = dict.fromkeys(FORMS)
+    after: dict[int, dict[str, int]] = {t: {} for t in task_counts}
+    for t in range(1, max(task_counts) + 1):
+        task = make_task(generator, features, rank)
+        for form in FORMS:
+            if t in points:
+                points[t][form] = (states[form], task)
+            states[form] = absorb(states[form], *task, cfg, LAYER, form)
+            if t in after:
+                after[t][form] = states[form].numbers
+    times: dict[int, dict[str, list[float]]] = {t: {form: [] for form in FORMS} for t in task_counts}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # thread CPU time counts this thread's work only
+    for _ in range(repeats):
+        for t in task_counts:
+            for form in FORMS:
+                previous, task = points[t][form]
+
+                def step() -> tuple:
+                    return export_lora(absorb(previous, *task, cfg, LAYER, form), LAYER)
+
+                step()  # untimed: warms the caches like the timed call after it
+                start = time.thread_time()  # this thread's CPU seconds: other processes' load does not count
+                step()
+                times[t][form].append(time.thread_time() - start)
+    torch.set_num_threads(threads)
+    rows = []
+    for t in task_counts:
+        step = {form: min(times[t][form]) for form in FORMS}
+        numbers = after[t]
+        rows.append({
+            "tasks": t, "rank": rank * t, "form": "dense" if dense_is_smaller(rank * t, features, features) else "thin",
+            **{f"{form}_s": step[form] for form in FORMS}, "auto_over_dense": step["auto"] / step["dense"],
+            **{f"{form}_numbers": numbers[form] for form in FORMS},
+            "numbers_over_min": numbers["auto"] / min(numbers["thin"], numbers["dense"]),
+        })
     return rows
 
 
@@ -132,6 +190,33 @@ def main(argv: list[str] | None = None) -> int:
         f"LPM step / bare solve, worst over t = {worst_over_bare:.2f} "
         f"(goal ≤ {BARE_SOLVE_GOAL}: {verdict[worst_over_bare <= BARE_SOLVE_GOAL]})"
     )
+    form_counts = [2, 5, 10, 20] if args.smoke else [2, 5, 10, 20, 50, 64, 100, 150, 200]
+    forms = measure_forms(features, rank, form_counts, repeats, args.seed)
+    worst_forms = max(row["auto_over_dense"] for row in forms)
+    worst_numbers = max(row["numbers_over_min"] for row in forms)
+    switch = next((row["tasks"] for row in forms if row["form"] == "dense"), None)
+    print(
+        f"\nOne merge step (absorb + export_lora, as the merge stage) with the state kept auto / thin / dense, same "
+        f"layer and tasks, one torch thread; the least thread CPU time of {repeats} repeats (the machine is shared: other processes' "
+        "load adds wall time, not this thread's CPU time). auto switches to dense at the first t with "
+        f"Σr·(in + out) ≥ in·out (Σr ≥ {features * features // (2 * features)} here). State = numbers besides C "
+        "(float64): thin Σr·(in + out), dense in·out.\n"
+    )
+    print("| t | Σr | auto form | auto (ms) | thin (ms) | dense RLS (ms) | auto / dense | state auto (MB) "
+          "| state thin (MB) | state dense (MB) | auto / min |")
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for row in forms:
+        print(
+            f"| {row['tasks']} | {row['rank']} | {row['form']} | {1e3 * row['auto_s']:.1f} | {1e3 * row['thin_s']:.1f} "
+            f"| {1e3 * row['dense_s']:.1f} | {row['auto_over_dense']:.2f} | {8e-6 * row['auto_numbers']:.2f} "
+            f"| {8e-6 * row['thin_numbers']:.2f} | {8e-6 * row['dense_numbers']:.2f} | {row['numbers_over_min']:.2f} |"
+        )
+    print(
+        f"\nauto step / dense RLS step, worst over t = {worst_forms:.2f} (goal ≤ {FORMS_GOAL}: "
+        f"{verdict[worst_forms <= FORMS_GOAL]}); state / min(thin, dense), worst over t = {worst_numbers:.2f} "
+        f"(goal ≤ 1: {verdict[worst_numbers <= 1.0]}); switched at t = {switch}; "
+        f"thin step(t={forms[-1]['tasks']}) / dense = {forms[-1]['thin_s'] / forms[-1]['dense_s']:.2f}."
+    )
     if args.smoke:
         print("(smoke size: fixed Python overhead dominates a 64×64 solve; the goals are for the full size)")
     if args.json:
@@ -148,6 +233,11 @@ def main(argv: list[str] | None = None) -> int:
             "step_growth_goal": STEP_GROWTH_GOAL,
             "worst_step_over_bare": worst_over_bare,
             "step_over_bare_goal": BARE_SOLVE_GOAL,
+            "forms": forms,
+            "worst_auto_over_dense": worst_forms,
+            "auto_over_dense_goal": FORMS_GOAL,
+            "worst_state_over_min": worst_numbers,
+            "switch_t": switch,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -5,17 +5,22 @@ stream, and a LLaVA-1.5-7B-shaped merge step — all through the real stages and
           and prints each goal as measured / goal. `--tiny-pipeline` runs the incremental part on
           examples/tiny.yaml instead of the default mini-UCIT stream (minutes instead of ~an hour on 2 cores).
   stream  100 synthetic tasks (random LoRAs r=8 and SPD Grams, no training) at the default tiny model's LoRA
-          shapes through the real `merge` stage (benchmarks.synthetic.merge_stream): time, peak RSS, store
-          size and state size per step vs t.
+          shapes through the real `merge` stage (benchmarks.synthetic.merge_stream): time, state size and store
+          size per step vs t, before (thin state, every state kept) and after (auto state: dense once smaller;
+          `gc --keep-last 1` after each step); goals: step and state flat once switched, store growth linear.
+  grams   the merge error of Grams stored bfloat16 / float16 (stats.gram_dtype) against float32, and their bytes.
   7b      synthetic tasks at LLaVA-1.5-7B shapes (hidden 4096, MLP 11008, r=8 on q/k/v/o/gate/up/down) through the
           same stage as the pipeline runs it: a 1-CPU Ray task on a local Ray of `--7b-cpus` CPUs, which fans the
           input groups (q/k/v, o, gate/up, down of each block) out as 1-CPU Ray tasks on its node. On `--7b-layers`
           of the 32 decoder blocks (default 2: peak memory is concurrent groups × one group, whatever the blocks;
           time and bytes scale with the blocks); per step: time, peak RSS of the whole process tree (the driver,
           Ray's processes and its workers), bytes stored, extrapolated linearly to 32 blocks.
+  7b-cluster  one merge step at those shapes, all 32 blocks, fanned out over a simulated 3-node Ray cluster
+          (benchmarks.cluster7b): peak memory per node against its Ray `memory` resource, wall time, bytes.
 
-    python -m benchmarks.perf [--smoke] [--parts ratios,stream,7b] [--tasks N] [--7b-layers L] [--7b-tasks T]
-                              [--7b-cpus N] [--7b-state-dtype float64|float32] [--tiny-pipeline] [--json PATH]
+    python -m benchmarks.perf [--smoke] [--parts ratios,stream,grams,7b,7b-cluster] [--tasks N] [--7b-layers L]
+                              [--7b-tasks T] [--7b-cpus N] [--7b-state-dtype float64|float32] [--7b-cluster-cpus N]
+                              [--7b-cluster-blocks L] [--7b-cluster-node-gib G] [--tiny-pipeline] [--json PATH]
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from unittest import mock
 from benchmarks.synthetic import Shape, Step, merge_stream, rss
 from many.config import LPMConfig
 
-PARTS = ("ratios", "stream", "7b")
+PARTS = ("ratios", "stream", "grams", "7b", "7b-cluster")
 GiB = 2**30
 MB = 1e6
 
@@ -73,7 +78,7 @@ def ratios(smoke: bool, tiny_pipeline: bool, scratch: Path) -> tuple[list[tuple[
 
 
 def run_stream(shape: Shape, tasks: int, scratch: Path, label: str, config: LPMConfig = LPMConfig(),
-               on_ray: bool = False) -> list[Step]:
+               on_ray: bool = False, collect: bool = False) -> list[Step]:
     from tasks.store import Store
 
     root = scratch / f"store-{label}"
@@ -83,7 +88,7 @@ def run_stream(shape: Shape, tasks: int, scratch: Path, label: str, config: LPMC
         print(f"  {label}: t={step.t} {step.seconds:.1f} s, peak RSS {step.peak_rss / GiB:.2f} GiB", file=sys.stderr, flush=True)
 
     try:
-        return merge_stream(store, root, shape, tasks, scratch / f"inputs-{label}", config, progress, on_ray)[0]
+        return merge_stream(store, root, shape, tasks, scratch / f"inputs-{label}", config, progress, on_ray, collect)[0]
     finally:
         shutil.rmtree(root, ignore_errors=True)
         shutil.rmtree(scratch / f"cache-{label}", ignore_errors=True)
@@ -104,19 +109,106 @@ def run_7b(shape: Shape, tasks: int, cpus: int, config: LPMConfig, scratch: Path
             shutdown_ray()
 
 
-def print_stream(shape: Shape, steps: list[Step]) -> None:
-    marks = {1, 2, 5, 10, 20, 50, len(steps)}
-    print(f"{len(steps)} synthetic tasks at {shape.layers} blocks × 7 LoRA layers (hidden {shape.hidden}, MLP "
-          f"{shape.intermediate}, r={shape.rank}) through the real merge stage into a local store; peak RSS of the "
-          "whole process during the step.\n")
-    print("| t | step (s) | peak RSS (MiB) | state blob (MB) | store total (MB) |\n|---:|---:|---:|---:|---:|")
-    for s in steps:
-        if s.t in marks:
-            print(f"| {s.t} | {s.seconds:.2f} | {s.peak_rss / 2**20:.0f} | {s.state_bytes / MB:.2f} | {s.store_bytes / MB:.1f} |")
-    first, last = steps[min(1, len(steps) - 1)], steps[-1]
-    print(f"\nstep(t={last.t}) / step(t={first.t}) = {last.seconds / first.seconds:.2f}; state(t={last.t}) / state(t={first.t}) = "
-          f"{last.state_bytes / first.state_bytes:.2f} (C is constant-size, one per input group; B and A·G̃ grow by r columns/rows per task, "
-          "and the exported exact adapter has rank Σr = r·t).")
+def switch_step(shape: Shape) -> int:
+    """The first t at which every layer's state is dense (Σr·(in + out) ≥ in·out, r per task)."""
+    return max(-(-(n_in * n_out) // ((n_in + n_out) * shape.rank)) for n_out, n_in, _ in shape.modules().values())
+
+
+def stream_goals(shape: Shape, before: list[Step], after: list[Step]) -> list[tuple[str, float, str, bool]]:
+    """Print the 100-task stream before (thin state, every state kept) and after (auto state, `gc --keep-last 1`
+    after each step); return the goal rows: step and state flat once switched, store growth linear in t."""
+    marks = {1, 2, 5, 10, 20, 50, len(after)}
+    switched = switch_step(shape)
+    print(f"{len(after)} synthetic tasks at {shape.layers} blocks × 7 LoRA layers (hidden {shape.hidden}, MLP "
+          f"{shape.intermediate}, r={shape.rank}) through the real merge stage into a local store. Before: the state "
+          "kept as thin factors (lpm.state_form thin, the earlier format) and every superseded state kept; after: "
+          "lpm.state_form auto (every layer dense from t = "
+          f"{switched}) and `gc --keep-last 1` after each step (superseded states collected). Peak RSS of the whole "
+          "process during the step.\n")
+    print("| t | step before (s) | step after (s) | step CPU before (s) | step CPU after (s) | state before (MB) "
+          "| state after (MB) | store before (MB) | store after gc (MB) |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for b, a in zip(before, after):
+        if a.t in marks or a.t == switched:
+            print(f"| {a.t} | {b.seconds:.2f} | {a.seconds:.2f} | {b.cpu_seconds:.2f} | {a.cpu_seconds:.2f} "
+                  f"| {b.state_bytes / MB:.2f} | {a.state_bytes / MB:.2f} | {b.store_bytes / MB:.1f} "
+                  f"| {a.store_bytes / MB:.1f} |")
+    last = after[-1]
+    if last.t < switched + 4:
+        print(f"\n(stream shorter than the switch at t = {switched} + 4: no flatness goals)")
+        return []
+    first = after[switched]  # the first step whose previous state is already dense everywhere
+    # CPU time of the step (the stage runs in this process): wall time on the shared box swings with others' load
+    window = range(switched, min(switched + 5, last.t))
+    median_first = sorted(after[i].cpu_seconds for i in window)[len(window) // 2]
+    median_last = sorted(s.cpu_seconds for s in after[-5:])[2]
+    step_ratio = median_last / median_first
+
+    def growth(steps: list[Step]) -> float:  # bytes added per task over the last fifth / over the fifth after switching
+        span = max(2, (len(steps) - switched) // 5)
+        early = (steps[switched + span].store_bytes - steps[switched].store_bytes) / span
+        late = (steps[-1].store_bytes - steps[-1 - span].store_bytes) / span
+        return late / early
+
+    rows = [
+        (f"stream: step CPU t={last.t} / step CPU t={first.t} after the switch (medians of 5)", step_ratio, "≤ 1.2",
+         step_ratio <= 1.2),
+        (f"stream: state t={last.t} / state t={switched} (after)", last.state_bytes / after[switched - 1].state_bytes,
+         "≤ 1.0", last.state_bytes <= after[switched - 1].state_bytes),
+        (f"stream: store added per task, last fifth / first fifth after t={switched}, after (gc)", growth(after),
+         "≤ 1.1", growth(after) <= 1.1),
+        ("stream: the same, before (thin, all states kept)", growth(before), "≤ 1.1 (not a goal of the old format)",
+         growth(before) <= 1.1),
+        (f"stream: store t={last.t}, after / before", last.store_bytes / before[-1].store_bytes, "< 1",
+         last.store_bytes < before[-1].store_bytes),
+    ]
+    print(f"\nstore(t={last.t}): before {before[-1].store_bytes / MB:.0f} MB, after {last.store_bytes / MB:.0f} MB; "
+          f"state(t={last.t}) before {before[-1].state_bytes / MB:.2f} MB, after {last.state_bytes / MB:.2f} MB.")
+    return rows
+
+
+def gram_dtype_errors(shape: Shape, tasks: int) -> list[tuple[str, float, str, bool]]:
+    """LPM merges of the same synthetic tasks with their Grams stored float32, bfloat16 and float16 (StatsConfig.
+    gram_dtype): per dtype the file size and the merged update's worst relative error over the layers against the
+    float32 Grams' merge."""
+    import torch
+
+    from benchmarks.synthetic import write_task
+    from many.adapters import lora_factors
+    from many.lpm import absorb_model, export_lora
+    from many.stats import load_grams, save_grams
+
+    scratch = Path(tempfile.mkdtemp(prefix="many-grams-"))
+    try:
+        merged, sizes = {}, {}
+        for dtype in ("float32", "bfloat16", "float16"):
+            states, size = None, 0
+            for seed in range(1, tasks + 1):
+                task_dir, gram_path = write_task(shape, seed, scratch)
+                grams = load_grams(gram_path)
+                if dtype != "float32":
+                    gram_path = save_grams(grams, scratch / f"{dtype}-{seed}.safetensors", dtype)
+                    grams = load_grams(gram_path)
+                size += gram_path.stat().st_size
+                states = absorb_model(states, lora_factors(task_dir / "adapter"), grams, LPMConfig())
+            merged[dtype] = {name: torch.mm(*export_lora(state, name)) for name, state in states.items()}
+            sizes[dtype] = size
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    print(f"Grams stored in half precision (stats.gram_dtype): {tasks} synthetic tasks at {shape.layers} block(s) "
+          f"(hidden {shape.hidden}, MLP {shape.intermediate}, r={shape.rank}; Grams XᵀX/N of 256 random tokens + "
+          "0.01·I), merged by LPM (default γ); error = ‖M − M_float32‖_F / ‖M_float32‖_F of the merged update, worst "
+          "layer.\n")
+    print("| Grams | bytes / float32 | merge error (worst layer) | merge error (mean) |\n|---|---:|---:|---:|")
+    rows = []
+    for dtype in ("bfloat16", "float16"):
+        errors = [(torch.linalg.matrix_norm(merged[dtype][n] - M) / torch.linalg.matrix_norm(M)).item()
+                  for n, M in merged["float32"].items()]
+        ratio = sizes[dtype] / sizes["float32"]
+        print(f"| {dtype} | {ratio:.3f} | {max(errors):.2e} | {sum(errors) / len(errors):.2e} |")
+        rows.append((f"Grams {dtype}: bytes / float32 (header included)", ratio, "≤ 0.51", ratio <= 0.51))
+        rows.append((f"Grams {dtype}: merge error, worst layer", max(errors), "≤ 1e-2", max(errors) <= 1e-2))
+    print()
+    return rows
 
 
 def print_7b(shape: Shape, steps: list[Step], baseline_rss: int, cpus: int, config: LPMConfig) -> None:
@@ -149,13 +241,21 @@ def print_7b(shape: Shape, steps: list[Step], baseline_rss: int, cpus: int, conf
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes everywhere (seconds to a minute)")
-    parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of " + ", ".join(PARTS))
+    parser.add_argument("--parts", default="ratios,7b",
+                        help="comma-separated subset of " + ", ".join(PARTS) + " (default: ratios,7b — issue "
+                             "#17's stream, grams and 7b-cluster run in benchmarks.merge_bounds)")
     parser.add_argument("--tasks", type=int, help="synthetic stream length (default 100, smoke 5)")
     parser.add_argument("--7b-layers", dest="layers_7b", type=int, default=2, help="decoder blocks of the 7B-shaped merge")
     parser.add_argument("--7b-tasks", dest="tasks_7b", type=int, default=2, help="task steps of the 7B-shaped merge")
     parser.add_argument("--7b-cpus", dest="cpus_7b", type=int, default=2, help="CPUs of the local Ray of the 7B-shaped merge")
     parser.add_argument("--7b-state-dtype", dest="state_dtype_7b", choices=("float64", "float32"), default="float64",
                         help="LPMConfig.state_dtype of the 7B-shaped merge (how C is stored)")
+    parser.add_argument("--7b-cluster-cpus", dest="cluster_cpus", type=int, default=2,
+                        help="CPUs of each of the 3 simulated nodes of the 7b-cluster part")
+    parser.add_argument("--7b-cluster-blocks", dest="cluster_blocks", type=int, default=32,
+                        help="decoder blocks of the 7b-cluster part (default all 32; bytes and job time scale with them)")
+    parser.add_argument("--7b-cluster-node-gib", dest="cluster_gib", type=float, default=4.0,
+                        help="Ray `memory` resource of each node of the 7b-cluster part (GiB)")
     parser.add_argument("--tiny-pipeline", action="store_true", help="incremental ratio on examples/tiny.yaml")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
@@ -166,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--7b-layers must lie in 1..32, --7b-tasks and --7b-cpus be ≥ 1")
     scratch = Path(tempfile.mkdtemp(prefix="many-perf-"))
     result: dict[str, Any] = {"smoke": args.smoke}
+    goals: list[tuple[str, float, str, bool]] = []  # issue #17's goals, printed together at the end
     try:
         if "ratios" in parts:
             rows, raw = ratios(args.smoke, args.tiny_pipeline, scratch)
@@ -176,10 +277,14 @@ def main(argv: list[str] | None = None) -> int:
             result["ratios"] = raw
         if "stream" in parts:
             shape = Shape(1, 32, 64) if args.smoke else Shape(3, 128, 256)
-            steps = run_stream(shape, args.tasks or (5 if args.smoke else 100), scratch, "stream")
-            print_stream(shape, steps)
+            count = args.tasks or (12 if args.smoke else 100)
+            before = run_stream(shape, count, scratch, "before", LPMConfig(state_form="thin"))
+            after = run_stream(shape, count, scratch, "after", collect=True)
+            goals += stream_goals(shape, before, after)
             print()
-            result["stream"] = [s.__dict__ for s in steps]
+            result["stream"] = {"before": [s.__dict__ for s in before], "after": [s.__dict__ for s in after]}
+        if "grams" in parts:
+            goals += gram_dtype_errors(Shape(1, 32, 64) if args.smoke else Shape(1, 1024, 2752), 2 if args.smoke else 5)
         if "7b" in parts:
             shape = Shape(1, 64, 172) if args.smoke else Shape(args.layers_7b, 4096, 11008)
             config = LPMConfig(state_dtype=args.state_dtype_7b)
@@ -187,6 +292,18 @@ def main(argv: list[str] | None = None) -> int:
             print_7b(shape, steps, baseline, args.cpus_7b, config)
             result["7b"] = {"layers": shape.layers, "cpus": args.cpus_7b, "state_dtype": config.state_dtype,
                             "idle_tree_rss": baseline, "steps": [s.__dict__ for s in steps]}
+        if "7b-cluster" in parts:
+            from benchmarks.cluster7b import main_part
+
+            rows, raw = main_part(args.smoke, args.cluster_cpus, args.cluster_gib, args.state_dtype_7b, args.cluster_blocks)
+            goals += rows
+            result["7b_cluster"] = raw
+        if goals:
+            print("Goals of issue #17 (merge state bounded by the dense form, store growth, 7B on a cluster):\n")
+            print("| goal | measured | goal | met |\n|---|---:|---|---|")
+            for name, value, goal, met in goals:
+                print(f"| {name} | {value:.3g} | {goal} | {'yes' if met else 'no'} |")
+            print()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     if args.json:

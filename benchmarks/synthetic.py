@@ -24,7 +24,7 @@ from many.adapters import write_lora_adapter
 from many.config import LPMConfig
 from many.stats import save_grams
 from tasks.cache import run_stage
-from tasks.catalog import stage_def
+from tasks.catalog import recomputable_outputs, stage_def
 from tasks.rows.many import compute_merge
 from tasks.store import BlobRef, Manifest, Store
 
@@ -136,6 +136,7 @@ class Step:
     state_bytes: int  # merge[t]'s state blob
     task_bytes: int  # task t's inputs as stored: adapter dir + Grams file
     added_bytes: int  # what the step added to the store: task t's inputs + merge[t]'s state and adapter
+    cpu_seconds: float = 0.0  # this process's CPU time (user + system) during the step; in-process runs only
 
 
 def _on_ray(store_url: str, config: LPMConfig) -> Callable[[dict[str, BlobRef]], Manifest]:
@@ -156,7 +157,8 @@ def _on_ray(store_url: str, config: LPMConfig) -> Callable[[dict[str, BlobRef]],
 
 
 def merge_stream(store: Store, root: Path, shape: Shape, tasks: int, scratch: Path, config: LPMConfig = LPMConfig(),
-                 report: Callable[[Step], None] = lambda step: None, on_ray: bool = False) -> tuple[list[Step], Manifest]:
+                 report: Callable[[Step], None] = lambda step: None, on_ray: bool = False,
+                 collect: bool = False) -> tuple[list[Step], Manifest]:
     """Tasks 1..`tasks` through the real merge stage into `store` (a local store at `root`), one after another;
     per step its time, peak RSS, the store's size, the state blob's size, the task's input bytes and what the step
     added to the store; and the last step's manifest.
@@ -165,7 +167,9 @@ def merge_stream(store: Store, root: Path, shape: Shape, tasks: int, scratch: Pa
     absorb + export, put outputs, write the manifest). `on_ray`: the stage runs as in the pipeline, as a Ray task
     (Ray must be connected, workers opening the store at `root`) whose input groups fan out over the node's CPUs,
     and the peak RSS is that of this process's whole tree (a local Ray's processes are its descendants); otherwise
-    in this process, groups one after another. Each task's local files are deleted after its put.
+    in this process, groups one after another. Each task's local files are deleted after its put. `collect`: after
+    each step, a run summary lists the merge links so far and `gc --keep-last 1` runs (no grace period), collecting
+    the superseded states (docs/design.md §3.4); the store's size is taken after it.
     """
     if on_ray:
         run = _on_ray(str(root), config)
@@ -173,7 +177,7 @@ def merge_stream(store: Store, root: Path, shape: Shape, tasks: int, scratch: Pa
         def run(inputs: dict[str, BlobRef]) -> Manifest:
             return run_stage(store, stage_def("merge", inputs), config, inputs,
                              lambda local, workdir: compute_merge(local, workdir, config=config, device="cpu")).manifest
-    steps, previous = [], None
+    steps, previous, links = [], None, []
     for t in range(1, tasks + 1):
         before = tree_bytes(root)
         task_dir, gram_path = write_task(shape, seed=t, out=scratch)
@@ -183,13 +187,18 @@ def merge_stream(store: Store, root: Path, shape: Shape, tasks: int, scratch: Pa
         gram_path.unlink()
         if previous is not None:
             inputs["previous"] = previous
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         with peak_rss(interval=0.05 if on_ray else 0.01, tree=on_ray) as peak:
             manifest = run(inputs)
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         previous = manifest.outputs["state"]
+        links.append(manifest)
+        if collect:
+            store.write_run("stream", {"run_id": "stream", "tasks": [f"task-{i}" for i in range(1, t + 1)],
+                                       "stages": [{"stage": m.stage, "key": m.key} for m in links]})
+            store.gc(delete=True, min_age_seconds=0, keep_last=1, recomputable=recomputable_outputs())
         total = tree_bytes(root)
-        step = Step(t, seconds, peak["peak"], total, previous.size, task_bytes, total - before)
+        step = Step(t, seconds, peak["peak"], total, previous.size, task_bytes, total - before, cpu)
         report(step)
         steps.append(step)
     return steps, manifest

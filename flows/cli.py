@@ -328,19 +328,22 @@ def _keep_last(text: str) -> int:
 
 def cmd_gc(args: argparse.Namespace) -> int:
     from flows.config import StoreConfig, load_config
+    from tasks.catalog import recomputable_outputs
 
     spec = load_config(args.config).store if args.config else StoreConfig()
     keep_last = args.keep_last if args.keep_last is not None else spec.keep_last
     # never creates a store: a missing one is bad input, like an endpoint that does not answer
     store = _store(args.store or spec.url, endpoint_url=spec.endpoint_url, region=spec.region, profile=spec.profile)
-    report = store.gc(delete=not args.dry_run, min_age_seconds=args.min_age_seconds, keep_last=keep_last)
+    report = store.gc(delete=not args.dry_run, min_age_seconds=args.min_age_seconds, keep_last=keep_last,
+                      recomputable=recomputable_outputs())
     if args.json:
         print(json.dumps({"store": store.url, **report.as_json()}, indent=2))
     else:
         for path in report.removed:
             print(path)
     verb = "deleted" if report.deleted else "would delete"
-    counts = (f"{len(report.superseded)} stages, {len(report.dropped_runs) + len(report.stale_runs)} runs, "
+    outputs = f"{len(report.recomputable)} superseded chain outputs (merge states), " if report.recomputable else ""
+    counts = (f"{len(report.superseded)} stages, {outputs}{len(report.dropped_runs) + len(report.stale_runs)} runs, "
               f"{len(report.blobs)} blobs and {len(report.partial_files)} partial files")
     kept = f", keeping the newest {keep_last} per config: {len(report.kept_runs)} runs" if keep_last is not None else ""
     print(f"{verb} {counts} ({_size(report.freed_bytes)}) in {store.url}{kept}", file=sys.stderr)

@@ -4,8 +4,10 @@
     DIR/tasks/<task>/projector.safetensors the task's own projector
     DIR/tasks/<task>/gram.safetensors      Grams, one float32 tensor per input group (q/k/v, gate/up share one), named
                                            by its first module; metadata "grams": {"groups": {module: tensor name}}
-    DIR/merged/adapter/                    the LPM merge as a PEFT LoRA of rank Σr
-    DIR/merged/merge.json                  {"method", "tasks", "a", "gamma": {module: absolute γ}, "tau"}
+    DIR/merged/adapter/                    the LPM merge as a PEFT LoRA: exact (rank Σr while a layer's state is thin,
+                                           min(in, out) once dense) or truncated to lpm.rank
+    DIR/merged/merge.json                  {"method", "tasks", "a", "gamma": {module: absolute γ}, "tau", "export":
+                                           {module: {"form", "rank", "exported_rank", "error"}}} (merge[t]'s export.json)
     DIR/merged/projectors.safetensors      every task's projector, keys "<task>.<parameter>"
     DIR/prototypes.parquet                 image + prototype rows of every task
     DIR/base/                              the HF model dir
@@ -30,7 +32,6 @@ from typing import Any
 from flows.model_card import model_card
 from many.adapters import CONFIG_FILE
 from many.inference import INFERENCE_FILE, Recipe
-from many.lpm_files import state_gammas
 from tasks.dispatch import read_json_output
 from tasks.rows.many import LPM_CHAIN
 from tasks.rows.many import ROW as MANY
@@ -136,13 +137,20 @@ def export(store: Store, summary: dict[str, Any], out_dir: Path) -> list[Path]:
     if merge is not None:
         _copy(store, merge, "adapter", merged_dir / "adapter")
         adapters.append(merged_dir / "adapter")
-        gammas = state_gammas(store.materialize(merge.outputs["state"], context="export: merge state"))
+        # γ and the export's form and error per module from the small export.json, not the (large) state
+        if "export" not in merge.outputs:
+            raise StoreError("the latest run's merge was computed before merges wrote export.json (merge version < 4): "
+                             "run `many run` again with the same config to bring it up to date, then export")
+        layers = read_json_output(store, merge, "export")["layers"]
+        gammas = {module: record["gamma"] for module, record in layers.items()}
+        export = {module: {k: v for k, v in record.items() if k != "gamma"} for module, record in layers.items()}
         tau = None
         evaluation = find("eval", tasks[-1], MANY.name)
         if evaluation is not None:
             tau = read_json_output(store, evaluation, "scores").get("tau")
         (merged_dir / "merge.json").write_text(json.dumps(
-            {"method": MANY.name, "tasks": tasks, "a": merge.config.get("a"), "gamma": gammas, "tau": tau},
+            {"method": MANY.name, "tasks": tasks, "a": merge.config.get("a"), "gamma": gammas, "tau": tau,
+             "export": export},
             indent=2, sort_keys=True,
         ))
     tables = [pq.read_table(store.materialize(m.outputs["prototypes"], context="export: prototypes"))

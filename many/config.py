@@ -3,9 +3,9 @@ and that sub-config is exactly what goes into the stage's cache key (docs/design
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, SerializerFunctionWrapHandler, model_serializer
 
 # LoRA on the language model's linear layers only: the CLIP tower also has q/k/v_proj (docs/design.md §8).
 LLAMA_LORA_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
@@ -68,10 +68,25 @@ class FinetuneConfig(Frozen):
 
 
 class StatsConfig(Frozen):
-    """Gram statistics G_i = X_iᵀX_i / N_i per LoRA-targeted layer, over all tokens (docs/design.md §1, §8)."""
+    """Gram statistics G_i = X_iᵀX_i / N_i per LoRA-targeted layer, over all tokens (docs/design.md §1, §8).
+
+    gram_dtype: how the Grams are stored (they are summed in float64 either way): "float32" (default), or
+           "bfloat16" / "float16", half the bytes — 11 GB instead of 22 per task at LLaVA-1.5-7B shapes — for a merge
+           error benchmarks/merge_bounds.py measures (large where the Grams are ill-conditioned: check yours);
+           float16 overflows past 65504 (the stage then fails naming bfloat16). Left out of the config's JSON at its default, so the stats stages of a store written
+           before it existed keep their cache keys.
+    """
 
     batch_size: PositiveInt = 32
     max_samples: int | None = Field(None, ge=1)  # None: every training sample
+    gram_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @model_serializer(mode="wrap")
+    def _default_dtype_unkeyed(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if self.gram_dtype == "float32":
+            data.pop("gram_dtype", None)
+        return data
 
 
 class LPMConfig(Frozen):
@@ -83,6 +98,11 @@ class LPMConfig(Frozen):
     rank:  optional SVD truncation of the exported merged LoRA (None: exact rank Σ r_i).
     state_dtype: how C = γI + Σ G̃_i is stored between tasks (the merge computes in float64 either way);
            "float32" halves the state (the running sum is rounded once per task), "float64" keeps it exact.
+    state_form: how each layer's R = Σ G̃_i ΔW_iᵀ is kept (docs/design.md §1.1): "auto" as thin factors B, A·G̃ while
+           Σr·(in + out) < in·out, then as the dense in×out R (whichever is smaller; the merge is the same up to
+           float64 rounding); "thin" / "dense" force one form (for comparisons: thin grows with t without bound).
+           Left out of the config's JSON at "auto" (the merge's version marks the change), so a run config's
+           fingerprint — which runs `gc --keep-last` compares — stays what it was.
     diagnostics: whether the pipeline runs merge_diagnostics[t] beside merge[t] (fit error and leakage per layer
            and task, many.lpm_diagnostics; it reads the Grams of all tasks ≤ t). It changes nothing the merge
            computes, so it is left out of the config's JSON (`exclude`): the merge's cache key does not see it.
@@ -93,7 +113,15 @@ class LPMConfig(Frozen):
     gamma_mode: Literal["relative", "absolute"] = "relative"
     rank: PositiveInt | None = None
     state_dtype: Literal["float64", "float32"] = "float64"
+    state_form: Literal["auto", "thin", "dense"] = "auto"
     diagnostics: bool = Field(True, exclude=True)
+
+    @model_serializer(mode="wrap")
+    def _default_form_unkeyed(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if self.state_form == "auto":
+            data.pop("state_form", None)
+        return data
 
 
 class ResidualConfig(Frozen):

@@ -1,8 +1,8 @@
 """What LPM (many.lpm) accepts, checked in one place: every error names the layer (or input group) and the problem.
 
 A task's inputs for one layer are a LoRA, lora_B (out, r) and lora_A (r, in) with r ≥ 1 and a finite scale, and the
-Gram of the layer's inputs, (in, in); all finite, converted to float64. A state (C, B, AG, γ, tasks) has C (in, in),
-B (out, Σr), AG (Σr, in), γ ≥ 0, tasks ≥ 1. Layers merged as one input group share one C, γ and task count, and a
+Gram of the layer's inputs, (in, in); all finite, converted to float64. A state (C, B, AG or R, γ, tasks) has C (in, in),
+B (out, Σr) and AG (Σr, in) (thin) or R (in, out) (dense), γ ≥ 0, tasks ≥ 1. Layers merged as one input group share one C, γ and task count, and a
 task brings a LoRA for exactly the layers the state holds. The merge stage's planner (tasks.merge.plan_groups) and
 `many.lpm.absorb_model` check a whole model's layer names with the same `model_layers`.
 """
@@ -89,15 +89,35 @@ def tasks(
 
 
 def state(layer_state: Any) -> None:
-    """A LayerState's fields: C (in, in), B (out, Σr), AG (Σr, in) float64 matrices, γ finite ≥ 0, tasks ≥ 1."""
+    """A LayerState's fields: C (in, in) and either B (out, Σr), AG (Σr, in) (thin) or R (in, out) with its Σr
+    `dense_rank` ≥ 1 (dense; at the step that formed R, also the B and AG it was formed from), float64 matrices;
+    γ finite ≥ 0, tasks ≥ 1."""
     problems = []
-    for name in ("C", "B", "AG"):
+    thin = layer_state.R is None
+    names = ("C", "B", "AG") if thin else ("C", "R")
+    for name in names:
         value = getattr(layer_state, name)
         if not isinstance(value, Tensor) or value.ndim != 2 or value.dtype != _F64:
             problems.append(f"{name} must be a 2-D float64 tensor")
+    if thin and layer_state.dense_rank is not None:
+        problems.append("dense_rank belongs to a dense state (R); a thin one has B and AG")
+    switched = not thin and (layer_state.B is not None or layer_state.AG is not None)  # R formed this step
+    if switched:
+        problems += [f"{name} must be a 2-D float64 tensor" for name in ("B", "AG")
+                     if not isinstance(getattr(layer_state, name), Tensor) or getattr(layer_state, name).ndim != 2
+                     or getattr(layer_state, name).dtype != _F64]
+    if not thin and not (isinstance(layer_state.dense_rank, int) and layer_state.dense_rank >= 1):
+        problems.append(f"a dense state needs its Σr as dense_rank ≥ 1, got {layer_state.dense_rank!r}")
     if not problems:
-        n, out, rank = layer_state.C.shape[0], layer_state.B.shape[0], layer_state.B.shape[1]
-        expected = {"C": (n, n), "B": (out, rank), "AG": (rank, n)}
+        n = layer_state.C.shape[0]
+        if thin:
+            out, rank = layer_state.B.shape
+            expected = {"C": (n, n), "B": (out, rank), "AG": (rank, n)}
+        else:
+            out = layer_state.R.shape[1]
+            expected = {"C": (n, n), "R": (n, out)}
+            if switched:  # the thin factors R was formed from: R = AGᵀBᵀ
+                expected |= {"B": (out, layer_state.dense_rank), "AG": (layer_state.dense_rank, n)}
         problems += [
             f"{name} has shape {tuple(getattr(layer_state, name).shape)}, expected {shape}"
             for name, shape in expected.items()

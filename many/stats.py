@@ -12,8 +12,8 @@ Grams of the base model, or of answer tokens only, ruin the merge.
 The sum XᵀX is accumulated in float64 batch by batch with forward pre-hooks (activations are never held),
 then divided by N. Layers fed by the same tensor (q/k/v after one norm, gate/up after another) form an input
 group: the product is computed and summed once, for the group's first layer, and every layer of the group gets
-that same Gram tensor object. Grams are stored float32 (docs/design.md §2), ONCE per input group, and read back as
-float64, keyed by PEFT module name (the adapter's keys minus ".lora_A.weight"):
+that same Gram tensor object. Grams are stored float32 (or bfloat16 / float16: StatsConfig.gram_dtype; docs/design.md
+§2), ONCE per input group, and read back as float64, keyed by PEFT module name (the adapter's keys minus ".lora_A.weight"):
 
     safetensors tensors   {group key: G (in, in) float32}, group key = the name of the group's first layer
     safetensors metadata  {"grams": JSON {"format": GRAMS_FORMAT, "groups": {layer: group key}}}
@@ -145,14 +145,21 @@ def gram_groups(grams: Mapping[str, Tensor]) -> dict[str, str]:
     return {name: first.setdefault(id(gram), name) for name, gram in grams.items()}
 
 
-def save_grams(grams: Mapping[str, Tensor], path: str | Path) -> Path:
-    """Write Grams as float32 safetensors (docs/design.md §2), one tensor per input group (layers mapped to the same
-    tensor object, as `collect_grams` returns them), with the layer → group map in the metadata."""
+def save_grams(grams: Mapping[str, Tensor], path: str | Path, dtype: str = "float32") -> Path:
+    """Write Grams as safetensors in `dtype` (StatsConfig.gram_dtype: float32, bfloat16 or float16; docs/design.md
+    §2), one tensor per input group (layers mapped to the same tensor object, as `collect_grams` returns them), with
+    the layer → group map in the metadata. A Gram that does not fit `dtype` (float16 past 65504) is a ValueError."""
     bad = [name for name, gram in grams.items() if gram.ndim != 2 or gram.shape[0] != gram.shape[1]]
     if bad:
         raise ValueError(f"save_grams: Grams must be square (in, in); not so for {bad[:3]}")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"save_grams: dtype must be float32, bfloat16 or float16, got {dtype!r}")
     groups = gram_groups(grams)
-    tensors = {key: grams[key].to(torch.float32).contiguous() for key in dict.fromkeys(groups.values())}
+    tensors = {key: grams[key].to(getattr(torch, dtype)).contiguous() for key in dict.fromkeys(groups.values())}
+    overflow = [key for key, gram in tensors.items() if not torch.isfinite(gram).all()]
+    if overflow:
+        raise ValueError(f"save_grams: the Grams of {overflow[:3]} do not fit {dtype} (NaN, Inf or past its range); "
+                         "use stats.gram_dtype bfloat16 or float32")
     path = Path(path)
     # One metadata key: safetensors writes several in a random order, and stored bytes must not vary between runs.
     save_file(tensors, str(path), metadata={"grams": json.dumps({"format": GRAMS_FORMAT, "groups": groups})})

@@ -19,7 +19,7 @@ import signal
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -100,9 +100,11 @@ def lookup(store: Store, stage: Stage, config: Config, inputs: Mapping[str, Blob
     return store.read_manifest(stage.name, cache_key(stage, config, inputs))
 
 
-def intact(store: Store, manifest: Manifest) -> bool:
-    """Whether every output blob of `manifest` exists and hashes to its digest (reads every byte)."""
-    return not any(store.verify(ref) for ref in manifest.outputs.values())
+def intact(store: Store, manifest: Manifest, collectable: Collection[str] = ()) -> bool:
+    """Whether every output blob of `manifest` exists and hashes to its digest (reads every byte). An output named
+    in `collectable` may be absent (gc collected it as superseded: tasks.restore recomputes it when needed)."""
+    return not any(store.verify(ref) for name, ref in manifest.outputs.items()
+                   if not (name in collectable and not store.has_blob(ref.digest)))
 
 
 FAULT_AFTER_BLOBS = "MANY_FAULT_AFTER_BLOBS"

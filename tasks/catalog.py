@@ -37,3 +37,9 @@ def compute_of(name: str) -> Callable[..., dict[str, Path]]:
     if name not in kinds:
         raise ValueError(f"unknown stage {name!r}; known: {', '.join(kinds)}")
     return kinds[name][2]
+
+
+def recomputable_outputs() -> dict[str, tuple[str, ...]]:
+    """{stage: its outputs that only the next link of its chain reads} (Chain.recomputable): what `many gc
+    --keep-last` may collect once superseded, and tasks.restore recomputes when a stage needs one again."""
+    return {name: chain.recomputable for name, chain in chains().items() if chain.recomputable}

@@ -23,10 +23,11 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from tasks.cache import intact, lookup, run_stage
-from tasks.catalog import compute_of, stage_def
+from tasks.catalog import compute_of, recomputable_outputs, stage_def
 from tasks.gate import Priority, PriorityGate
 from tasks.progress import Channel, board_of, worker_channel
 from tasks.record import StageRecord, print_stage_line, read_json_output
+from tasks.restore import restore_inputs
 from tasks.runtime import ClusterError, StoreSpec, check_resources, ensure_ray, node_name, ray_get
 from tasks.store import BlobRef, CorruptArtifact, Manifest, StoreError
 
@@ -215,11 +216,20 @@ def stage_task(
         if not repair:
             raise
         cached = None  # run_stage(repair=True) replaces the unreadable manifest
-    if cached is not None and repair and not intact(store.open(), cached):
+    collectable = recomputable_outputs()
+    if cached is not None and repair and not intact(store.open(), cached, collectable.get(stage, ())):
         cached = None
     if cached is not None:
         record = StageRecord(stage, task_name, method, cached.key, "cached", time.monotonic() - started, node_name(), cached.outputs)
     else:
+        def recompute(producer: Manifest) -> Manifest:  # an earlier link whose output gc collected, as it was
+            again = _compute_on_ray(
+                producer.stage, type(config).model_validate(producer.config), dict(producer.inputs), store, cluster,
+                num_cpus, num_gpus, resource_group or stage, task_name, method, True, run_id, priority,
+            )
+            return store.open().read_manifest(producer.stage, again.key)
+
+        restore_inputs(store.open(), stage, inputs, recompute, collectable)
         record = _compute_on_ray(
             stage, config, inputs, store, cluster, num_cpus, num_gpus, resource_group or stage, task_name, method,
             repair, run_id, priority,

@@ -1,10 +1,13 @@
 """The merge[t] stage's work (docs/design.md §1 LPM, §2): fold task t into the RLS state of tasks < t, one input group
-at a time, and export the merge as a rank-Σr PEFT adapter. many.lpm does the math, many.lpm_files the state files
-(one per input group: C once, B and AG per layer), many.lpm_checks what they accept; this module plans the per-group
-jobs, runs them, and writes the stage's outputs.
+at a time, and export the merge as a PEFT adapter. many.lpm does the math, many.lpm_files the state files
+(one per input group: C once, B and AG or R per layer), many.lpm_checks what they accept; this module plans the
+per-group jobs, runs them, and writes the stage's outputs.
 
 Each group is one job (`merge_group`): read the group's Gram and previous state file, absorb, export the LoRA
-factors, write the new state file and a small factors file, free. Inside Ray (the stage's worker), the jobs fan
+factors (exact: rank Σr from a thin state, M_t against an identity from a dense one; or truncated to lpm.rank by
+SVD, its error measured), write the new state file and a small factors file, free. The stage's `export` output,
+export.json, says per layer which form the state is in, Σr, the exported rank and the relative error of the
+exported update ‖M_t − B_m A_m‖_F / ‖M_t‖_F (0 when exact). Inside Ray (the stage's worker), the jobs fan
 out as Ray tasks of 1 CPU each, pinned to THIS node (the stage's inputs and workdir are local files here, so the
 fan-out is within the node that holds them). Each also asks for its working set as Ray's `memory` resource
 (`job_bytes`), so Ray runs as many at once as the node has free CPUs *and* memory for: peak memory is bounded by
@@ -15,6 +18,7 @@ Every job runs with one torch thread either way, so the bytes written do not dep
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from collections.abc import Iterator, Mapping
@@ -28,6 +32,8 @@ from tasks.runtime import ray_get
 
 if TYPE_CHECKING:
     from torch import Tensor
+
+EXPORT_FORMAT = "many.lpm.export/1"  # "format" of merge[t]'s export.json
 
 
 # -- planning: which layers form a job, checked on names only ------------------------------------------------------
@@ -98,12 +104,13 @@ def _read_loras(adapter_file: str, scales: Mapping[str, float]) -> dict[str, tup
 def merge_group(
     job: GroupJob, scales: Mapping[str, float], adapter_file: str, grams_file: str, state_file: str, factors_file: str,
     config: LPMConfig,
-) -> str:
-    """One input group's step t (many.lpm.absorb_group, export_group): C_t = C_{t−1} + G̃_t, B_t = [B_{t−1} | s_t B_t],
-    AG_t = [AG_{t−1}; A_t G̃_t]; merged LoRA per layer (B_t, (C_t⁻¹ AG_tᵀ)ᵀ), optionally truncated to config.rank.
+) -> tuple[str, dict[str, dict]]:
+    """One input group's step t (many.lpm.absorb_group, export_group): C_t = C_{t−1} + G̃_t; per layer B_t = [B_{t−1} |
+    s_t B_t], AG_t = [AG_{t−1}; A_t G̃_t] (thin) or R_t = R_{t−1} + (A_t G̃_t)ᵀ(s_t B_t)ᵀ (dense); the merged LoRA per layer,
+    exact or truncated to config.rank.
 
     Writes the group's new state to `state_file` and the merged factors (float32, PEFT key names) to `factors_file`;
-    returns `factors_file`. Peak memory: about three in×in float64 matrices (previous C, G̃, new C, then C's factor).
+    returns `factors_file` and {layer: export record} (`_export_record`). Peak memory: `job_bytes`.
     """
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -120,30 +127,47 @@ def merge_group(
         del before, gram, loras
         exported = export_group(states, job.group)
         save_group(states, Path(state_file), config.state_dtype)
+        records = {layer: {"form": state.form, "rank": state.rank, "gamma": state.gamma} for layer, state in states.items()}
         del states
         factors = {}
         for layer, (merged_B, merged_A) in exported.items():
+            error = 0.0
             if config.rank is not None:
-                merged_B, merged_A, _ = truncate(merged_B, merged_A, config.rank, layer)
+                merged_B, merged_A, error = truncate(merged_B, merged_A, config.rank, layer)
+            records[layer] |= {"exported_rank": merged_B.shape[1], "error": error}
             factors[f"{layer}.lora_B.weight"] = merged_B.float().contiguous()
             factors[f"{layer}.lora_A.weight"] = merged_A.float().contiguous()
         save_file(factors, factors_file)
-    return factors_file
+    return factors_file, records
 
 
-def job_bytes(job: GroupJob, adapter_file: str, grams_file: str) -> int:
+def job_bytes(job: GroupJob, adapter_file: str, grams_file: str, form: str = "auto") -> int:
     """`merge_group`'s peak working set in bytes, from file headers only: three in×in float64 matrices (previous
-    C, G̃, new C or its factor) plus, per layer, the thin B (out, Σr) and AG (Σr, in) in float64, old and new."""
+    C, G̃, new C or its factor) plus, per layer in float64, the thin B (out, Σr) and AG (Σr, in) old and new while
+    the layer stays thin, else its R (in, out) old and new, the exported M_t (out, in) and its identity
+    (min(in, out)², many.lpm.export_group) — the previous thin factors instead of the old R at the switch.
+    `form`: LPMConfig.state_form."""
     from safetensors import safe_open
 
-    from many.lpm_files import state_ranks
+    from many.lpm import dense_is_smaller
+    from many.lpm_files import state_forms, state_ranks
 
     with safe_open(grams_file, framework="pt") as grams:
         n_in = grams.get_slice(job.group).get_shape()[0]
     with safe_open(adapter_file, framework="pt") as adapter:
         thin = {layer: adapter.get_slice(f"{layer}.lora_B.weight").get_shape() for layer in job.layers}  # (out, r)
     before = {} if job.previous is None else state_ranks(job.previous, job.layers)  # Σr so far
-    return 8 * (3 * n_in * n_in + sum(2 * (out + n_in) * (before.get(layer, 0) + r) for layer, (out, r) in thin.items()))
+    forms = {} if job.previous is None else state_forms(job.previous)
+    total = 3 * n_in * n_in
+    for layer, (out, r) in thin.items():
+        rank = before.get(layer, 0) + r  # Σr after this task
+        was_dense = forms.get(layer) == "dense"
+        if not was_dense and (form == "thin" or (form == "auto" and not dense_is_smaller(rank, n_in, out))):
+            total += 2 * (out + n_in) * rank
+            continue
+        old = n_in * out if was_dense else (out + n_in) * rank  # R_{t−1}, or the thin factors it is formed from
+        total += old + 2 * n_in * out + min(n_in, out) ** 2
+    return 8 * total
 
 
 # -- running the jobs ----------------------------------------------------------------------------------------------
@@ -165,7 +189,7 @@ def _node_memory(node_id: str) -> float:
     return next(node["Resources"].get("memory", 0.0) for node in ray.nodes() if node["NodeID"] == node_id)
 
 
-def _on_this_node(calls: list[tuple]) -> list[str]:
+def _on_this_node(calls: list[tuple]) -> list[tuple[str, dict[str, dict]]]:
     """`merge_group(*args)` for each of `calls` as Ray tasks of 1 CPU and their `job_bytes` of Ray's `memory`
     resource (capped at the node's, so that the largest job still runs: alone), all on the node this process runs
     on (the files they read and write are local here)."""
@@ -181,13 +205,13 @@ def _on_this_node(calls: list[tuple]) -> list[str]:
     refs = []
     for args in calls:
         job, _, adapter_file, grams_file = args[:4]  # merge_group's first parameters
-        memory = int(min(job_bytes(job, adapter_file, grams_file), ceiling))
+        memory = int(min(job_bytes(job, adapter_file, grams_file, args[6].state_form), ceiling))
         refs.append(_remote_merge_group.options(num_cpus=1, memory=memory, max_retries=0, scheduling_strategy=here)
                     .remote(*args))
     return ray_get(refs)
 
 
-def run_jobs(calls: list[tuple], fan_out: bool | None = None) -> list[str]:
+def run_jobs(calls: list[tuple], fan_out: bool | None = None) -> list[tuple[str, dict[str, dict]]]:
     """`merge_group(*args)` for every call: fanned out over Ray on this node when connected to Ray (or `fan_out`),
     else one after another in this process. Same results, same bytes."""
     if fan_out if fan_out is not None else _in_ray():
@@ -197,7 +221,10 @@ def run_jobs(calls: list[tuple], fan_out: bool | None = None) -> list[str]:
 
 def merge_step(inputs: Mapping[str, Path], workdir: Path, config: LPMConfig, fan_out: bool | None = None) -> dict[str, Path]:
     """merge[t] from local inputs "finetune" (task dir with adapter/), "grams" (the stats file) and, for t > 1,
-    "previous" (merge[t−1]'s state dir): {"state": state dir, "adapter": merged PEFT adapter dir} under `workdir`."""
+    "previous" (merge[t−1]'s state dir): {"state": state dir, "adapter": merged PEFT adapter dir, "export":
+    export.json} under `workdir`. export.json (EXPORT_FORMAT): {"format", "rank": lpm.rank, "layers": {layer: {"form":
+    "thin" | "dense", "rank": Σr, "gamma": γ, "exported_rank", "error": ‖M_t − B_m A_m‖_F / ‖M_t‖_F}}}, layers in
+    the adapter's order."""
     from safetensors.torch import load_file
 
     from many.adapters import ADAPTER_DIR, WEIGHTS_FILE, lora_factors, read_adapter_config, write_lora_adapter
@@ -217,12 +244,17 @@ def merge_step(inputs: Mapping[str, Path], workdir: Path, config: LPMConfig, fan
         for job in jobs
     ]
     merged: dict[str, Tensor] = {}
-    for path in run_jobs(calls, fan_out):
+    records: dict[str, dict] = {}
+    for path, group_records in run_jobs(calls, fan_out):
         merged |= load_file(path)
+        records |= group_records
     factors = {layer: (merged[f"{layer}.lora_B.weight"], merged[f"{layer}.lora_A.weight"]) for layer in scales}
     write_lora_adapter(factors, read_adapter_config(adapter_dir), workdir / "adapter")
     shutil.rmtree(factors_dir)
-    return {"state": state_dir, "adapter": workdir / "adapter"}
+    export = workdir / "export.json"
+    export.write_text(json.dumps({"format": EXPORT_FORMAT, "rank": config.rank,
+                                  "layers": {layer: records[layer] for layer in scales}}, indent=1, allow_nan=False) + "\n")
+    return {"state": state_dir, "adapter": workdir / "adapter", "export": export}
 
 
-__all__: list[str] = ["GroupJob", "job_bytes", "merge_group", "merge_step", "plan_groups", "run_jobs"]
+__all__: list[str] = ["EXPORT_FORMAT", "GroupJob", "job_bytes", "merge_group", "merge_step", "plan_groups", "run_jobs"]

@@ -191,7 +191,7 @@ def compute_stats(inputs: Mapping[str, Path], workdir: Path, *, config: StatsSta
     task = read_task(inputs["data"])
     grams = collect_grams(tuned, processor, task.train, config.stats, progress=False, on_batch=batch_reporter("batch"))
     path = workdir / "gram.safetensors"
-    save_grams(grams, path)
+    save_grams(grams, path, config.stats.gram_dtype)
     return {"grams": path}
 
 

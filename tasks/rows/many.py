@@ -25,7 +25,8 @@ from tasks.rows.row import Chain, EvalContext, PerTask, Row, indexed, indexed_pa
 
 
 def compute_merge(inputs: dict[str, Path], workdir: Path, *, config: Any, device: str) -> dict[str, Path]:
-    """merge[t]: fold task t into the RLS state of tasks < t and export the merge as a rank-Σr PEFT adapter.
+    """merge[t]: fold task t into the RLS state of tasks < t and export the merge as a PEFT adapter (exact, or
+    truncated to lpm.rank), with export.json saying per layer the state's form, Σr and the export's error.
 
     One job per input group (the LoRA layers sharing one Gram, hence one C): read its Gram and previous state file,
     absorb, export, write its new state file. In a Ray worker the jobs fan out as 1-CPU Ray tasks pinned to this
@@ -46,8 +47,9 @@ def _link(t: int, shared: PerTask, links: list[Any]) -> dict[str, tuple[Any, str
 
 LPM_CHAIN = Chain(
     stage="merge",
-    version="3",  # 3: one state file per input group (C once, no R), groups fanned out over Ray on the node
-    outputs=("state", "adapter"),
+    version="4",  # 3: one state file per input group (C once, no R), groups fanned out over Ray on the node;
+    # 4: a layer's state turns dense (C, R) once smaller than the thin factors (group format /2), export.json
+    outputs=("state", "adapter", "export"),
     read="adapter",
     method="many",
     group="merge",
@@ -55,6 +57,7 @@ LPM_CHAIN = Chain(
     config=lambda config: config.lpm,
     link=_link,
     compute=compute_merge,
+    recomputable=("state",),  # read only by merge[t + 1]: superseded states are collected, recomputed on demand
 )
 
 

@@ -65,6 +65,9 @@ class Chain:
     A chain may follow another (`follows`): the flow submits the followed chain first, and `link` gets its links as
     a fourth argument, `link(t, shared, links, followed)` (the LPM merge's diagnostics read merge[t]). `enabled` lets
     the run config turn off a row's extra chain (`Row.extras`); a row's own chain is always submitted.
+
+    `recomputable` names outputs that only the next link reads (the LPM merge's state): once that link is done,
+    `many gc --keep-last` collects their blobs, and a stage that needs one again recomputes it (tasks.restore).
     """
 
     stage: str  # the stage's name: its namespace in the store
@@ -79,6 +82,7 @@ class Chain:
     compute: Compute
     follows: Chain | None = None  # the chain whose links `link` also reads; submitted before this one
     enabled: Callable[[Any], bool] | None = None  # run config → whether an extra chain is submitted (None: always)
+    recomputable: tuple[str, ...] = ()  # outputs only link t + 1 reads: gc collects them once it is done
 
     def upstream(self, t: int, shared: PerTask, links: Sequence[Any], submitted: Mapping[str, Sequence[Any]]) -> Upstream | Reuse:
         """Link t's inputs; `submitted`: the links of every chain submitted so far, by stage name."""

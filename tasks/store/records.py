@@ -135,7 +135,8 @@ class GcReport:
     Orphans are blobs no surviving manifest references, plus partial files left by crashed writes; a run is
     stale when none of the stage manifests it lists exists any more. With retention (`keep_last`), `superseded`
     are the manifests of stages no kept run lists and `dropped_runs` the run summaries retention let go
-    (`kept_runs`: the run ids it kept). `in_progress` names the live leases that made gc delete nothing.
+    (`kept_runs`: the run ids it kept), `recomputable` the outputs of kept stages whose blobs go because the next
+    link of their chain read them (`Store.gc`'s `recomputable`). `in_progress` names the live leases that made gc delete nothing.
     `freed_bytes` counts every file removed (or that would be): blobs, partial files, manifests, runs, leases.
     """
 
@@ -145,6 +146,7 @@ class GcReport:
     deleted: bool
     keep_last: int | None = None
     superseded: tuple[str, ...] = ()
+    recomputable: tuple[str, ...] = ()  # "stage/key:output" whose blobs go (superseded recomputable outputs)
     dropped_runs: tuple[str, ...] = ()
     kept_runs: tuple[str, ...] = ()
     expired_leases: tuple[str, ...] = ()
@@ -172,8 +174,10 @@ class GcReport:
             "in_progress": list(self.in_progress),
             "bytes_freed": self.freed_bytes,
             "counts": {"stages": len(self.superseded), "blobs": len(self.blobs), "partial_files": len(self.partial_files),
-                       "runs": len(self.dropped_runs) + len(self.stale_runs), "leases": len(self.expired_leases)},
+                       "runs": len(self.dropped_runs) + len(self.stale_runs), "leases": len(self.expired_leases),
+                       "outputs": len(self.recomputable)},
             "runs_kept": list(self.kept_runs),
             "removed": {"stages": list(self.superseded), "blobs": list(self.blobs), "partial_files": list(self.partial_files),
-                        "runs": [*self.dropped_runs, *self.stale_runs], "leases": list(self.expired_leases)},
+                        "runs": [*self.dropped_runs, *self.stale_runs], "leases": list(self.expired_leases),
+                        "outputs": list(self.recomputable)},
         }

@@ -23,7 +23,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
@@ -385,9 +385,22 @@ class Store:
             pass
         return self.write_manifest(manifest)
 
-    def _manifests(self) -> list[Manifest]:
+    @_translated("checking a blob")
+    def has_blob(self, digest: str) -> bool:
+        """Whether the blob `digest` is stored (its bytes are not read: `verify` checks them)."""
+        return bool(self._fs.exists(self._blob_path(digest)))
+
+    @_translated("listing manifests")
+    def manifests(self, stage: str) -> list[Manifest]:
+        """Every completed manifest of `stage` (those removed since the listing are left out)."""
+        return self._manifests(stage)
+
+    def _manifests(self, stage: str | None = None) -> list[Manifest]:
         manifests = []
-        for path in sorted(self._fs.find(self._path("stages"))):
+        root = self._path("stages" if stage is None else f"stages/{validate_name('stage', stage)}")
+        if stage is not None and not self._fs.exists(root):
+            return []
+        for path in sorted(self._fs.find(root)):
             match = _MANIFEST_PATH.fullmatch(self._rel(path))
             if match:
                 manifest = self.read_manifest(match[1], match[2])
@@ -479,12 +492,21 @@ class Store:
                     labels[stage, key] = (_name(task), _name(method))
         return labels
 
-    def _referenced(self, manifests: list[Manifest]) -> set[str]:
+    def _referenced(self, manifests: list[Manifest], recomputable: Mapping[str, Collection[str]] | None = None,
+                    spent: set[str] | None = None) -> set[str]:
+        """Every blob the manifests keep alive, but for the `spent` digests (superseded recomputable outputs) where
+        they are a recomputable output of their stage or an input of a stage with recomputable outputs."""
         referenced: set[str] = set()
+        recomputable, spent = recomputable or {}, spent or set()
         for m in manifests:
             for role, artifacts in (("input", m.inputs), ("output", m.outputs)):
                 for name, ref in artifacts.items():
+                    collectable = m.stage in recomputable and (role == "input" or name in recomputable[m.stage])
+                    if collectable and ref.digest in spent:
+                        continue
                     referenced.add(ref.digest)
+                    if collectable and ref.kind == "dir" and not self.has_blob(ref.digest):
+                        continue  # collected by an earlier gc: nothing of it is left to keep
                     if ref.kind == "dir":
                         context = f"stage {m.stage}, key {m.key}, {role} {name}"
                         try:
@@ -555,7 +577,8 @@ class Store:
 
     @_translated("collecting garbage")
     def gc(
-        self, *, delete: bool = False, min_age_seconds: float = GC_MIN_AGE_SECONDS, keep_last: int | None = None
+        self, *, delete: bool = False, min_age_seconds: float = GC_MIN_AGE_SECONDS, keep_last: int | None = None,
+        recomputable: Mapping[str, Collection[str]] | None = None,
     ) -> GcReport:
         """Find what to collect; remove it only if `delete` and no run is in progress (docs/design.md §3.4).
 
@@ -567,13 +590,18 @@ class Store:
         writer without a lease may have put blobs whose manifest is still to come), except the summaries of
         runs retention lets go.
 
+        `recomputable` ({stage: output names}, with `keep_last` only): such an output of a kept stage is also
+        collected once it is *superseded*: a surviving manifest of the same stage reads it as an input (the next
+        link of a chain read it and is done, e.g. merge[t−1]'s state after merge[t]). Its manifest stays (a cached
+        rerun reads manifests only); a stage that needs the blob again recomputes its producer (tasks.restore).
+
         A deleting gc holds a gc lease; if any other lease is live (a run in progress, or another gc), it
         deletes nothing and names them in `in_progress`; a run that starts meanwhile waits for it to finish."""
         if keep_last is not None:
             kept_runs([], keep_last)  # validates it before anything is written
         with leases.hold(self, "gc") if delete else nullcontext() as mine:
             busy = leases.live(self, besides=mine.id if mine else None)
-            report = self._collect(min_age_seconds, keep_last)
+            report = self._collect(min_age_seconds, keep_last, recomputable or {})
             now = datetime.now(timezone.utc)
             if busy:
                 return dataclasses.replace(report, in_progress=tuple(b.describe(now) for b in busy))
@@ -586,7 +614,8 @@ class Store:
                         self._fs.rm([self._path(rel) for rel in paths])
             return dataclasses.replace(report, deleted=delete)
 
-    def _collect(self, min_age_seconds: float, keep_last: int | None) -> GcReport:
+    def _collect(self, min_age_seconds: float, keep_last: int | None,
+                 recomputable: Mapping[str, Collection[str]]) -> GcReport:
         now = time.time()
         areas = ("blobs", "stages", "runs", "leases")
         files = {area: {self._rel(path): info for path, info in self._find(area).items()} for area in areas}
@@ -616,7 +645,8 @@ class Store:
                                 if (m.stage, m.key) not in listed and old(files["stages"][rel]))
         going, dropping = set(superseded), set(dropped)
         surviving = [m for rel, m in manifests.items() if rel not in going]
-        referenced = self._referenced(surviving)
+        spent = _superseded_outputs(surviving, recomputable) if keep_last is not None else {}
+        referenced = self._referenced(surviving, recomputable, set(spent))
         done = {(m.stage, m.key) for m in surviving}
         orphans: list[str] = []
         stale_runs: list[str] = []
@@ -642,8 +672,16 @@ class Store:
             deleted=False,
             keep_last=keep_last,
             superseded=tuple(superseded),
+            recomputable=tuple(sorted(spent.values())),
             dropped_runs=tuple(dropped),
             kept_runs=tuple(sorted(r.run_id for r in runs.values() if r.run_id in kept)),
             expired_leases=tuple(expired),
             freed_bytes=sum(sizes[rel] for rel in removed) + sum(expired.values()),
         )
+
+
+def _superseded_outputs(manifests: list[Manifest], recomputable: Mapping[str, Collection[str]]) -> dict[str, str]:
+    """{digest: "stage/key:output"} of the recomputable outputs a manifest of the same stage reads as an input."""
+    read_by = {(m.stage, ref.digest) for m in manifests if m.stage in recomputable for ref in m.inputs.values()}
+    return {ref.digest: f"{m.stage}/{m.key}:{name}" for m in manifests for name, ref in m.outputs.items()
+            if name in recomputable.get(m.stage, ()) and (m.stage, ref.digest) in read_by}

@@ -9,6 +9,7 @@ the same flow against a moto S3 server."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -152,7 +153,13 @@ def check_export(out: Path, store_url: str, summary: dict) -> None:
     assert merge["tau"] is not None and all(g > 0 for g in merge["gamma"].values())
     assert pq.read_table(out / "prototypes.parquet").num_rows == sum(40 + 1 for _ in tasks)
     adapter_config = json.loads((out / "merged" / "adapter" / "adapter_config.json").read_text())
-    assert adapter_config["r"] == 8 * len(tasks)  # rank Σ r_i
+    export = merge["export"]  # merge[t]'s export.json per module: the state's form, Σr, the exported rank, its error
+    assert set(export) == set(merge["gamma"])
+    assert all(e["rank"] == 8 * len(tasks) and e["error"] == 0.0 for e in export.values())
+    # the tiny model (hidden 32, MLP 64) is dense everywhere by t = 3: M against an identity (rank 32), the MLP
+    # layers' switch step exported from their thin factors (rank Σr = 24); PEFT's r is the most common rank
+    assert {e["form"] for e in export.values()} == {"dense"}
+    assert adapter_config["r"] == Counter(e["exported_rank"] for e in export.values()).most_common(1)[0][0]
 
     base, processor = load_base(out / "base", BaseConfig(device="cpu"))
     model = PeftModel.from_pretrained(base, str(out / "merged" / "adapter")).merge_and_unload()

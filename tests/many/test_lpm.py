@@ -136,10 +136,16 @@ def test_regularize_shrinks_only_the_off_diagonal():
 @pytest.mark.parametrize("a", [1.0, 0.5])
 def test_exported_lora_reproduces_the_merge(a):
     loras, _, grams = make_tasks(4)
-    state = recursive_merge(loras, grams, LPMConfig(a=a))
+    state = recursive_merge(loras, grams, LPMConfig(a=a, state_form="thin"))
     merged_B, merged_A = export_lora(state, LAYER)
     assert merged_B.shape == (OUT, 4 * RANK) and merged_A.shape == (4 * RANK, IN)
     assert_close(merged_B @ merged_A, solve(state, LAYER), rtol=1e-6)
+    # Dense: M_t against an identity (IN ≤ OUT here), the product bit for bit M_t.
+    dense = recursive_merge(loras, grams, LPMConfig(a=a, state_form="dense"))
+    dense_B, dense_A = export_lora(dense, LAYER)
+    assert dense_B.shape == (OUT, IN) and torch.equal(dense_A, torch.eye(IN, dtype=torch.float64))
+    assert torch.equal(dense_B @ dense_A, solve(dense, LAYER))
+    assert_close(dense_B @ dense_A, merged_B @ merged_A, rtol=1e-9)
 
 
 @pytest.mark.parametrize("rank", [1, 3, 7, 11, 12])
@@ -182,18 +188,23 @@ def test_merge_minimises_the_least_squares_objective(gamma):
             assert objective(merged - step * direction) > best
 
 
-def test_state_round_trip(tmp_path):
+@pytest.mark.parametrize("form", ["thin", "dense"])
+def test_state_round_trip(tmp_path, form):
     loras, _, grams = make_tasks(3)
-    state = recursive_merge(loras, grams, LPMConfig())
+    state = recursive_merge(loras, grams, LPMConfig(state_form=form))
     path = tmp_path / "state.safetensors"
     tensors, metadata = group_tensors({LAYER: state})
-    assert "R" not in tensors  # R = AGᵀBᵀ is derived, never stored
+    stored = {"thin": {f"B.{LAYER}", f"AG.{LAYER}"}, "dense": {f"R.{LAYER}"}}[form]
+    assert set(tensors) == {"C", "gamma", "tasks", *stored}  # thin: R = AGᵀBᵀ derived, never stored
     safetensors.torch.save_file(tensors, path, metadata=metadata)
     with safetensors.safe_open(str(path), framework="pt") as f:
         restored = group_from_tensors({key: f.get_tensor(key) for key in f.keys()}, f.metadata(), LAYER)[LAYER]
-    assert (restored.gamma, restored.tasks) == (state.gamma, state.tasks)
+    assert (restored.gamma, restored.tasks, restored.rank, restored.form) == (state.gamma, state.tasks, 3 * RANK, form)
     for name in ("C", "R", "B", "AG"):
-        assert torch.equal(getattr(restored, name), getattr(state, name)), name
+        if getattr(state, name) is None:
+            assert getattr(restored, name) is None, name
+        else:
+            assert torch.equal(getattr(restored, name), getattr(state, name)), name
     # The restored state keeps absorbing exactly like the original.
     extra_lora, extra_gram = make_tasks(1, seed=7)[0][0], make_tasks(1, seed=7)[2][0]
     assert torch.equal(
@@ -219,7 +230,7 @@ def group_tasks(count: int) -> tuple[list[dict], list[torch.Tensor]]:
 @pytest.mark.parametrize("a", [1.0, 0.7])
 def test_group_shares_one_C_and_equals_the_layers_merged_alone(a):
     loras, grams = group_tasks(3)
-    cfg = LPMConfig(a=a)
+    cfg = LPMConfig(a=a)  # "auto": the layers (OUT, OUT − 1, OUT − 2 out) switch to dense at different steps
     group = None
     for task, gram in zip(loras, grams):
         group = absorb_group(group, task, gram, cfg, QKV[0])
@@ -227,8 +238,10 @@ def test_group_shares_one_C_and_equals_the_layers_merged_alone(a):
     exported = export_group(group, QKV[0])
     for name in QKV:
         alone = recursive_merge([task[name] for task in loras], grams, cfg, name)
-        for field in ("C", "B", "AG"):
-            assert torch.equal(getattr(group[name], field), getattr(alone, field)), (name, field)
+        assert group[name].form == alone.form
+        for field in ("C", "B", "AG", "R"):
+            if getattr(alone, field) is not None:
+                assert torch.equal(getattr(group[name], field), getattr(alone, field)), (name, field)
         assert (group[name].gamma, group[name].tasks) == (alone.gamma, alone.tasks)
         # The group's one Cholesky factor gives each layer the bits of its own export.
         for got, expected in zip(exported[name], export_lora(alone, name)):
@@ -240,7 +253,8 @@ def test_group_shares_one_C_and_equals_the_layers_merged_alone(a):
 @pytest.mark.parametrize("c_dtype", [torch.float64, torch.float32])
 def test_group_state_stores_C_once_and_loads_for_each_layer(tmp_path, c_dtype):
     loras, grams = group_tasks(2)
-    group = absorb_group(absorb_group(None, loras[0], grams[0], LPMConfig(), QKV[0]), loras[1], grams[1], LPMConfig(), QKV[0])
+    cfg = LPMConfig(state_form="thin")
+    group = absorb_group(absorb_group(None, loras[0], grams[0], cfg, QKV[0]), loras[1], grams[1], cfg, QKV[0])
     tensors, metadata = group_tensors(group, c_dtype)
     assert sorted(tensors) == sorted(["C", "gamma", "tasks", *(f"{f}.{n}" for n in QKV for f in ("B", "AG"))])
     assert tensors["C"].dtype == c_dtype

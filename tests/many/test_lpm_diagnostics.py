@@ -183,3 +183,21 @@ def test_diagnose_reads_the_merge_stage_files(tmp_path: Path) -> None:
             assert all(e is not None and 0.0 <= e < float("inf") for e in group["fit_error"][layer])
     with pytest.raises(ValueError, match="2 task dirs and 3 Grams files"):
         diagnose(outputs["adapter"], [d for d, _ in tasks][:2], [g for _, g in tasks])
+
+
+def test_a_dense_state_export_gives_the_thin_state_diagnostics() -> None:
+    """Once a layer's state is dense (C, R) the merge is exported as M against an identity (rank min(in, out)); the
+    diagnostics read those factors as any LoRA and agree with the thin state's and with the dense formula."""
+    generator = torch.Generator().manual_seed(11)
+    loras = [lora(generator, rank=r) for r in (3, 2, 4)]  # Σr = 9: 9·19 ≥ 90, dense from the last task
+    grams = [gram(generator) for _ in loras]
+    thin = merged(loras, grams, LPMConfig(state_form="thin"))
+    auto = merged(loras, grams, LPMConfig())
+    assert thin[0].shape[1] == 9 and auto[0].shape[1] == min(OUT, IN)  # the dense export
+    from_thin = layer_diagnostics(thin, loras, grams)
+    from_dense = layer_diagnostics(auto, loras, grams)
+    errors, leakage = dense(auto, loras, grams)
+    assert from_dense.fit_error == pytest.approx(from_thin.fit_error, rel=1e-8, abs=1e-12)
+    assert from_dense.fit_error == pytest.approx(errors, rel=1e-8, abs=1e-12)
+    for got, expected in zip(from_dense.leakage, leakage):
+        assert got == pytest.approx(expected, rel=1e-8)

@@ -159,3 +159,49 @@ def test_bad_input(tiny_base, lora_model, tmp_path, case, error):
             collect_grams(model, processor, (), StatsConfig(), progress=False)
         else:
             save_grams({Q_PROJ: torch.zeros(2, 3)}, tmp_path / "g.safetensors")
+
+
+def test_half_precision_grams_halve_the_file_and_bound_the_merge_error(tmp_path) -> None:
+    """StatsConfig.gram_dtype: bfloat16 / float16 Grams take half the bytes; read back as float64 they move each Gram
+    by its dtype's rounding (2⁻⁹, 2⁻¹² relative) and an LPM merge of them by a bounded amount."""
+    from many.config import LPMConfig
+    from many.lpm import absorb
+
+    generator = torch.Generator().manual_seed(0)
+    n, out, tasks = 48, 40, 4
+    loras, grams = [], []
+    for _ in range(tasks):
+        X = torch.randn(4 * n, n, generator=generator, dtype=torch.float64) * 3.0
+        grams.append(X.T @ X / X.shape[0])
+        loras.append((torch.randn(out, 4, generator=generator), torch.randn(4, n, generator=generator) / n**0.5, 2.0))
+    merged = {}
+    for dtype, unit in (("float32", 2.0**-24), ("bfloat16", 2.0**-8), ("float16", 2.0**-11)):
+        paths = [save_grams({"q": G, "k": G}, tmp_path / f"{dtype}-{i}.safetensors", dtype) for i, G in enumerate(grams)]
+        read = [load_grams(p) for p in paths]
+        assert read[0]["q"] is read[0]["k"] and read[0]["q"].dtype == torch.float64
+        for G, stored in zip(grams, read):
+            assert (stored["q"] - G).abs().max() <= unit * G.abs().max()  # one rounding per entry
+        state = None
+        for (B, A, s), stored in zip(loras, read):
+            state = absorb(state, B, A, s, stored["q"], LPMConfig(), "q")
+        merged[dtype] = (state, paths[0].stat().st_size)
+    from many.lpm import solve
+
+    reference = solve(merged["float32"][0], "q")
+    errors = {dtype: (torch.linalg.matrix_norm(solve(state, "q") - reference) / torch.linalg.matrix_norm(reference)).item()
+              for dtype, (state, _) in merged.items() if dtype != "float32"}
+    assert 0 < errors["float16"] < errors["bfloat16"] < 0.05, errors
+    assert merged["bfloat16"][1] < 0.55 * merged["float32"][1] and merged["float16"][1] < 0.55 * merged["float32"][1]
+
+
+def test_float16_grams_that_overflow_name_bfloat16(tmp_path) -> None:
+    with pytest.raises(ValueError, match="do not fit float16.*bfloat16"):
+        save_grams({"q": torch.full((3, 3), 1e5)}, tmp_path / "g.safetensors", "float16")
+
+
+def test_gram_dtype_enters_the_stats_key_only_when_not_float32() -> None:
+    """Existing stores keep their stats stages: the default dumps as before, another dtype is a new key."""
+    from many.config import StatsConfig
+
+    assert StatsConfig().model_dump(mode="json") == {"batch_size": 32, "max_samples": None}
+    assert StatsConfig(gram_dtype="bfloat16").model_dump(mode="json")["gram_dtype"] == "bfloat16"

@@ -6,8 +6,9 @@ stream ([style-cls, chart-qa], MAny only):
 2. a third run goes back to chart-qa and adds a task: it finds those stages cached and, while it fine-tunes the new
    task, a `many gc --keep-last 1` deletes nothing (the run's lease is live) although it names them; the run then
    completes, its merge reading the state gc would have deleted;
-3. gc again: the second run's stages (its merge state and eval) go with the blobs only they referenced, the bytes
-   it reports are the bytes that left the disk, and a rerun of the kept run computes nothing and starts no Ray.
+3. gc again: the second run's stages (its merge state and eval) go with the blobs only they referenced, and so do
+   the kept run's superseded merge states (every one but the newest: the next merge read it); the bytes it
+   reports are the bytes that left the disk, and a rerun of the kept run computes nothing and starts no Ray.
 """
 
 from __future__ import annotations
@@ -97,7 +98,11 @@ def test_gc_beside_a_run_in_progress_then_superseded_merge_states_go_and_a_rerun
     assert set(after_run["removed"]["stages"]) == only_second
     assert any(path.startswith("stages/merge/") for path in only_second)  # a superseded merge state
     assert sorted(after_run["removed"]["runs"]) == sorted(f"runs/{s['run_id']}.json" for s in (first, second.summary))
-    removed = [path for paths in after_run["removed"].values() for path in paths]
+    # merge[0]'s state (style-cls): the kept run's merge[1] read it, so it goes; the newest merge state stays
+    merges = [s["key"] for s in third.summary["stages"] if s["stage"] == "merge"]
+    assert f"merge/{merges[0]}:state" in after_run["removed"]["outputs"]
+    assert not any(entry.startswith(f"merge/{merges[-1]}:") for entry in after_run["removed"]["outputs"])
+    removed = [path for kind, paths in after_run["removed"].items() if kind != "outputs" for path in paths]
     assert set(before) - set(after) == set(removed)
     assert after_run["bytes_freed"] == sum(before[path][0] for path in removed) > 0
     assert after_run["counts"]["blobs"] > 0 and after_run["counts"]["stages"] == len(only_second)

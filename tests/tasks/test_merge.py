@@ -22,11 +22,12 @@ from tasks.merge import job_bytes, merge_step, plan_groups
 SHAPE = Shape(layers=2, hidden=16, intermediate=24, rank=2)
 
 
-def chain(tmp_path: Path, tasks: int, config: LPMConfig = LPMConfig(), fan_out: bool | None = False) -> list[dict[str, Path]]:
+def chain(tmp_path: Path, tasks: int, config: LPMConfig = LPMConfig(), fan_out: bool | None = False,
+          shape: Shape = SHAPE) -> list[dict[str, Path]]:
     """merge[1..tasks] of the synthetic tasks, each step's outputs in its own workdir under tmp_path."""
     outputs: list[dict[str, Path]] = []
     for t in range(1, tasks + 1):
-        task_dir, grams = write_task(SHAPE, seed=t, out=tmp_path / "inputs")
+        task_dir, grams = write_task(shape, seed=t, out=tmp_path / "inputs")
         inputs = {"finetune": task_dir, "grams": grams}
         if outputs:
             inputs["previous"] = outputs[-1]["state"]
@@ -192,3 +193,69 @@ def test_a_job_larger_than_the_node_still_runs_alone(tmp_path: Path, local_ray, 
     expected = chain(tmp_path / "sequential", 1, fan_out=False)[0]
     fanned = chain(tmp_path / "ray", 1, fan_out=True)[0]
     assert file_bytes(fanned["adapter"]) == file_bytes(expected["adapter"])
+
+
+SMALL = Shape(layers=1, hidden=8, intermediate=12, rank=2)  # q/k/v/o dense from Σr = 4 (t = 2), MLP from Σr = 6 (t = 3)
+
+
+def dir_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def test_states_turn_dense_on_their_own_and_merge_as_the_thin_chain(tmp_path: Path) -> None:
+    import json
+
+    from many.evaluate import lora_deltas
+    from tasks.merge import EXPORT_FORMAT
+
+    auto = chain(tmp_path / "auto", 4, shape=SMALL)
+    thin = chain(tmp_path / "thin", 4, LPMConfig(state_form="thin"), shape=SMALL)
+    modules = SMALL.modules()
+    for t, (a, b) in enumerate(zip(auto, thin), start=1):
+        export = json.loads(a["export"].read_text())
+        assert export["format"] == EXPORT_FORMAT and set(export["layers"]) == set(modules)
+        for layer, (out, n_in, _) in modules.items():
+            record = export["layers"][layer]
+            dense = t * SMALL.rank * (out + n_in) >= out * n_in
+            was_dense = (t - 1) * SMALL.rank * (out + n_in) >= out * n_in
+            assert record["form"] == ("dense" if dense else "thin") and record["rank"] == t * SMALL.rank
+            # exact: rank Σr from thin factors (also at the switch step, which still has them), else min(in, out)
+            assert record["exported_rank"] == (min(out, n_in) if was_dense else t * SMALL.rank)
+            assert record["error"] == 0.0
+        got, expected = lora_deltas(lora_factors(a["adapter"])), lora_deltas(lora_factors(b["adapter"]))
+        for layer in modules:  # the factors are stored float32
+            torch.testing.assert_close(got[layer], expected[layer], rtol=1e-5, atol=1e-5 * expected[layer].abs().max())
+        assert dir_bytes(a["state"]) <= dir_bytes(b["state"])
+    assert dir_bytes(auto[-1]["state"]) < dir_bytes(thin[-1]["state"])
+    # the next step reads a dense state and keeps it dense
+    with safe_open(str(state_files(auto[-1]["state"])[0]), framework="pt") as f:
+        assert any(key.startswith("R.") for key in f.keys())
+
+
+@pytest.mark.parametrize("form", ["thin", "auto"])
+def test_a_truncated_export_reports_its_error(tmp_path: Path, form: str) -> None:
+    import json
+
+    from many.evaluate import lora_deltas
+
+    exact = chain(tmp_path / "exact", 3, LPMConfig(state_form=form), shape=SMALL)[-1]
+    short = chain(tmp_path / "short", 3, LPMConfig(state_form=form, rank=2), shape=SMALL)[-1]
+    full, cut = lora_deltas(lora_factors(exact["adapter"])), lora_deltas(lora_factors(short["adapter"]))
+    records = json.loads(short["export"].read_text())["layers"]
+    for layer, M in full.items():
+        true = (torch.linalg.matrix_norm(M - cut[layer]) / torch.linalg.matrix_norm(M)).item()
+        assert records[layer]["exported_rank"] == 2 and records[layer]["error"] > 0.01
+        assert abs(records[layer]["error"] - true) <= 1e-4 * max(true, 1.0)  # float32 factors
+
+
+def test_job_bytes_of_a_dense_layer_is_its_R_old_new_and_the_export(tmp_path: Path) -> None:
+    from many.adapters import WEIGHTS_FILE
+    from many.stats import read_gram_groups
+
+    states = chain(tmp_path, 3, shape=SMALL)  # every layer dense after t = 3
+    task_dir, grams = write_task(SMALL, seed=9, out=tmp_path / "inputs")
+    modules = SMALL.modules()
+    for job in plan_groups(list(modules), read_gram_groups(grams), state_modules(states[-1]["state"])):
+        n_in = modules[job.layers[0]][1]
+        per_layer = sum(3 * n_in * modules[layer][0] + min(n_in, modules[layer][0]) ** 2 for layer in job.layers)
+        assert job_bytes(job, str(task_dir / "adapter" / WEIGHTS_FILE), str(grams)) == 8 * (3 * n_in**2 + per_layer)

@@ -99,9 +99,11 @@ def test_the_diagnostics_switch_is_not_in_the_merge_key() -> None:
     on, off = parse_config({}), parse_config({"lpm": {"diagnostics": False}})
     assert on.lpm.diagnostics is True and off.lpm.diagnostics is False
     assert config_json(merge, off.lpm) == config_json(merge, on.lpm) == {
-        "a": 1.0, "gamma": 1e-4, "gamma_mode": "relative", "rank": None, "state_dtype": "float64"}
+        "a": 1.0, "gamma": 1e-4, "gamma_mode": "relative", "rank": None, "state_dtype": "float64"}  # state_form "auto": unkeyed
     inputs = {"finetune": REF, "grams": REF}
     assert cache_key(merge, off.lpm, inputs) == cache_key(merge, LPMConfig(), inputs)
+    # a forced state form is keyed (it changes what is stored), the default "auto" is not (merge version 4 marks it)
+    assert cache_key(merge, LPMConfig(state_form="thin"), inputs) != cache_key(merge, LPMConfig(), inputs)
 
 
 def test_needs_include_the_chains_inputs() -> None:

@@ -17,7 +17,7 @@ REF = BlobRef(digest="a" * 64, size=1)
 def test_stage_inputs_follow_the_wiring_and_change_the_key() -> None:
     first = stage_def("merge", {"finetune": REF, "grams": REF})
     later = stage_def("merge", {"finetune": REF, "grams": REF, "previous": REF})
-    assert first.outputs == ("state", "adapter") and later.inputs == ("finetune", "grams", "previous")
+    assert first.outputs == ("state", "adapter", "export") and later.inputs == ("finetune", "grams", "previous")
     key = cache_key(first, LPMConfig(), {"finetune": REF, "grams": REF})
     assert key != cache_key(first, LPMConfig(gamma=1e-3), {"finetune": REF, "grams": REF})
     assert key != cache_key(later, LPMConfig(), {"finetune": REF, "grams": REF, "previous": REF})

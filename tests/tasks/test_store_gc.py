@@ -106,7 +106,8 @@ def test_keep_last_removes_superseded_stages_and_only_their_blobs(store: Store, 
     assert report.deleted and report.removed == dry.removed
     assert set(before) - set(after) == set(report.removed)
     assert report.freed_bytes == sum(len(before[rel]) for rel in report.removed)  # bytes freed, counted exactly
-    assert report.as_json()["counts"] == {"stages": 3, "blobs": len(only_r1) - 1, "partial_files": 0, "runs": 1, "leases": 0}
+    assert report.as_json()["counts"] == {"stages": 3, "blobs": len(only_r1) - 1, "partial_files": 0, "runs": 1, "leases": 0,
+                                           "outputs": 0}
     kept = [m for name, m in stream.items() if name not in ("data_b1", "merge_b1", "eval_b1")]
     assert all(store.read_manifest(m.stage, m.key) == m for m in kept) and intact(store, kept)
     assert store.read_run("latest")["run_id"] == "r2"
