@@ -23,19 +23,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from benchmarks.common import EXAMPLES, quiet_environment, timed
+from benchmarks.common import EXAMPLES, many_cli, quiet_environment, timed
 
 ROOT = Path(__file__).resolve().parents[1]
 GOAL_WALL_S = 12 * 60.0
@@ -45,17 +42,7 @@ GOAL_FLOOR_RATIO = 1.3
 def cold_run(config: Path | None, store: Path, env: dict[str, str]) -> tuple[dict, float, float]:
     """`many run --json` into `store` as a command (no Prefect API configured: it starts its own server, as for a
     user): (summary, wall seconds, CPU seconds of it and the processes it waited for)."""
-    argv = [sys.executable, "-m", "flows.cli", "run", "--json", "--store", str(store)]
-    argv += ["--config", str(config)] if config else []
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    started = time.perf_counter()
-    done = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, env=env)
-    wall = time.perf_counter() - started
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if done.returncode:
-        raise RuntimeError(f"many run exited {done.returncode}: {done.stderr.strip()[-2000:]}")
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return json.loads(done.stdout), wall, cpu
+    return many_cli(["run", "--store", str(store), *(["--config", str(config)] if config else [])], env)
 
 
 def analyse(store_url: str, summary: dict[str, Any], cores: int) -> dict[str, Any]:

@@ -3,7 +3,11 @@ and a timer."""
 
 from __future__ import annotations
 
+import json
 import os
+import resource
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -66,3 +70,18 @@ def timed(call: Callable[[], T]) -> tuple[T, float]:
     start = time.perf_counter()
     result = call()
     return result, time.perf_counter() - start
+
+
+def many_cli(args: list[str], env: dict[str, str] | None = None) -> tuple[dict, float, float]:
+    """`many <args> --json` as a command run from the repository root: (its JSON summary, wall seconds, CPU seconds
+    of it and the processes it waited for)."""
+    argv = [sys.executable, "-m", "flows.cli", *args, "--json"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=EXAMPLES.parent, env=env)
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode:
+        raise RuntimeError(f"many {args[0]} exited {done.returncode}: {done.stderr.strip()[-2000:]}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return json.loads(done.stdout), wall, cpu

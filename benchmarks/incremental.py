@@ -22,14 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import EXAMPLES, quiet_environment
+from benchmarks.common import EXAMPLES, many_cli, quiet_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXED_COST_GOAL_S = 3.0
@@ -51,17 +49,8 @@ def start_prefect() -> object:
 
 def many_run(config: str | None, store: Path, tasks: int) -> tuple[dict, float, float]:
     """`many run --json` as a command: (summary, wall seconds, CPU seconds of it and its children)."""
-    argv = [sys.executable, "-m", "flows.cli", "run", "--json", "--store", str(store), "--tasks", str(tasks)]
-    argv += ["--config", config] if config else []
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    started = time.perf_counter()
-    done = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    wall = time.perf_counter() - started
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if done.returncode:
-        raise RuntimeError(f"many run exited {done.returncode}: {done.stderr.strip()[-2000:]}")
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return json.loads(done.stdout), wall, cpu
+    args = ["run", "--store", str(store), "--tasks", str(tasks), *(["--config", config] if config else [])]
+    return many_cli(args, {**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 def main(argv: list[str] | None = None) -> int:
