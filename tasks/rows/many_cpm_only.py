@@ -12,9 +12,8 @@ from tasks.rows.row import EvalContext, Row
 
 def evaluate(ctx: EvalContext) -> tuple[list[Any], dict[str, Any]]:
     assembly, tau = parts.routed(ctx, merged_deltas(ctx))
-    kept = parts.stored(ctx.inputs.chain[-1])[1] + sum(map(parts.projector_bytes, ctx.inputs.finetune))
     return parts.score(ctx, [assembly] * len(ctx.tasks)), {
-        "tau": tau, **parts.task_adapters_footprint(ctx, kept + parts.prototype_bytes(ctx))}
+        "tau": tau, **parts.routed_footprint(ctx, parts.stored(ctx.inputs.chain[-1])[1])}
 
 
 ROW = Row(

@@ -92,9 +92,8 @@ def evaluate(ctx: EvalContext) -> tuple[list[Any], dict[str, Any]]:
     assembly = replace(assembly, residuals=tuple(factors for factors, _ in read))
     errors = [e for _, metadata in read for e in metadata["error"].values()]
     residual_bytes = sum(parts.stored(task_file(link, i))[1] for i in range(len(ctx.tasks)))
-    kept = parts.stored(link / "merged")[1] + residual_bytes + sum(map(parts.projector_bytes, ctx.inputs.finetune))
     return parts.score(ctx, [assembly] * len(ctx.tasks)), {
-        "tau": tau, **parts.task_adapters_footprint(ctx, kept + parts.prototype_bytes(ctx)),
+        "tau": tau, **parts.routed_footprint(ctx, parts.stored(link / "merged")[1] + residual_bytes),
         "residual_bytes_per_task": residual_bytes // len(ctx.tasks),  # the U, V tensors of one task, on average
         "residual_error": sum(errors) / len(errors),  # mean over tasks and layers of ‖D − UV‖ / ‖D‖
     }

@@ -109,3 +109,10 @@ def footprint(trained: int, kept_bytes: int, tasks: int) -> dict[str, int]:
 def task_adapters_footprint(ctx: EvalContext, kept_bytes: int) -> dict[str, int]:
     """`footprint` of a row built from the per-task fine-tunes (each task's LoRA + projector trained once)."""
     return footprint(sum(stored(d)[0] for d in ctx.inputs.finetune), kept_bytes, len(ctx.tasks))
+
+
+def routed_footprint(ctx: EvalContext, update_bytes: int) -> dict[str, int]:
+    """`task_adapters_footprint` of a CPM-routed row: its LoRA update (`update_bytes`), every task's projector and
+    the prototypes that route between them."""
+    kept = update_bytes + sum(map(projector_bytes, ctx.inputs.finetune)) + prototype_bytes(ctx)
+    return task_adapters_footprint(ctx, kept)
