@@ -38,7 +38,7 @@ GROUPS = ("data", "base", "finetune", "prototypes", "stats", "merge", "eval")
 SEVEN_B = {"image_size": 336, "patch_size": 14, "vision_hidden": 1024, "vision_layers": 24, "vision_heads": 16,
            "text_hidden": 4096, "text_layers": 32, "text_heads": 32, "text_intermediate": 11008, "max_length": 640}
 TOY = {"image_size": 32, "patch_size": 8, "vision_hidden": 32, "vision_layers": 1, "vision_heads": 2,
-       "text_hidden": 32, "text_layers": 1, "text_heads": 2, "text_intermediate": 64, "max_length": 64}
+       "text_hidden": 32, "text_layers": 1, "text_heads": 2, "text_intermediate": 64, "max_length": 128}
 
 
 def gpu_pipeline_config(path: Path) -> Path:

@@ -173,9 +173,7 @@ class RunConfig(MethodSettings):
         return self
 
     @model_validator(mode="after")
-    def _tiny_base_needs_mini_ucit(self) -> RunConfig:
-        if self.base.kind == "tiny" and any(t.kind is None for t in self.tasks):
-            raise ValueError("base.kind 'tiny' knows only the mini-UCIT vocabulary; JSON tasks need base.kind 'hf'")
+    def _base_fits(self) -> RunConfig:
         if self.base.kind == "hf" and not self.base.hf_id:
             raise ValueError("base.kind 'hf' needs base.hf_id (a hub id or a local HF LLaVA dir)")
         if self.base.kind == "tiny" and self.base.tiny.image_size != self.data.mini_ucit.image_size:

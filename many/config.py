@@ -30,6 +30,7 @@ class TinyModelConfig(Frozen):
     text_heads: PositiveInt = 4
     text_intermediate: PositiveInt = 256
     max_length: PositiveInt = 128
+    vocab_size: int = Field(512, ge=260)  # byte-level BPE: 4 special + 256 byte tokens + at most the rest in merges
 
 
 class BaseConfig(Frozen):

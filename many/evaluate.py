@@ -16,6 +16,7 @@ base is deep-copied, never changed); `evaluate` generates greedily with the KV c
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +37,8 @@ from many.data.schema import Sample, TaskData
 from many.model.chat import decode_answers, encode_for_generation
 from many.model.parts import PEFT_PREFIX, llava  # PEFT module name = PEFT_PREFIX + the base model's module name
 from many.progress import BatchCallback
+
+log = logging.getLogger("many.evaluate")
 from many.prototypes import pooled_features, read_prototypes
 from many.residual import RoutedResidual
 
@@ -237,6 +240,18 @@ def generate_answers(
     return answers
 
 
+def warn_if_cut(processor: LlavaProcessor, task: str, samples: Sequence[Sample], max_new_tokens: int) -> None:
+    """Warn when a reference answer needs more than `max_new_tokens` tokens: generation stops there, so the
+    prediction of that sample is cut short (new words take several byte-level tokens each)."""
+    lengths = [len(ids) for ids in processor.tokenizer([" " + s.answer for s in samples], add_special_tokens=False)["input_ids"]]
+    longer = [(n, s.sample_id) for n, s in zip(lengths, samples, strict=True) if n > max_new_tokens]
+    if longer:
+        n, sample_id = max(longer)
+        log.warning("task %r: %d reference answers need more than eval.max_new_tokens = %d tokens (the longest, %r, "
+                    "%d), and their predictions are cut there; raise eval.max_new_tokens", task, len(longer),
+                    max_new_tokens, sample_id, n)
+
+
 def evaluate(
     model: LlavaForConditionalGeneration | PeftModel,
     processor: LlavaProcessor,
@@ -252,6 +267,7 @@ def evaluate(
     samples = task.test[: cfg.max_samples]
     if not samples:
         raise ValueError(f"evaluate: task {task.name!r} has no test samples")
+    warn_if_cut(processor, task.name, samples, cfg.max_new_tokens)
     predictions = generate_answers(model, processor, samples, cfg, routing=routing, progress=progress, on_batch=on_batch)
     references = [s.answer for s in samples]
     return EvalResult(

@@ -29,6 +29,7 @@ from many.progress import Step, StepCallback
 
 MAX_GRAD_NORM = 1.0
 ENCODE_CHUNK = 256  # samples per processor call while pre-encoding
+LossFn = Callable[[nn.Module, dict[str, Tensor]], Tensor]  # (model, batch) → the mean loss of the batch
 ExtraLoss = Callable[[nn.Module], Tensor]  # a regulariser added to every micro-batch loss (e.g. CRAM's penalty)
 GradientHook = Callable[[nn.Module], None]  # edits .grad in place before each optimizer step (e.g. Fwd-Prompt)
 
@@ -78,6 +79,23 @@ def encode_dataset(processor: LlavaProcessor, samples: Sequence[Sample], max_len
     )
 
 
+def model_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """The model's own loss: the mean next-token cross-entropy over the labelled positions."""
+    return model(**batch, use_cache=False).loss
+
+
+def answer_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """The same loss as `model_loss`, −(1/|A|) Σ_{(b,p)∈A} log softmax(W h_{b,p})[y_{b,p+1}] over A = the positions whose
+    next token is labelled, with the output head W applied to those positions only (`logits_to_keep`, a boolean
+    (B, L) mask) instead of all L: the head's cost no longer grows with the image and prompt tokens."""
+    labels = batch["labels"]  # (B, L)
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # position p predicts token p+1
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (|A|, V)
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels[:, 1:][keep[:, :-1]])
+
+
 def batch_indices(n: int, batch_size: int, seed: int) -> Iterator[Tensor]:
     """Endless seeded epochs: each a random permutation of range(n), cut into (batch_size,) index tensors."""
     generator = torch.Generator().manual_seed(seed)
@@ -120,6 +138,7 @@ def run_steps(
     on_step: StepCallback | None = None,
     extra_loss: ExtraLoss | None = None,
     before_step: GradientHook | None = None,
+    loss_fn: LossFn = model_loss,
 ) -> None:
     """`steps` optimizer steps of `grad_accum` micro-batches each, on the model's own device.
 
@@ -128,6 +147,7 @@ def run_steps(
     `extra_loss(model)` is added to each micro-batch's loss; `before_step(model)` may rewrite the gradients
     (after unscaling, before clipping) — the hooks the continual-learning baselines need. `on_step` gets every
     step as a `many.progress.Step` (steps done of `steps`, loss, the learning rate it used, seconds so far).
+    `loss_fn(model, batch)` is the micro-batch's loss (`model_loss`, or `answer_loss`: the same value, cheaper).
     """
     device, dtype = model_device_dtype(model)
     half = dtype in (torch.bfloat16, torch.float16)
@@ -144,7 +164,7 @@ def run_steps(
         for _ in range(grad_accum):
             batch = data.batch(next(indices), device)
             with torch.autocast(device.type, dtype=dtype, enabled=half):
-                loss = model(**batch, use_cache=False).loss
+                loss = loss_fn(model, batch)
                 if extra_loss is not None:
                     loss = loss + extra_loss(model)
                 loss = loss / grad_accum

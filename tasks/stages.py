@@ -27,7 +27,7 @@ from tasks.progress import batch_reporter, step_reporter
 # Bump a stage's version when its code would produce different results: its cache keys change.
 VERSIONS = {
     "data": "1",
-    "base": "2",  # 2: the `losses` output (the model's bytes are unchanged)
+    "base": "3",  # 2: the `losses` output (the model's bytes are unchanged); 3: byte-level BPE, generic instructions
     "finetune": "3",  # 2: the adapter files hold no local path (identical bytes on every machine); 3: `losses`
     "adapter": "1",
     "prototypes": "2",  # 2: f(x) = mean of the projector's input tokens, not the CLS pooler output
@@ -118,18 +118,15 @@ def compute_data(inputs: Mapping[str, Path], workdir: Path, *, config: DataStage
 
 def compute_base(inputs: Mapping[str, Path], workdir: Path, *, config: BaseStageConfig, device: str) -> dict[str, Path]:
     """The base model and its pretraining loss curve (no rows for a HF base: it is not trained here)."""
-    from many.data import pretrain_samples, vocabulary
+    from many.data import pretrain_samples
     from many.pretrain import make_base
     from many.progress import LossCurve, fan_out
 
     cfg = config.base.model_copy(update={"device": device})
-    if cfg.kind == "tiny":
-        samples = pretrain_samples(config.mini_ucit or MiniUcitConfig(), config.pretrain_samples)
-        words = vocabulary()
-    else:
-        samples, words = (), ()
+    tiny = cfg.kind == "tiny"
+    samples = pretrain_samples(config.mini_ucit or MiniUcitConfig(), config.pretrain_samples) if tiny else ()
     curve = LossCurve()
-    make_base(cfg, words, samples, workdir / "model", progress=False, on_step=fan_out(curve, step_reporter()))
+    make_base(cfg, samples, workdir / "model", progress=False, on_step=fan_out(curve, step_reporter()))
     return {"model": workdir / "model", "losses": curve.write(workdir / "losses.parquet")}
 
 

@@ -20,6 +20,7 @@ from PIL import Image
 
 from many.config import BaseConfig, TinyModelConfig
 from many.data.schema import Sample
+from many.model.chat import sequence_text
 from tests.s3 import faulty_s3, new_bucket, s3_endpoint  # noqa: F401 - fixtures for every test directory
 
 torch.set_num_threads(1)  # the suite shares 2 cores; tiny tensors gain nothing from more threads
@@ -32,7 +33,6 @@ FIXTURE_MODEL = TinyModelConfig(
 FIXTURE_BASE = BaseConfig(tiny=FIXTURE_MODEL, pretrain_steps=0, device="cpu")
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
 SHAPES = ("circle", "square")
-FIXTURE_VOCAB = (*COLOURS, *SHAPES, "what", "colour", "is", "the", "shape", "describe", "image", "a")
 
 
 def _png(colour: tuple[int, int, int], shape: str, size: int, rng: np.random.Generator) -> bytes:
@@ -62,13 +62,17 @@ def make_samples(n: int, question: str = "colour", seed: int = 0, size: int = 16
     return tuple(samples)
 
 
+# The fixture tokenizer's training text: the fixture samples' own sequences, so every answer word is one token.
+FIXTURE_TEXTS = tuple(sequence_text(s) for question in ("colour", "shape") for s in make_samples(32, question, seed=0))
+
+
 @pytest.fixture(scope="session")
 def tiny_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A saved, randomly initialised tiny LLaVA dir (an ordinary HF checkpoint)."""
     from many.model.load import save_base
     from many.model.tiny import build_tiny_llava
 
-    model, processor = build_tiny_llava(FIXTURE_MODEL, FIXTURE_VOCAB, seed=0)
+    model, processor = build_tiny_llava(FIXTURE_MODEL, FIXTURE_TEXTS, seed=0)
     return save_base(model, processor, tmp_path_factory.mktemp("tiny-base"))
 
 

@@ -72,6 +72,11 @@ UNIT_POLYGONS: dict[str, tuple[tuple[float, float], ...]] = {
         (_W, 1), (-_W, 1), (-_W, _W), (-1, _W), (-1, -_W), (-_W, -_W),
     ),
     "star": _star(),
+    # shapes only the base's generic pretraining draws (many.data.mini_ucit.generic), never a task
+    "hexagon": tuple((math.cos(a), math.sin(a)) for a in np.deg2rad(np.arange(6) * 60)),
+    "pentagon": tuple((math.cos(a), math.sin(a)) for a in np.deg2rad(np.arange(5) * 72 - 90)),
+    "rectangle": ((-1.0, -0.5), (1.0, -0.5), (1.0, 0.5), (-1.0, 0.5)),  # wide: never a square
+    "arrow": ((-1.0, -0.25), (0.2, -0.25), (0.2, -0.7), (1.0, 0.0), (0.2, 0.7), (0.2, 0.25), (-1.0, 0.25)),
 }
 
 

@@ -8,6 +8,7 @@ generation batches are left-padded and stop at EOS.
 from __future__ import annotations
 
 import io
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -18,8 +19,10 @@ from many.data.schema import Sample
 
 IMAGE_TOKEN = "<image>"
 PROMPT_TEMPLATE = "USER: " + IMAGE_TOKEN + "\n{prompt} ASSISTANT:"
-CHAT_TEMPLATE_WORDS = ("user", "assistant")
 IGNORE_INDEX = -100  # positions without loss (image, prompt, padding)
+SHOWN = 3  # unknown words / samples named in one message
+
+log = logging.getLogger("many.model")
 
 
 def decode_image(sample: Sample) -> Image.Image:
@@ -34,10 +37,62 @@ def prompt_text(prompt: str) -> str:
     return PROMPT_TEMPLATE.format(prompt=prompt)
 
 
+def sequence_text(sample: Sample) -> str:
+    """The text of a training sequence without its image: what the tiny base's tokenizer is trained on
+    (many.model.tiny.build_tokenizer), so the template's words become tokens of their own."""
+    return prompt_text(sample.prompt).replace(IMAGE_TOKEN, "") + " " + sample.answer
+
+
+def unknown_words(tokenizer, texts: Sequence[str]) -> dict[int, list[str]]:
+    """Index → the words of texts[index] that the tokenizer can only encode as its unknown token, for every text that
+    has any. Always empty for a tokenizer without an unknown token (the tiny base's byte-level BPE, Llama's byte
+    fallback); a word-level or WordPiece tokenizer turns words outside its vocabulary into `<unk>`, and a model
+    trained or scored on those can never produce them."""
+    unk = tokenizer.unk_token_id
+    if unk is None or not texts:
+        return {}
+    rows = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    found = {}
+    for index, (text, row) in enumerate(zip(texts, rows, strict=True)):
+        if unk in row:
+            words = [w for w in text.split() if unk in tokenizer(w, add_special_tokens=False)["input_ids"]]
+            found[index] = words or [text]
+    return found
+
+
+def _named(samples: Sequence[Sample], found: dict[int, list[str]]) -> str:
+    shown = [f"{samples[i].sample_id!r} ({', '.join(repr(w) for w in words[:SHOWN])})" for i, words in found.items()]
+    more = f" and {len(shown) - SHOWN} more" if len(shown) > SHOWN else ""
+    return "; ".join(shown[:SHOWN]) + more
+
+
+def check_known(processor: LlavaProcessor, samples: Sequence[Sample], *, training: bool) -> None:
+    """Loud about text the base's tokenizer cannot represent (docs/design.md §7): an answer word that would be
+    `<unk>` is an error when training (the model would learn to emit `<unk>`, which decodes to nothing) and a
+    warning when scoring (no prediction can match it); a prompt word that would be `<unk>` is a warning."""
+    tokenizer = processor.tokenizer
+    answers = unknown_words(tokenizer, [s.answer for s in samples])
+    if answers and training:
+        raise ValueError(
+            f"the base's tokenizer has no tokens for answer words of {len(answers)} samples: {_named(samples, answers)}; "
+            "they would be learned as <unk> and predicted as nothing. Use a base whose tokenizer covers the task's "
+            "text (base.kind 'tiny' has a byte-level one that covers any text)"
+        )
+    if answers:
+        log.warning("the base's tokenizer has no tokens for reference answer words of %d samples: %s; no prediction "
+                    "can match them", len(answers), _named(samples, answers))
+    prompts = unknown_words(tokenizer, [s.prompt for s in samples])
+    if prompts:
+        log.warning("the base's tokenizer reads prompt words of %d samples as <unk>: %s", len(prompts),
+                    _named(samples, prompts))
+
+
 def encode_for_training(
     processor: LlavaProcessor, samples: Sequence[Sample], max_length: int | None = None
 ) -> dict[str, torch.Tensor]:
-    """input_ids/attention_mask/labels (B, L) + pixel_values (B, 3, H, W); loss on answer + EOS only."""
+    """input_ids/attention_mask/labels (B, L) + pixel_values (B, 3, H, W); loss on answer + EOS only.
+    An answer word the tokenizer can only encode as `<unk>` is an error (`check_known`)."""
+    check_known(processor, samples, training=True)
     tokenizer = processor.tokenizer
     images = [decode_image(s) for s in samples]
     prompts = [prompt_text(s.prompt) for s in samples]
@@ -61,7 +116,8 @@ def encode_for_training(
 
 
 def encode_for_generation(processor: LlavaProcessor, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
-    """Left-padded prompts (B, L) + pixel_values, ready for `model.generate`."""
+    """Left-padded prompts (B, L) + pixel_values, ready for `model.generate`; warns about `<unk>` (`check_known`)."""
+    check_known(processor, samples, training=False)
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"
     try:

@@ -1,5 +1,5 @@
 """The embedded tiny LLaVA (docs/design.md §7, §8): transformers' own CLIP vision tower + Llama decoder,
-a word-level tokenizer saved as a real HF tokenizer, and a CLIP image processor — so the saved
+a byte-level BPE tokenizer trained on the pretraining text, saved as a real HF tokenizer, and a CLIP image processor — so the saved
 directory is an ordinary HF checkpoint that `from_pretrained` loads like any LLaVA."""
 
 from __future__ import annotations
@@ -7,8 +7,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
-from tokenizers.models import WordLevel
+from tokenizers import Tokenizer, decoders, pre_tokenizers
+from tokenizers.models import BPE
+from tokenizers.trainers import BpeTrainer
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
@@ -20,31 +21,40 @@ from transformers import (
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from many.config import TinyModelConfig
-from many.model.chat import CHAT_TEMPLATE_WORDS, IMAGE_TOKEN
+from many.model.chat import IMAGE_TOKEN
 
-SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", IMAGE_TOKEN)
-# The word-level tokenizer splits on whitespace and on these characters (each becomes its own token).
-PUNCTUATION = ".,?!:;()"
-_PUNCTUATION_REGEX = Regex("[" + "".join("\\" + c for c in PUNCTUATION) + "]")
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", IMAGE_TOKEN)  # ids 0..3; no <unk>: every byte has a token
+MIN_MERGE_FREQUENCY = 2  # a merge must occur at least twice in the pretraining text
 
 
-def build_tokenizer(vocabulary: Sequence[str]) -> PreTrainedTokenizerFast:
-    """A lowercase word-level tokenizer over `vocabulary` (+ chat-template words and punctuation)."""
-    words = sorted({w.lower() for w in vocabulary} | set(CHAT_TEMPLATE_WORDS) | set(PUNCTUATION))
-    vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *words])}
-    core = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    core.normalizer = normalizers.Lowercase()
-    core.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(_PUNCTUATION_REGEX, "isolated")]
+def build_tokenizer(texts: Sequence[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on `texts` (the base's pretraining prompts and answers).
+
+    The vocabulary is SPECIAL_TOKENS, all 256 byte tokens (GPT-2's byte→character map, so any UTF-8 string has an
+    encoding and decodes back to itself: nothing is `<unk>`, nothing is normalised), then the BPE merges learned from
+    `texts`, most frequent first, until `vocab_size` tokens or no pair occurs MIN_MERGE_FREQUENCY times. Pre-tokens
+    are GPT-2's (a word with its leading space, digit runs, punctuation runs, whitespace), so a merge never crosses
+    a word. Deterministic: the same texts give the same tokenizer bytes (ties between equally frequent pairs are
+    broken by the pair's ids, and the byte alphabet fixes the initial ids).
+    """
+    core = Tokenizer(BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    core.decoder = decoders.ByteLevel()
+    trainer = BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=MIN_MERGE_FREQUENCY,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
-    core.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words with spaces
+    core.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=core,
         bos_token="<s>",
         eos_token="</s>",
         pad_token="<pad>",
-        unk_token="<unk>",
         extra_special_tokens={"image_token": IMAGE_TOKEN},
+        clean_up_tokenization_spaces=False,  # decode(encode(s)) == s: no " ." → "." rewriting
         model_max_length=4096,
     )
 
@@ -92,10 +102,10 @@ def tiny_llava_config(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerFast) 
 
 
 def build_tiny_llava(
-    cfg: TinyModelConfig, vocabulary: Sequence[str], seed: int = 0
+    cfg: TinyModelConfig, texts: Sequence[str], seed: int = 0
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """A randomly initialised tiny LLaVA (`tiny_llava_config`) and its processor."""
-    tokenizer = build_tokenizer(vocabulary)
+    """A randomly initialised tiny LLaVA (`tiny_llava_config`) and its processor, its tokenizer trained on `texts`."""
+    tokenizer = build_tokenizer(texts, cfg.vocab_size)
     config = tiny_llava_config(cfg, tokenizer)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
@@ -114,3 +124,11 @@ def build_tiny_llava(
         num_additional_image_tokens=1,  # CLIP's CLS, dropped by the "default" strategy
     )
     return model, processor
+
+
+def byte_tokens() -> dict[int, str]:
+    """Byte → its token in the byte-level vocabulary (GPT-2's map, what `pre_tokenizers.ByteLevel` writes): printable
+    Latin-1 bytes stand for themselves, the other 68 are shifted to U+0100 onwards."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in kept]
+    return {**{b: chr(b) for b in kept}, **{b: chr(256 + k) for k, b in enumerate(shifted)}}

@@ -281,8 +281,12 @@ def test_evaluate_cram_routes_each_image_to_its_task_expert(base, experts):
         oracle = evaluate(assemble(model, Assembly(lora_deltas(loaded[index].factors), (loaded[index].projector,))),
                           processor, task, EVAL)
         assert routed.predictions == oracle.predictions and routed.score == oracle.score
+        # swapped centroids send every image to the other expert: exactly that expert's answers, not the own ones
         [misrouted] = evaluate_cram(model, processor, [task], loaded, centroids.flip(0), EVAL)
-        assert routed.score > misrouted.score
+        other = loaded[1 - index]
+        assert misrouted.predictions == evaluate(
+            assemble(model, Assembly(lora_deltas(other.factors), (other.projector,))), processor, task, EVAL).predictions
+        assert misrouted.predictions != routed.predictions
     mixed = TaskData("mixed", "exact_match", (), COLOUR.test[:5] + SHAPE.test[:5])  # test order is kept
     [result] = evaluate_cram(model, processor, [mixed], loaded, centroids, EVAL)
     by_expert = evaluate_cram(model, processor, [TaskData(t.name, "exact_match", (), t.test[:5]) for t in (COLOUR, SHAPE)],

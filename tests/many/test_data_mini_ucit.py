@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from flows.config import DataConfig
 from many.data import (
+    PRETRAIN_PROMPT,
     PUNCTUATION,
     TASK_KINDS,
     UCIT_ORDER,
@@ -27,6 +29,7 @@ from many.data import (
     words,
 )
 from many.data.draw import PALETTE, SHAPES
+from many.data.mini_ucit import generic as generic_data
 
 SMALL = MiniUcitConfig(n_train=60, n_test=30)
 NUMBER_WORDS = {"zero", "one", "two", "three", "four", "five"}
@@ -130,7 +133,8 @@ def test_chart_answer_letter_names_the_tallest_or_shortest_bar(tasks: dict[str, 
 def test_every_emitted_text_tokenises_into_the_vocabulary(tasks: dict[str, TaskData]) -> None:
     vocab = set(vocabulary())
     texts = [t for task in tasks.values() for s in task.train + task.test for t in (s.prompt, s.answer)]
-    texts += [t for s in pretrain_samples(SMALL, 140) for t in (s.prompt, s.answer)]
+    captions = pretrain_samples(SMALL, 560)[::2]  # the generic captions: every other sample
+    texts += [t for s in captions for t in (s.prompt, s.answer)]
     emitted = {w for text in texts for w in words(text)}
     assert emitted <= vocab, emitted - vocab
     assert vocab == emitted  # the vocabulary lists nothing that no generator emits
@@ -176,19 +180,43 @@ def test_image_distributions_differ_between_tasks(tasks: dict[str, TaskData]) ->
         assert corners.std(0).max() > 3.0, kind
 
 
-def test_pretraining_is_generic_captioning_of_every_image_kind(tasks: dict[str, TaskData]) -> None:
+def test_pretraining_mixes_generic_captions_of_every_image_kind_and_generic_questions(
+    tasks: dict[str, TaskData],
+) -> None:
     samples = pretrain_samples(SMALL, 70)
     assert [s.sample_id for s in samples[:2]] == ["pretrain/train/000000", "pretrain/train/000001"]
-    assert {s.prompt for s in samples} == {"describe the image."}
+    captions, questions = samples[::2], samples[1::2]
+    assert {s.prompt for s in captions} == {PRETRAIN_PROMPT} and PRETRAIN_PROMPT not in {s.prompt for s in questions}
     task_prompts = {s.prompt for t in tasks.values() for s in t.train}
     task_answers = {s.answer for t in tasks.values() for s in t.train}
+    task_openings = {" ".join(words(p)[:3]) for p in task_prompts}
     assert not {s.prompt for s in samples} & task_prompts
-    assert not {s.answer for s in samples} & task_answers
-    captions = {s.answer for s in samples}
-    kinds = ("drawing of a shape", "a bar chart with", "low quality photo", "grid of icons", "gray floor", "in a field")
-    for generic in kinds:
-        assert any(generic in caption for caption in captions), generic
-    assert any(re.fullmatch(r"an? \w+ \w+ on a \w+ background", caption) for caption in captions)
+    assert not {" ".join(words(s.prompt)[:3]) for s in samples} & task_openings
+    assert not {s.answer for s in captions} & task_answers
+    for generic in ("drawing of a shape", "a bar chart with", "low quality photo", "grid of icons", "gray floor",
+                    "in a field"):
+        assert any(generic in s.answer for s in captions), generic
+    assert any(re.fullmatch(r"an? \w+ \w+ on a \w+ background", s.answer) for s in captions)
+    # the questions: every skill, over shapes and colours of their own, never a task's shape
+    for skill in ("what colour is the", "what object is", "how many", "count the", "read the character",
+                  "is there a", "left or right?", "repeat:"):
+        assert any(skill in s.prompt for s in pretrain_samples(SMALL, 200)[1::2]), skill
+    assert not set(generic_data.SHAPES) & set(SHAPES) and set(PALETTE) < set(generic_data.COLOURS)
+    named = {w for s in questions if not s.prompt.startswith("repeat") for w in words(s.prompt + " " + s.answer)}
+    assert not named & set(SHAPES), named & set(SHAPES)
+    answers = {s.answer for s in questions if not s.prompt.startswith("repeat")}
+    allowed = {*generic_data.COLOURS, *generic_data.SHAPES, *NUMBER_WORDS, "six", *map(str, range(1, 7)),
+               *generic_data.CHARACTERS, "yes", "no", "left", "right"}
+    assert answers <= allowed, answers - allowed
+
+
+def test_pretraining_text_holds_every_byte_utf8_can_hold() -> None:
+    """The echo instruction cycles through generic.BYTE_COVER: at the default size every byte a UTF-8 string can
+    contain (all but 0xC0, 0xC1, 0xF5–0xFF) is in the pretraining text."""
+    samples = pretrain_samples(MiniUcitConfig(), DataConfig().pretrain_samples)
+    seen = {b for s in samples for b in (s.prompt + s.answer).encode()}
+    assert seen == set(range(0x100)) - {0xC0, 0xC1, *range(0xF5, 0x100)}
+    assert all(s.answer == s.prompt.removeprefix("repeat: ") for s in samples if s.prompt.startswith("repeat"))
 
 
 @pytest.mark.parametrize(

@@ -187,8 +187,9 @@ def test_generation_reads_the_prompts(base, chain):
     with torch.no_grad():
         batch = encode_for_generation(prompted_processor, samples)  # left-padded: the last position is the next token
         first_ids = prompted(**batch, use_cache=False).logits[:, -1].argmax(-1)
-    expected = [prompted_processor.tokenizer.decode([int(i)], skip_special_tokens=True) for i in first_ids]
-    assert [answer.split(" ")[0] for answer in answers] == expected
+    expected = [prompted_processor.tokenizer.decode([int(i)], skip_special_tokens=True).strip() for i in first_ids]
+    assert all(answer.startswith(first) for answer, first in zip(answers, expected, strict=True)), (answers, expected)
+    assert any(expected)  # some first token is text, not only a space or EOS
 
 
 def test_state_round_trips_through_safetensors(base, chain, tmp_path):

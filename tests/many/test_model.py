@@ -22,7 +22,9 @@ def test_labels_cover_exactly_answer_and_eos(tiny_base):
     tok = processor.tokenizer
     for row, labels, sample in zip(batch["input_ids"], batch["labels"], samples, strict=True):
         supervised = row[labels != IGNORE_INDEX].tolist()
-        assert supervised == tok(sample.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        # the answer as the template writes it, after "ASSISTANT:" and a space (byte-level BPE keeps the space)
+        assert supervised == tok(" " + sample.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert tok.decode(supervised, skip_special_tokens=True) == " " + sample.answer
 
 
 def test_saved_dir_is_a_normal_hf_checkpoint(tiny_base_dir, tiny_base):
@@ -38,5 +40,6 @@ def test_generation_is_left_padded_and_cut_at_eos(tiny_base):
     batch = encode_for_generation(processor, make_samples(2))
     assert (batch["attention_mask"][:, -1] == 1).all()
     eos = processor.tokenizer.eos_token_id
-    red = processor.tokenizer.convert_tokens_to_ids("red")
-    assert decode_answers(processor, torch.tensor([[red, eos, red], [red, red, red]])) == ["red", "red red red"]
+    red = processor.tokenizer.encode(" red", add_special_tokens=False)  # byte-level BPE: the word with its space
+    rows = torch.tensor([[*red, eos, *red, *red], [*red, *red, *red, eos]])
+    assert decode_answers(processor, rows) == ["red", "red red red"]

@@ -21,7 +21,7 @@ from many.progress import LossCurve
 from many.training import finetune
 from tests.conftest import FIXTURE_BASE, FIXTURE_MODEL, make_samples
 
-CFG = FinetuneConfig(lora=LoraConfig(rank=4, alpha=8.0), steps=20, batch_size=8, lr=5e-3, projector_lr=5e-3,
+CFG = FinetuneConfig(lora=LoraConfig(rank=4, alpha=8.0), steps=30, batch_size=8, lr=5e-3, projector_lr=5e-3,
                      warmup_steps=2)
 SAMPLES = make_samples(24, "colour", seed=1)
 

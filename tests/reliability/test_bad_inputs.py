@@ -118,9 +118,9 @@ def task_and_grams(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
     if not base_dir.exists():
         from many.model.load import save_base
         from many.model.tiny import build_tiny_llava
-        from tests.conftest import FIXTURE_MODEL, FIXTURE_VOCAB
+        from tests.conftest import FIXTURE_MODEL, FIXTURE_TEXTS
 
-        save_base(*build_tiny_llava(FIXTURE_MODEL, FIXTURE_VOCAB, seed=0), base_dir)
+        save_base(*build_tiny_llava(FIXTURE_MODEL, FIXTURE_TEXTS, seed=0), base_dir)
     model, processor = load_base(base_dir, FIXTURE_BASE)
     samples = make_samples(8)
     tuned = finetune(model, processor, samples, FinetuneConfig(lora=LoraConfig(rank=2), steps=2, batch_size=4, warmup_steps=0),

@@ -1,4 +1,5 @@
-"""mini-UCIT: six synthetic tasks mirroring UCIT's stream, plus generic pretraining captions (docs/design.md §7)."""
+"""mini-UCIT: six synthetic tasks mirroring UCIT's stream, plus the base's generic pretraining mixture (captions and
+generic questions, docs/design.md §7)."""
 
 from many.data.mini_ucit.kind import MiniUcitConfig, TaskKind
 from many.data.mini_ucit.stream import (

@@ -1,5 +1,6 @@
 """The mini-UCIT stream (docs/design.md §7): the task-kind registry in UCIT order, deterministic task splits,
-generic pretraining captions of every image kind, and the closed vocabulary of everything emitted."""
+the base's pretraining mixture (generic captions of every image kind, generic questions), and the vocabulary of the
+tasks and the captions."""
 
 from __future__ import annotations
 
@@ -8,8 +9,17 @@ import zlib
 import numpy as np
 
 from many.data.draw import png_bytes
-from many.data.mini_ucit import chart_qa, count_math, grounded_caption, icon_qa, noisy_caption, single_object, style_cls
-from many.data.mini_ucit.kind import Caption, Generator, MiniUcitConfig, TaskKind
+from many.data.mini_ucit import (
+    chart_qa,
+    count_math,
+    generic,
+    grounded_caption,
+    icon_qa,
+    noisy_caption,
+    single_object,
+    style_cls,
+)
+from many.data.mini_ucit.kind import Example, Generator, MiniUcitConfig, TaskKind
 from many.data.mini_ucit.text import words_of
 from many.data.schema import Sample, TaskData
 from many.data.validate import DataError
@@ -62,18 +72,30 @@ def make_task(kind: str, cfg: MiniUcitConfig) -> TaskData:
 
 
 def pretrain_samples(cfg: MiniUcitConfig, n: int) -> tuple[Sample, ...]:
-    """`n` generic captions ("describe the image." → "a bar chart with four bars"), cycling through every task's
-    image kind and single objects on plain backdrops; no task prompt or task answer format appears."""
+    """`n` samples of the base's generic instruction mixture: every other one a generic caption ("describe the
+    image." → "a bar chart with four bars"), cycling through every task's image kind and single objects on plain
+    backdrops; the others cycle through the generic questions and the text echo of `generic` (its own shapes and
+    colours, no task's). No task prompt or task answer format appears."""
     describers = [kind.describe for kind in TASK_KINDS.values()] + [single_object.describe]
     rng = _rng(cfg, "pretrain", "train")
-    captions: list[Caption] = [describers[i % len(describers)](rng, cfg.image_size) for i in range(n)]
+    examples: list[Example] = []
+    for i in range(n):
+        j = i // 2
+        if i % 2 == 0:
+            image, caption = describers[j % len(describers)](rng, cfg.image_size)
+            examples.append(Example(image, PRETRAIN_PROMPT, caption))
+        elif j % (len(generic.QUESTIONS) + 1) < len(generic.QUESTIONS):
+            examples.append(generic.QUESTIONS[j % (len(generic.QUESTIONS) + 1)](rng, cfg.image_size))
+        else:
+            examples.append(generic.echo(rng, cfg.image_size, index=j // (len(generic.QUESTIONS) + 1)))
     return tuple(
-        Sample(f"pretrain/train/{i:06d}", png_bytes(image), PRETRAIN_PROMPT, caption)
-        for i, (image, caption) in enumerate(captions)
+        Sample(f"pretrain/train/{i:06d}", png_bytes(image), prompt, answer)
+        for i, (image, prompt, answer) in enumerate(examples)
     )
 
 
 def vocabulary() -> list[str]:
-    """Every word (lowercase, punctuation excluded: see `text.PUNCTUATION`) any generator can emit, sorted."""
+    """Every word (lowercase, punctuation excluded: see `text.PUNCTUATION`) a task generator or a generic caption can
+    emit, sorted: what the mini-UCIT tasks speak (the generic questions of the pretraining mixture add their own)."""
     found = words_of(PRETRAIN_PROMPT).union(single_object.WORDS, *(kind.words for kind in TASK_KINDS.values()))
     return sorted(found)

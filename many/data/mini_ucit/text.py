@@ -1,8 +1,9 @@
-"""The word-level text convention of mini-UCIT (docs/design.md §7).
+"""The word-level text convention of mini-UCIT's tasks and captions (docs/design.md §7).
 
-Tokenisation rule, shared with the tiny model's word-level tokenizer: text is lowercase; a token is either one
-of the punctuation characters in PUNCTUATION (each its own token) or a maximal run of other non-whitespace
-characters. Every generator emits only words from `vocabulary()` plus these punctuation tokens."""
+Text is lowercase; a token is either one of the punctuation characters in PUNCTUATION (each its own token) or a
+maximal run of other non-whitespace characters. Every task generator and generic caption emits only words from
+`vocabulary()` plus these punctuation tokens. (The tiny base's tokenizer does not depend on this: it is a byte-level
+BPE that reads any text, many.model.tiny.)"""
 
 from __future__ import annotations
 
