@@ -21,7 +21,7 @@ import argparse
 import statistics
 import sys
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,8 +96,10 @@ def lora_sources(inputs: Inputs) -> dict[str, Callable[[int], dict]]:
     }
 
 
-def evaluate_variants(inputs: Inputs, config: Any) -> tuple[dict[str, list[float]], float]:
-    """({variant: score per task (percent)}, CPM routing accuracy on the test images) of one run's final model."""
+def evaluate_variants(inputs: Inputs, config: Any, names: Sequence[str] | None = None
+                      ) -> tuple[dict[str, list[float]], float]:
+    """({variant: score per task (percent)}, CPM routing accuracy on the test images) of one run's final model, for
+    the VARIANTS named in `names` (default: all)."""
     from many.adapters import projector_state
     from many.config import BaseConfig
     from many.data import read_task
@@ -112,6 +114,8 @@ def evaluate_variants(inputs: Inputs, config: Any) -> tuple[dict[str, list[float
     sources = lora_sources(inputs)
     scores: dict[str, list[float]] = {}
     for name, lora, projector in VARIANTS:
+        if names is not None and name not in names:
+            continue
         row = []
         for j, task in enumerate(tasks):
             if projector == "cpm":

@@ -34,6 +34,8 @@ BENCHMARKS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("benchmarks.fwd_prompt_sweep", "Can Fwd-Prompt's prompt tuning learn a mini-UCIT task? (issue #16)",
      ("--tasks", "noisy-caption,style-cls", "--lrs", "0.1,1", "--prompts", "8,32", "--steps", "200", "--n-test", "50",
       "--no-unprojected")),
+    ("benchmarks.miniature", "Is MAny's gap the method or the miniature? LoRA rank × hidden size (issue #16)",
+     ("--plot", "docs/benchmarks/miniature.png")),
     ("benchmarks.perf", "Performance goals as ratios, 100-task stream, 7B-shaped merge (issue #8)", ()),
     ("benchmarks.merge_bounds", "Merge state bounded by the dense form, store growth, 7B on 3 nodes (issue #17)", ()),
     ("benchmarks.merge_cost", "LPM merge cost vs a bare solve, and vs the dense RLS step (issue: foundation, #17)", ()),

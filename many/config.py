@@ -29,7 +29,7 @@ class TinyModelConfig(Frozen):
     text_layers: PositiveInt = 3
     text_heads: PositiveInt = 4
     text_intermediate: PositiveInt = 256
-    max_length: PositiveInt = 128
+    max_length: PositiveInt = 192  # positions (RoPE: no parameters): 64 image + ≤ 49 text tokens + Fwd-Prompt's 32 prompts
     vocab_size: int = Field(512, ge=260)  # byte-level BPE: 4 special + 256 byte tokens + at most the rest in merges
 
 
