@@ -3,7 +3,7 @@ and that sub-config is exactly what goes into the stage's cache key (docs/design
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, SerializerFunctionWrapHandler, model_serializer
 
@@ -133,6 +133,24 @@ class ResidualConfig(Frozen):
     """
 
     rank: PositiveInt = 8
+
+
+class AnswerWeightConfig(Frozen):
+    """MAny-A's Grams (tasks/rows/many_answer.py; docs/design.md §1.4): the LPM merge with each task's Gram
+    emphasising the positions that predict its answer tokens,
+
+        G_i = G_all,i + λ_i · G_answer,i        (both per-token averages, in × in)
+
+    weight: λ for every task. λ = 1 gives the answer-predicting positions as much weight as all tokens together
+            (a scale-free choice, not tuned); λ = 0 is MAny's merge exactly.
+    tasks:  λ per task name, overriding `weight` for those tasks.
+    """
+
+    weight: float = Field(1.0, ge=0)
+    tasks: dict[str, Annotated[float, Field(ge=0)]] = {}
+
+    def weight_of(self, task: str) -> float:
+        return self.tasks.get(task, self.weight)
 
 
 class CPMConfig(Frozen):

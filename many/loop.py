@@ -84,13 +84,20 @@ def model_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     return model(**batch, use_cache=False).loss
 
 
+def answer_positions(labels: Tensor) -> Tensor:
+    """(B, L) bool: the positions whose next token is labelled (position p predicts token p + 1), i.e. the positions
+    whose outputs the answer loss reads."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return keep
+
+
 def answer_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     """The same loss as `model_loss`, −(1/|A|) Σ_{(b,p)∈A} log softmax(W h_{b,p})[y_{b,p+1}] over A = the positions whose
     next token is labelled, with the output head W applied to those positions only (`logits_to_keep`, a boolean
     (B, L) mask) instead of all L: the head's cost no longer grows with the image and prompt tokens."""
     labels = batch["labels"]  # (B, L)
-    keep = torch.zeros_like(labels, dtype=torch.bool)
-    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # position p predicts token p+1
+    keep = answer_positions(labels)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (|A|, V)
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels[:, 1:][keep[:, :-1]])

@@ -28,6 +28,7 @@ import json
 import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Literal
 
 import torch
 from peft import PeftModel
@@ -40,6 +41,7 @@ from transformers import LlavaProcessor
 
 from many.config import StatsConfig
 from many.data.schema import Sample
+from many.loop import answer_positions
 from many.model.chat import encode_for_training
 from many.progress import BatchCallback
 
@@ -63,10 +65,13 @@ def collect_grams(
     samples: Sequence[Sample],
     cfg: StatsConfig,
     *,
+    tokens: Literal["all", "answer"] = "all",
     progress: bool = True,
     on_batch: BatchCallback | None = None,
 ) -> dict[str, Tensor]:
-    """G = XᵀX / N (in, in) float64 for every LoRA layer, over all non-padding tokens of `samples`.
+    """G = XᵀX / N (in, in) float64 for every LoRA layer, over all non-padding tokens of `samples` (`tokens="all"`,
+    what LPM merges with), or over the positions that predict an answer token only (`tokens="answer"`:
+    many.loop.answer_positions, the positions the training loss reads; MAny-A's G_answer, tasks/rows/many_answer.py).
 
     Layers that read the same input tensor share one Gram: the returned dict maps each of them to the same tensor
     object (what `save_grams` stores once). `model` is the task's own fine-tuned model; it is run in eval mode
@@ -119,19 +124,22 @@ def collect_grams(
             starts = range(0, len(samples), cfg.batch_size)
             for done, start in enumerate(tqdm(starts, desc="grams", disable=not progress), 1):
                 batch = encode_for_training(processor, samples[start : start + cfg.batch_size])
-                batch.pop("labels")
+                labels = batch.pop("labels")
                 batch = {k: v.to(device) for k, v in batch.items()}
                 batch["pixel_values"] = batch["pixel_values"].to(tower_dtype)
-                mask[:] = [batch["attention_mask"]]
+                kept = batch["attention_mask"] if tokens == "all" else answer_positions(labels).to(device)  # (B, L)
+                mask[:] = [kept]
                 last.clear()
                 model(**batch, use_cache=False)
-                tokens_seen += int(batch["attention_mask"].sum())
+                tokens_seen += int(kept.sum())
                 if on_batch is not None:
                     on_batch(done, len(starts))
     finally:
         for handle in handles:
             handle.remove()
         model.train(was_training)
+    if not tokens_seen:
+        raise ValueError(f"collect_grams: no {tokens} tokens in the task's training samples")
     missing = sorted(set(layers) - set(group_of))
     if missing:
         raise ValueError(f"collect_grams: LoRA layers never ran in the forward pass: {missing[:3]} …")

@@ -75,7 +75,7 @@ class Chain:
     outputs: tuple[str, ...]
     read: str  # the output a row's eval reads
     method: str
-    group: Literal["finetune", "merge"]
+    group: Literal["finetune", "stats", "merge"]  # its Ray resources: the run config's resources.<group>
     needs: frozenset[Shared]  # the shared stages its links read
     config: Callable[[Any], Frozen]  # run config → the links' sub-config (their cache key)
     link: Callable[..., Upstream | Reuse]  # (t, shared stages, links < t[, the followed chain's links]) → link t

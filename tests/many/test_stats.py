@@ -58,6 +58,27 @@ def test_gram_equals_hand_computed_xtx_over_non_padding_tokens(lora_model):
         torch.testing.assert_close(grams[name], tokens.T @ tokens / tokens.shape[0], rtol=1e-10, atol=1e-12)
 
 
+def test_answer_gram_is_xtx_over_the_positions_that_predict_an_answer_token(lora_model):
+    model, processor = lora_model
+    samples = _samples()
+    batch = encode_for_training(processor, samples)
+    captured = {}
+    handle = dict(model.named_modules())[Q_PROJ].register_forward_pre_hook(
+        lambda _m, args: captured.__setitem__("x", args[0]))
+    with torch.no_grad():
+        model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False)
+    handle.remove()
+    # by hand: position p of sample b predicts token p + 1; the answer tokens (and EOS) are the labelled ones
+    positions = [(b, p) for b in range(len(samples)) for p in range(batch["labels"].shape[1] - 1)
+                 if batch["labels"][b, p + 1] != -100]
+    assert 0 < len(positions) < int(batch["attention_mask"].sum())
+    tokens = torch.stack([captured["x"][b, p] for b, p in positions]).double()  # (n, in)
+    answer = collect_grams(model, processor, samples, StatsConfig(batch_size=4), tokens="answer", progress=False)
+    torch.testing.assert_close(answer[Q_PROJ], tokens.T @ tokens / len(positions), rtol=1e-10, atol=1e-12)
+    everything = collect_grams(model, processor, samples, StatsConfig(batch_size=4), progress=False)
+    assert not torch.allclose(answer[Q_PROJ], everything[Q_PROJ])
+
+
 def test_padding_does_not_change_the_gram(lora_model):
     model, processor = lora_model
     padded = collect_grams(model, processor, _samples(), StatsConfig(batch_size=4), progress=False)
