@@ -2,13 +2,16 @@
 an S3 server (moto over HTTP), in the same run.
 
 One round trip = put a safetensors file, then read it back to a local path as a stage reads its inputs. Through
-the store, put streams the file through sha256, checks whether the blob exists, and uploads it atomically; the
+the store, put is what a stage does with its outputs (tasks.cache.run_stage, `put(owned=True)`): stream the file
+through sha256, check whether the blob exists, and store it atomically — into a local store on the same filesystem
+as a hard link of the output (the stage's work dir is deleted next), to S3 as an upload; the
 read is `materialize` (what every stage does with its inputs, tasks.cache.run_stage): from a local store on the
 cache's filesystem a hard link to the blob, verified by one sha256 pass, then stamped; elsewhere a download to a temp
 file, re-hashed and renamed into place. The plain side is `fs.put_file` + `fs.get_file`. Goal: store / plain ≤
 1.2. Each store round trip uses a fresh store root and a fresh cache, so put really uploads (no dedup) and the read
 really fetches. Rounds alternate plain and store so both share the machine's noise; each number is a median. The
-"copying get" column is the read as it was before linking (`get_file`: copy, then hash), for comparison.
+"copying get" column is the put and read as they were before linking (put: hash, then copy; `get_file`: copy, then
+hash), for comparison.
 
 Locally the copy itself is a kernel copy (tens of ms for 50 MB) while sha256 runs at ~1.5 GB/s, so the two
 hashes (one per direction: the address, and the price of verified reads) are what the local ratio measures; the
@@ -24,6 +27,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -78,7 +82,10 @@ def measure(backend: str, src: Path, scratch: Path, endpoint: str, repeats: int)
         fs.makedirs(f"{base}/plain-{round_}", exist_ok=True)
         _, plain = timed(lambda: (fs.put_file(str(src), plain_dest), fs.get_file(plain_dest, str(out) + ".plain")))
         store = Store.open(store_url(f"store-{round_}"), endpoint_url=endpoint, cache_dir=scratch / f"cache-{backend}-{round_}")
-        local, through_store = timed(lambda: store.materialize(store.put_file(src), context="benchmark"))
+        output = scratch / f"work-{backend}-{round_}" / src.name  # a stage's output, written before the put
+        output.parent.mkdir()
+        shutil.copyfile(src, output)
+        local, through_store = timed(lambda: store.materialize(store.put_file(output, owned=True), context="benchmark"))
         assert local.read_bytes() == Path(str(out) + ".plain").read_bytes()
         store = Store.open(store_url(f"copying-{round_}"), endpoint_url=endpoint, cache_dir=scratch / "cache")
         _, copying = timed(

@@ -86,6 +86,7 @@ class Backend(Protocol):
 
     def exists(self, path: str) -> bool: ...
     def put_file(self, src: Path, dest: str) -> None: ...
+    def adopt(self, src: Path, dest: str) -> bool: ...
     def put_bytes(self, data: bytes, dest: str) -> None: ...
     def create_exclusive(self, data: bytes, dest: str) -> bool: ...
     def link(self, src: str, dest: Path) -> bool: ...
@@ -105,6 +106,19 @@ class LocalBackend:
         tmp = _temp_beside(dest)
         self.fs.put_file(str(src), tmp)
         os.replace(tmp, dest)
+
+    def adopt(self, src: Path, dest: str) -> bool:
+        """Move the file `src`, handed over by its writer, to be the stored object `dest` (a rename: no byte copied;
+        `src` is gone after), its mtime set to now (gc's age of an unreferenced blob counts from its put). False
+        where the filesystem will not rename there (another device): `src` stays, and the caller copies."""
+        tmp = _temp_beside(dest)
+        try:
+            os.rename(src, tmp)
+        except OSError:
+            return False
+        os.utime(tmp)
+        os.replace(tmp, dest)
+        return True
 
     def put_bytes(self, data: bytes, dest: str) -> None:
         tmp = _temp_beside(dest)
@@ -156,6 +170,9 @@ class S3Backend:
 
     def put_file(self, src: Path, dest: str) -> None:
         self.fs.put_file(str(src), dest)
+
+    def adopt(self, src: Path, dest: str) -> bool:
+        return False  # an object store cannot link: the caller uploads
 
     def put_bytes(self, data: bytes, dest: str) -> None:
         self.fs.pipe_file(dest, data)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import contextlib
 import hashlib
 import json
 import os
@@ -153,15 +154,38 @@ class Store:
         return BlobRef(digest=digest, size=len(data))
 
     @_translated("putting a file")
-    def put_file(self, path: str | Path, *, verify_existing: bool = False) -> BlobRef:
-        """Hash `path` (streamed), then upload it unless the blob exists (and, with `verify_existing`, is intact)."""
+    def put_file(self, path: str | Path, *, verify_existing: bool = False, owned: bool = False) -> BlobRef:
+        """Hash `path` (streamed), then upload it unless the blob exists (and, with `verify_existing`, is intact).
+
+        `owned`: the caller hands the file over (a stage's output in its work dir, deleted next), so a local store
+        may move it in as the blob instead of copying it (the file is then gone from `path`), and the bytes just
+        hashed are also the local cache's verified entry of that blob (`_seed`; docs/design.md §3.2)."""
         digest, size = hash_file(Path(path))
         if self._needs_write(digest, verify_existing):
-            self._backend.put_file(Path(path), self._blob_path(digest))
+            blob = self._blob_path(digest)
+            if owned and self._backend.adopt(Path(path), blob):
+                self._seed(digest, blob)
+            else:
+                self._backend.put_file(Path(path), blob)
         return BlobRef(digest=digest, size=size)
 
+    def _seed(self, digest: str, blob: str) -> None:
+        """The blob `blob` is the very file `put_file` just hashed (moved in, same inode): link it into the cache as a
+        verified entry, read-only and stamped, as `materialize` would after hashing it again. Nothing if the entry
+        exists or the cache is on another filesystem."""
+        target = self.cache_dir / "blobs" / digest
+        if target.exists():
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{digest}.tmp-{uuid.uuid4().hex}")
+        if not self._backend.link(blob, tmp):
+            return
+        tmp.chmod(0o444)
+        os.replace(tmp, target)
+        self._write_stamp(digest, target, {".": digest})
+
     @_translated("putting a directory")
-    def put_dir(self, path: str | Path, *, verify_existing: bool = False) -> BlobRef:
+    def put_dir(self, path: str | Path, *, verify_existing: bool = False, owned: bool = False) -> BlobRef:
         """Store every file under `path` as a blob, then their sorted listing as the directory's blob.
 
         Symlinked files are stored by content; symlinked directories are not followed; empty directories
@@ -171,17 +195,17 @@ class Store:
         for parent, _, names in os.walk(root):
             for name in names:
                 file = Path(parent, name)
-                files[file.relative_to(root).as_posix()] = self.put_file(file, verify_existing=verify_existing)
+                files[file.relative_to(root).as_posix()] = self.put_file(file, verify_existing=verify_existing, owned=owned)
         listing = DirListing(files=dict(sorted(files.items())))
         blob = self.put_bytes(canonical_json(listing.model_dump(mode="json")), verify_existing=verify_existing)
         return BlobRef(digest=blob.digest, size=sum(f.size for f in files.values()), kind="dir")
 
-    def put(self, path: str | Path, *, verify_existing: bool = False) -> BlobRef:
-        """Store a file or a directory artifact."""
+    def put(self, path: str | Path, *, verify_existing: bool = False, owned: bool = False) -> BlobRef:
+        """Store a file or a directory artifact (`owned`: see `put_file`)."""
         if Path(path).is_dir():
-            return self.put_dir(path, verify_existing=verify_existing)
+            return self.put_dir(path, verify_existing=verify_existing, owned=owned)
         if Path(path).is_file():
-            return self.put_file(path, verify_existing=verify_existing)
+            return self.put_file(path, verify_existing=verify_existing, owned=owned)
         raise StoreError(f"cannot store {path}: it is neither a file nor a directory")
 
     # -- blobs: reads (always verified) --------------------------------------------------------------
@@ -263,13 +287,13 @@ class Store:
         if ref.kind == "file":
             self.get_file(ref.digest, target, context=context, link=True)
             target.chmod(0o444)
-            self._write_stamp(ref, target, {".": ref.digest})
+            self._write_stamp(ref.digest, target, {".": ref.digest})
             return target
         listing = self.read_listing(ref, context=context)
         staging = target.with_name(f".{ref.digest}.tmp-{uuid.uuid4().hex}")
         try:
             for rel, file in listing.files.items():
-                self.get_file(file.digest, staging / rel, context=f"{context}, file {rel}", link=True).chmod(0o444)
+                self._cached_file(file.digest, staging / rel, context=f"{context}, file {rel}")
             staging.mkdir(parents=True, exist_ok=True)  # an empty directory artifact
             try:
                 staging.rename(target)
@@ -278,21 +302,32 @@ class Store:
                     raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        self._write_stamp(ref, target, {rel: file.digest for rel, file in listing.files.items()})
+        self._write_stamp(ref.digest, target, {rel: file.digest for rel, file in listing.files.items()})
         return target
+
+    def _cached_file(self, digest: str, dest: Path, context: str) -> None:
+        """A directory entry's file at `dest`, read-only: a link of the cache's verified entry of that blob when its
+        stamp still matches (a put of this machine seeded it), else the blob itself, linked or copied and hashed."""
+        cached = self.cache_dir / "blobs" / digest
+        if self._stamp_matches(digest, cached):
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(OSError):
+                os.link(cached, dest)
+                return
+        self.get_file(digest, dest, context=context, link=True).chmod(0o444)
 
     # A cached entry's stamp: {relative path ("." for a file artifact): [digest, size, mtime_ns, ctime_ns]} of each
     # of its files as verified, in cache_dir/stamps/<digest>.json.
-    def _stamp_path(self, ref: BlobRef) -> Path:
-        return self.cache_dir / "stamps" / f"{ref.digest}.json"
+    def _stamp_path(self, digest: str) -> Path:
+        return self.cache_dir / "stamps" / f"{digest}.json"
 
     @staticmethod
     def _stat_of(path: Path) -> list[int]:
         st = path.stat()
         return [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
-    def _write_stamp(self, ref: BlobRef, target: Path, digests: dict[str, str]) -> None:
-        path = self._stamp_path(ref)
+    def _write_stamp(self, digest: str, target: Path, digests: dict[str, str]) -> None:
+        path = self._stamp_path(digest)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
         tmp.write_text(json.dumps({rel: [digest, *self._stat_of(target / rel)] for rel, digest in digests.items()}))
@@ -304,11 +339,7 @@ class Store:
         hashes wrong: the entry and its stamp are removed and `CorruptArtifact` raised. False (fetch it again) when
         the entry lost a file."""
         try:
-            stamp = json.loads(self._stamp_path(ref).read_text())
-        except (OSError, ValueError):
-            stamp = None
-        try:
-            if stamp and all(entry[1:] == self._stat_of(target / rel) for rel, entry in stamp.items()):
+            if self._stamp_matches(ref.digest, target):
                 return True
             if ref.kind == "file":
                 digests = {".": ref.digest}
@@ -317,7 +348,7 @@ class Store:
             for rel, digest in digests.items():
                 actual, _ = hash_file(target / rel)
                 if actual != digest:
-                    self._stamp_path(ref).unlink(missing_ok=True)
+                    self._stamp_path(ref.digest).unlink(missing_ok=True)
                     if ref.kind == "file":
                         target.unlink(missing_ok=True)
                     else:
@@ -327,8 +358,16 @@ class Store:
                                           f"{self.cache_dir} (a linked copy of {self.url}'s blob)")
         except FileNotFoundError:
             return False
-        self._write_stamp(ref, target, digests)
+        self._write_stamp(ref.digest, target, digests)
         return True
+
+    def _stamp_matches(self, digest: str, target: Path) -> bool:
+        """Whether the cached entry `target` of blob or listing `digest` is as its stamp recorded it (a few stats)."""
+        try:
+            stamp = json.loads(self._stamp_path(digest).read_text())
+            return bool(stamp) and all(entry[1:] == self._stat_of(target / rel) for rel, entry in stamp.items())
+        except (OSError, ValueError, TypeError):
+            return False
 
     @_translated("verifying an artifact")
     def verify(self, ref: BlobRef) -> list[str]:

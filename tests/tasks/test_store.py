@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import stat
 import subprocess
 import sys
+import shutil
 import threading
+import time
 from datetime import datetime, timezone
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -98,6 +102,43 @@ def test_identical_content_is_stored_once_and_never_rewritten(store: Store, stor
     assert stored_objects(store_url)[blob_rel(first.digest)] == b"rotten bytes"
     store.put_file(tmp_path / "a.bin", verify_existing=True)  # ... unless a repair asks for verification
     assert stored_objects(store_url)[blob_rel(first.digest)] == b"same bytes"
+
+
+def test_an_owned_output_becomes_the_blob_locally_and_is_uploaded_to_s3(store: Store, store_url: str, tmp_path: Path) -> None:
+    files = make_tree(tmp_path / "out")
+    old = time.time() - 7200
+    inodes = {}
+    for path in (tmp_path / "out").rglob("*"):
+        os.utime(path, (old, old))  # written long before the put: the blob's age must still count from the put
+        inodes[path.relative_to(tmp_path / "out").as_posix()] = path.stat().st_ino
+    ref = store.put(tmp_path / "out", owned=True)
+    listing = store.read_listing(ref, context="test")
+    assert {rel: stored_objects(store_url)[blob_rel(f.digest)] for rel, f in listing.files.items()} == files
+    local_store = not store_url.startswith("s3://")  # an S3 store uploads, as put_file does
+    for rel, file in listing.files.items():
+        assert (tmp_path / "out" / rel).exists() is not local_store  # moved in, not copied
+        if local_store:
+            blob = Path(store.url.removeprefix("file://")) / blob_rel(file.digest)
+            assert blob.stat().st_ino == inodes[rel] and blob.stat().st_mtime > time.time() - 600
+    with mock.patch("tasks.store.store.hash_file", side_effect=AssertionError("hashed again")) if local_store \
+            else contextlib.nullcontext():
+        local = store.materialize(ref, context="test")  # locally: the put's hash verified these bytes already
+    assert {p.relative_to(local).as_posix(): p.read_bytes() for p in local.rglob("*") if p.is_file()} == files
+    shutil.rmtree(tmp_path / "out", ignore_errors=True)
+    overwrite(store_url, blob_rel(next(iter(listing.files.values())).digest), b"rotten")  # damaged in place ...
+    shutil.rmtree(local)
+    with pytest.raises(CorruptArtifact):
+        store.materialize(ref, context="test")  # ... is caught: the damage changed what the stamp recorded
+
+
+def test_a_file_not_handed_over_is_copied_into_a_local_store(tmp_path: Path) -> None:
+    store = Store.open(str(tmp_path / "store"), cache_dir=tmp_path / "cache")
+    (tmp_path / "user.bin").write_bytes(b"the user's own file")
+    ref = store.put_file(tmp_path / "user.bin")
+    blob = tmp_path / "store" / blob_rel(ref.digest)
+    assert blob.stat().st_ino != (tmp_path / "user.bin").stat().st_ino
+    (tmp_path / "user.bin").write_bytes(b"edited later")  # does not touch the stored blob
+    assert store.get_bytes(ref.digest, context="test") == b"the user's own file"
 
 
 # -- manifests: create-exclusive ----------------------------------------------------------------------
