@@ -14,9 +14,9 @@ the bytes and raises `CorruptArtifact` naming the blob and who referenced it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-import contextlib
 import hashlib
 import json
 import os

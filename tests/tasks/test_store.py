@@ -6,10 +6,10 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
-import shutil
 import threading
 import time
 from datetime import datetime, timezone
