@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     from many.adapters import save_task
-    from many.data import make_task, pretrain_samples, vocabulary
+    from many.data import make_task, pretrain_samples
     from many.evaluate import assemble, evaluate
     from many.methods.fwd_prompt import FwdPromptConfig, prompted_model, prompted_samples, train_task
     from many.model.load import load_base
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     base_dir = args.base
     if base_dir is None:
         print("  pretraining the base …", file=sys.stderr, flush=True)
-        base_dir = make_base(config.base.model_copy(update={"device": "cpu"}), vocabulary(),
+        base_dir = make_base(config.base.model_copy(update={"device": "cpu"}),
                              pretrain_samples(mini, config.data.pretrain_samples), scratch / "base", progress=False)
         print(f"  base: {base_dir}", file=sys.stderr, flush=True)
     model, processor = load_base(base_dir, config.base.model_copy(update={"device": "cpu"}))
