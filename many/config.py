@@ -48,8 +48,12 @@ class BaseConfig(Frozen):
 
 
 class LoraConfig(Frozen):
-    rank: PositiveInt = 8
-    alpha: float = Field(16.0, gt=0)
+    """Each task's LoRA. The default rank 2 (α = 4, scale 2) keeps the miniature's Σr/d = 6·2/128 = 0.094 at
+    LLaVA-1.5-7B's in the UCIT reference setting (r = 64 on hidden 4096): docs/design.md §7, BENCHMARKS.md
+    (benchmarks/miniature.py). examples/stress.yaml keeps the earlier rank 8 (Σr/d = 0.375)."""
+
+    rank: PositiveInt = 2
+    alpha: float = Field(4.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: str = LLAMA_LORA_TARGETS  # a regex over module names (PEFT `target_modules` as str)
 
@@ -128,11 +132,11 @@ class LPMConfig(Frozen):
 class ResidualConfig(Frozen):
     """MAny-R's per-task residuals (many.residual; docs/design.md §1.4): rank k of each task's ΔW_i − M_t.
 
-    rank: k. The default, 8, is the default LoRA rank: each task then stores as many residual bytes as its own
+    rank: k. The default, 2, is the default LoRA rank: each task then stores as many residual bytes as its own
           LoRA (k·(out + in) floats per layer). k ≥ r_i + Σ r makes the residual exact.
     """
 
-    rank: PositiveInt = 8
+    rank: PositiveInt = 2
 
 
 class AnswerWeightConfig(Frozen):

@@ -166,7 +166,7 @@ def run_stage(
         if not isinstance(produced, Mapping) or set(produced) != set(stage.outputs):
             got = sorted(produced) if isinstance(produced, Mapping) else repr(produced)
             raise StoreError(f"stage {stage.name!r} returned outputs {got}, expected {sorted(stage.outputs)}: fix its compute function")
-        # the work dir is the stage's own and is deleted next: a local store links its files in instead of copying
+        # the work dir is the stage's own and is deleted next: a local store moves its files in instead of copying
         outputs = {name: store.put(Path(produced[name]), verify_existing=broken, owned=True) for name in stage.outputs}
     _crash_point(stage.name, key)
     manifest = Manifest(

@@ -19,7 +19,7 @@ METHODS = ["many", "many_r", "individual"]
 
 def test_many_r_is_opt_in_with_its_own_rank() -> None:
     assert "many_r" not in DEFAULT_METHODS
-    assert parse_config({}).many_r.rank == 8  # the default LoRA rank: as many bytes per task as its own LoRA
+    assert parse_config({}).many_r.rank == parse_config({}).finetune.lora.rank == 2  # as many bytes per task as its own LoRA
     assert parse_config({"methods": ["many_r"], "many_r": {"rank": 3}}).many_r.rank == 3
 
 
@@ -66,7 +66,7 @@ def test_exact_residuals_with_top1_routing_answer_as_the_routed_tasks_own_model(
     assert {(s["stage"], s["task"]) for s in cold["stages"] if s["method"] == "many_r"} == {
         ("residual", t) for t in two} | {("eval", t) for t in two}
     scores = eval_scores(store, cold, "chart-qa", "many_r")
-    assert scores["residual_error"] < 1e-6  # rank 64 ≥ r + Σr = 8 + 16: nothing truncated
+    assert scores["residual_error"] < 1e-6  # rank 64 ≥ r + Σr = 2 + 4: nothing truncated
     # two residual files (one per task) of 64 × (out + in) float32 per LoRA layer, plus a header each
     assert scores["residual_bytes_per_task"] > 64 * 4 * (32 + 32)
     own, answers = _predictions(store, cold, "chart-qa", "individual"), _predictions(store, cold, "chart-qa", "many_r")
