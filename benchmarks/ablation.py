@@ -6,7 +6,8 @@ you found"). Reads the final model of each seed's UCIT-order run and evaluates i
 
 so "own LoRA + CPM" is the cost of routing alone, "LPM + own projector" the cost of the LoRA merge alone, and the
 two sanity rows (own + own = individual, LPM + CPM = MAny) must reproduce the pipeline's own Last. Also the CPM
-routing accuracy on the test images: the share whose highest routing weight falls on their own task.
+routing accuracy on the test images: the share whose highest routing weight falls on their own task, for the cosine
+and for the Gaussian routing of `cpm.metric: mahalanobis`.
 
 The runs go through `flows.pipeline.continual_update` exactly as benchmarks.quality runs them (same seeds, same
 config), so with `--store` pointing at the store quality used, every stage is cached and only the variants below
@@ -97,9 +98,9 @@ def lora_sources(inputs: Inputs) -> dict[str, Callable[[int], dict]]:
 
 
 def evaluate_variants(inputs: Inputs, config: Any, names: Sequence[str] | None = None
-                      ) -> tuple[dict[str, list[float]], float]:
-    """({variant: score per task (percent)}, CPM routing accuracy on the test images) of one run's final model, for
-    the VARIANTS named in `names` (default: all)."""
+                      ) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """({variant: score per task (percent)}, {metric: CPM routing accuracy on the test images} for the cosine and
+    the Gaussian routing of `cpm.metric`) of one run's final model, for the VARIANTS named in `names` (default: all)."""
     from many.adapters import projector_state
     from many.config import BaseConfig
     from many.data import read_task
@@ -119,7 +120,8 @@ def evaluate_variants(inputs: Inputs, config: Any, names: Sequence[str] | None =
         row = []
         for j, task in enumerate(tasks):
             if projector == "cpm":
-                assembly = Assembly(sources[lora](j), projectors, "cpm", router.prototypes, router.tau, router.top_k)
+                assembly = Assembly(sources[lora](j), projectors, "cpm", router.prototypes, router.tau, router.top_k,
+                                    precision=router.precision)
             else:
                 assembly = Assembly(sources[lora](j), (projectors[j],))
             model = assemble(base_model, assembly)
@@ -128,7 +130,11 @@ def evaluate_variants(inputs: Inputs, config: Any, names: Sequence[str] | None =
         scores[name] = row
         print(f"    {name}: {statistics.fmean(row):.1f}", file=sys.stderr, flush=True)
     test_features = [image_features(base_model, processor, task.test[: config.eval.max_samples]) for task in tasks]
-    return scores, routing_accuracy(test_features, router.prototypes)
+    accuracy = {}
+    for metric in ("cosine", "mahalanobis"):
+        routed = cpm_router(inputs.prototypes, config.cpm.model_copy(update={"metric": metric}))
+        accuracy[metric] = routing_accuracy(test_features, routed.prototypes, routed.precision)
+    return scores, accuracy
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nThe pipeline's own Last, same runs: individual {cell([x['individual'] for x in last])}, "
           f"MAny {cell([x['many'] for x in last])}: the two sanity rows above "
           f"{'match them on every seed' if sane else 'DO NOT MATCH them: this harness is not the pipeline eval'}.")
-    print(f"CPM routing accuracy on the test images (highest weight on the image's own task): {cell([100 * a for a in accuracy])} %.")
+    print("CPM routing accuracy on the test images (highest weight on the image's own task): "
+          f"cosine {cell([100 * a['cosine'] for a in accuracy])} %, "
+          f"Gaussian (cpm.metric: mahalanobis) {cell([100 * a['mahalanobis'] for a in accuracy])} %.")
     return 0
 
 

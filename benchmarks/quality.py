@@ -41,7 +41,7 @@ SUMMARY = (("Last", "MFN"), ("MFT", "MFT"), ("MAA", "MAA"), ("BWT", "BWT"))
 SIZES = (("params", "trainable_parameters"), ("bytes", "bytes_per_task"))  # scalars of a report row
 MERGE_BASELINES = ("average", "task_arithmetic", "ties", "regmean")
 SYSTEMS = ("cram", "fwd_prompt")  # the other continual-learning systems (issue #10): opt-in in a run, always here
-EXTRA_ROWS = ("many_r", "many_answer")  # opt-in rows that cost little (a CPU chain and its evals): always here
+EXTRA_ROWS = ("many_r", "many_answer", "many_lda")  # opt-in rows that cost little (a CPU chain and its evals): always here
 
 
 def seeded(config: Any, seed: int, order: str, tasks: int, store: str, systems: bool = True) -> Any:

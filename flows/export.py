@@ -12,7 +12,7 @@
     DIR/prototypes.parquet                 image + prototype rows of every task
     DIR/base/                              the HF model dir
     DIR/inference.json                     {"tasks", "methods", "max_new_tokens", "dtype", "tau", "top_k",
-                                           "calibration_target"}: the methods served, each with its row's recipe
+                                           "calibration_target", "metric"}: the methods served, each with its row's recipe
                                            ({name: {"update", "projector"}}, `served_methods`), and the last eval's
                                            settings — what many.load needs beyond the files
     DIR/README.md                          the model card (flows/model_card.py)
@@ -89,7 +89,7 @@ def _settings(store: Store, find: Any, task: str) -> dict[str, Any]:
     settings = {"max_new_tokens": config["eval"]["max_new_tokens"], "dtype": config.get("dtype", "float32")}
     if name == MANY.name:
         settings |= {"tau": read_json_output(store, manifest, "scores").get("tau"), "top_k": cpm.get("top_k"),
-                     "calibration_target": cpm.get("calibration_target", 0.9)}
+                     "calibration_target": cpm.get("calibration_target", 0.9), "metric": cpm.get("metric", "cosine")}
     return settings
 
 

@@ -65,7 +65,8 @@ def store_parts(store: Store, summary: dict[str, Any], method: str) -> Parts:
     return Parts(
         base=inputs.base, tasks=tasks, task_dirs=inputs.finetune, prototypes=inputs.prototypes,
         merged=inputs.chain[-1] if inputs.chain else None, tau=tau, top_k=cpm.get("top_k"),
-        calibration_target=cpm.get("calibration_target", 0.9), max_new_tokens=config["eval"]["max_new_tokens"],
+        calibration_target=cpm.get("calibration_target", 0.9), metric=cpm.get("metric", "cosine"),
+        max_new_tokens=config["eval"]["max_new_tokens"],
         dtype=config.get("dtype", "float32"),
     )
 

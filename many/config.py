@@ -162,11 +162,22 @@ class CPMConfig(Frozen):
 
     tau None: calibrated at merge time — the largest τ that puts ≥ `calibration_target` mean weight on
     the right task for the tasks' own training images.
+    metric: "cosine" (MAny's CPM), or "mahalanobis": a Gaussian per task with one shared, Ledoit–Wolf-shrunk
+            covariance of the normalised features (many.cpm.shared_gaussian; the `many_lda` row). Left out of the
+            config's JSON at "cosine", so the evals of a store written before it existed keep their cache keys.
     """
 
     tau: float | None = Field(None, gt=0)
     top_k: PositiveInt | None = None
     calibration_target: float = Field(0.9, gt=0, lt=1)
+    metric: Literal["cosine", "mahalanobis"] = "cosine"
+
+    @model_serializer(mode="wrap")
+    def _default_metric_unkeyed(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if self.metric == "cosine":
+            data.pop("metric", None)
+        return data
 
 
 class EvalConfig(Frozen):

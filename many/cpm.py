@@ -8,6 +8,17 @@ kept to the top-k tasks) and its visual tokens are H = Σ_i w_i P_i(z(x)).
 τ is calibrated from the training features alone (`calibrate_tau`): the largest τ for which every task's
 own images put, on average, at least `target` weight on that task. Too soft a τ leaks weight into wrong
 projectors when prototypes are close (docs/design.md §8).
+
+`cpm.metric: mahalanobis` (issue #16 lever 4c; docs/design.md §1.2) replaces the cosine by the log-likelihood of a
+Gaussian per task with one covariance shared by all tasks (linear discriminant analysis on x̂ = normalize(f(x))):
+
+    s_i(x) = −(x̂ − m_i)ᵀ Σ⁻¹ (x̂ − m_i) / (2D),     w = softmax(s(x) / τ)
+
+with m_i the mean of task i's normalised training features and Σ their pooled within-task covariance, shrunk
+towards (tr Σ / D)·I by the Ledoit–Wolf rule (`shared_gaussian`: no setting to tune). The 1/(2D) keeps s on the
+cosine's scale, so one τ search serves both. Task i's own images are described by where they lie relative to its
+spread, not only by the direction of their mean: a task whose images vary widely (style-cls's renditions) is no
+longer claimed by a tighter neighbour.
 """
 
 from __future__ import annotations
@@ -69,6 +80,42 @@ def _cosine(features: Tensor, prototypes: Tensor) -> Tensor:
     return F.normalize(features.to(torch.float64), dim=1) @ F.normalize(prototypes.to(torch.float64), dim=1).T
 
 
+def _similarity(features: Tensor, prototypes: Tensor, precision: Tensor | None) -> Tensor:
+    """(N, T) routing logits before τ: the cosine, or with a shared `precision` Σ⁻¹ (D, D) the scaled Gaussian
+    log-likelihood −(x̂ − m_i)ᵀ Σ⁻¹ (x̂ − m_i) / (2D) of x̂ = normalize(f) (module doc), in float64."""
+    if precision is None:
+        return _cosine(features, prototypes)
+    dim = features.shape[1]
+    if tuple(precision.shape) != (dim, dim):
+        raise ValueError(f"CPM: precision must be ({dim}, {dim}) for features of dimension {dim}, got {tuple(precision.shape)}")
+    x = F.normalize(features.to(torch.float64), dim=1)
+    diff = x[:, None, :] - prototypes.to(torch.float64)[None]  # (N, T, D)
+    return -torch.einsum("ntd,de,nte->nt", diff, precision.to(torch.float64), diff) / (2 * dim)
+
+
+def shared_gaussian(features_by_task: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """(means (T, D), precision Σ⁻¹ (D, D)), float64, of `cpm.metric: mahalanobis` (module doc): each task's mean of
+    its normalised features, and the inverse of their pooled within-task covariance S shrunk by Ledoit–Wolf,
+
+        Σ = ρ·(tr S / D)·I + (1 − ρ)·S,   ρ = min(b², d²) / d²,   d² = ‖S − (tr S / D)·I‖²_F,
+        b² = (1/n²) Σ_k ‖x_k x_kᵀ − S‖²_F      over the n centred feature vectors x_k (Ledoit & Wolf, 2004)."""
+    features = [F.normalize(_features(f, f"features of task {i}").to(torch.float64), dim=1)
+                for i, f in enumerate(features_by_task)]
+    if not features or any(f.shape[0] == 0 for f in features):
+        raise ValueError("CPM: shared_gaussian needs at least one image per task")
+    means = torch.stack([f.mean(dim=0) for f in features])  # (T, D)
+    centred = torch.cat([f - m for f, m in zip(features, means, strict=True)])  # (n, D)
+    n, dim = centred.shape
+    S = centred.T @ centred / n
+    scale = S.diagonal().mean()
+    d2 = (S - scale * torch.eye(dim, dtype=S.dtype)).square().sum()
+    norms = centred.square().sum(dim=1)  # ‖x_k‖²
+    b2 = (norms.square() - 2 * torch.einsum("kd,de,ke->k", centred, S, centred) + S.square().sum()).sum() / n**2
+    rho = float(torch.clamp(b2 / d2, max=1.0)) if d2 > 0 else 1.0
+    covariance = rho * scale * torch.eye(dim, dtype=S.dtype) + (1 - rho) * S
+    return means, torch.linalg.inv(covariance)
+
+
 def _softmax_top_k(logits: Tensor, top_k: int | None) -> Tensor:
     """Row softmax over the `top_k` largest logits; the others get exactly 0."""
     if top_k is None or top_k >= logits.shape[1]:
@@ -86,8 +133,10 @@ def prototype(features: Tensor) -> Tensor:
     return F.normalize(F.normalize(features, dim=1).mean(dim=0), dim=0)
 
 
-def routing_weights(features: Tensor, prototypes: Tensor, tau: float, top_k: int | None = None) -> Tensor:
-    """(B, T) weights softmax(cos(f, μ_i) / τ) per image, kept to the top-k tasks when `top_k` is set.
+def routing_weights(features: Tensor, prototypes: Tensor, tau: float, top_k: int | None = None,
+                    precision: Tensor | None = None) -> Tensor:
+    """(B, T) weights softmax(cos(f, μ_i) / τ) per image — or, with a shared `precision`, softmax(s_i(f) / τ) of the
+    Gaussian routing (module doc; `prototypes` are then the tasks' means) — kept to the top-k tasks when `top_k` is set.
 
     Computed in float64; returned in float32, or float64 for float64 features.
     """
@@ -95,12 +144,13 @@ def routing_weights(features: Tensor, prototypes: Tensor, tau: float, top_k: int
     _check_top_k(top_k)
     features = _features(features, "features")
     prototypes = _prototypes(prototypes, features.shape[1])
-    weights = _softmax_top_k(_cosine(features, prototypes) / tau, top_k)
+    weights = _softmax_top_k(_similarity(features, prototypes, precision) / tau, top_k)
     return weights.to(torch.promote_types(features.dtype, torch.float32))
 
 
 def calibrate_tau(
-    features_by_task: Sequence[Tensor], prototypes: Tensor, target: float = 0.9, top_k: int | None = None
+    features_by_task: Sequence[Tensor], prototypes: Tensor, target: float = 0.9, top_k: int | None = None,
+    precision: Tensor | None = None,
 ) -> float:
     """The largest τ in [TAU_MIN, TAU_MAX] at which every task's own training images put, on average, at least
     `target` weight on that task: min over tasks of (mean over the task's images of w_task) ≥ target.
@@ -127,7 +177,7 @@ def calibrate_tau(
             raise ValueError(f"CPM: features of task {i} have dimension {f.shape[1]}, prototypes {prototypes.shape[1]}")
     if len(features) == 1:
         return TAU_MAX
-    cosines = [_cosine(f, prototypes) for f in features]
+    cosines = [_similarity(f, prototypes, precision) for f in features]  # (N_i, T) logits before τ
 
     def score(tau: float) -> float:
         return min(_softmax_top_k(cos / tau, top_k)[:, i].mean().item() for i, cos in enumerate(cosines))

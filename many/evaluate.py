@@ -45,19 +45,25 @@ from many.residual import RoutedResidual
 
 @dataclass(frozen=True, eq=False)  # eq=False: a field-wise == on tensors has no truth value
 class Router:
-    """CPM routing of a batch: w = softmax(cos(f(x), μ_i) / τ) over the T known tasks, optional top-k."""
+    """CPM routing of a batch: w = softmax(cos(f(x), μ_i) / τ) over the T known tasks, optional top-k; with a
+    shared `precision` the Gaussian routing of `cpm.metric: mahalanobis` (many.cpm), `prototypes` the tasks' means."""
 
     prototypes: Tensor  # (T, D)
     tau: float
     top_k: int | None = None
+    precision: Tensor | None = None  # (D, D) Σ⁻¹, metric "mahalanobis" only
 
 
 def cpm_router(prototype_sources: Sequence[str | Path | pa.Table], cfg: CPMConfig) -> Router:
     """CPM's routing over the tasks of `prototype_sources` (many.prototypes.read_prototypes, in task order): their
     prototypes, τ = cfg.tau or else calibrated on their training features (many.cpm.calibrate_tau), cfg.top_k."""
     _, prototypes, features = read_prototypes(prototype_sources)
-    tau = cfg.tau if cfg.tau is not None else cpm.calibrate_tau(features, prototypes, cfg.calibration_target, cfg.top_k)
-    return Router(prototypes, tau, cfg.top_k)
+    precision = None
+    if cfg.metric == "mahalanobis":
+        prototypes, precision = cpm.shared_gaussian(features)
+    tau = cfg.tau if cfg.tau is not None else cpm.calibrate_tau(features, prototypes, cfg.calibration_target, cfg.top_k,
+                                                                precision)
+    return Router(prototypes, tau, cfg.top_k, precision)
 
 
 @dataclass(frozen=True, eq=False)
@@ -76,6 +82,7 @@ class Assembly:
     tau: float | None = None
     top_k: int | None = None
     residuals: tuple[Mapping[str, tuple[Tensor, Tensor]], ...] = ()  # per task: module -> (U (out, k), V (k, in))
+    precision: Tensor | None = None  # (D, D): CPM's Gaussian routing (many.cpm), None: cosine
 
     def __post_init__(self) -> None:
         if self.residuals and (self.routing != "cpm" or len(self.residuals) != len(self.projectors)):
@@ -108,7 +115,7 @@ class Assembly:
         """The Router to pass to `generate_answers`/`evaluate` (None for routing 'single')."""
         if self.routing != "cpm":
             return None
-        return Router(self.prototypes, self.tau, self.top_k)
+        return Router(self.prototypes, self.tau, self.top_k, self.precision)
 
 
 @dataclass(frozen=True)
@@ -223,7 +230,8 @@ def generate_answers(
             batch["pixel_values"] = batch["pixel_values"].to(dtype)
             if routing is not None:
                 features = pooled_features(model, batch["pixel_values"])  # (B, D)
-                weights = cpm.routing_weights(features, routing.prototypes.to(device), routing.tau, routing.top_k)
+                precision = None if routing.precision is None else routing.precision.to(device)
+                weights = cpm.routing_weights(features, routing.prototypes.to(device), routing.tau, routing.top_k, precision)
                 projector.route(weights)  # (B, T), in force for this batch's generate
                 for module in residual_layers:
                     module.route(weights)
@@ -297,14 +305,14 @@ def write_predictions(results: Sequence[EvalResult], path: str | Path) -> Path:
     return path
 
 
-def routing_accuracy(features_by_task: Sequence[Tensor], prototypes: Tensor) -> float:
-    """Fraction of images (N_t, D) per task whose highest routing weight — argmax_i cos(f, μ_i), for any τ —
-    falls on their own task (row t of `prototypes`)."""
+def routing_accuracy(features_by_task: Sequence[Tensor], prototypes: Tensor, precision: Tensor | None = None) -> float:
+    """Fraction of images (N_t, D) per task whose highest routing weight — argmax_i cos(f, μ_i), or the Gaussian
+    routing's with `precision`, for any τ — falls on their own task (row t of `prototypes`)."""
     if len(features_by_task) != prototypes.shape[0]:
         raise ValueError(f"routing_accuracy: {len(features_by_task)} feature sets but {prototypes.shape[0]} prototypes")
     right = total = 0
     for index, features in enumerate(features_by_task):
-        chosen = cpm.routing_weights(features, prototypes, tau=1.0).argmax(dim=1)  # (N_t,)
+        chosen = cpm.routing_weights(features, prototypes, tau=1.0, precision=precision).argmax(dim=1)  # (N_t,)
         right += int((chosen == index).sum())
         total += features.shape[0]
     if total == 0:

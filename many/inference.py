@@ -79,6 +79,7 @@ class Parts:
     tau: float | None = None  # CPM's τ; None: calibrated from the prototypes' image rows
     top_k: int | None = None
     calibration_target: float = 0.9
+    metric: str = "cosine"  # CPMConfig.metric
     max_new_tokens: int = 24
     dtype: str = "float32"
 
@@ -168,11 +169,12 @@ class Predictor:
             routed_tasks = read_prototypes(tables)[0]
             if routed_tasks != self.tasks:
                 raise ValueError(f"the prototypes cover tasks {list(routed_tasks)}, the model {list(self.tasks)}")
-            cfg = CPMConfig(tau=parts.tau, top_k=parts.top_k, calibration_target=parts.calibration_target)
+            cfg = CPMConfig(tau=parts.tau, top_k=parts.top_k, calibration_target=parts.calibration_target,
+                            metric=parts.metric)
             router = cpm_router(tables, cfg)
             self.tau = router.tau
             assembly = Assembly(deltas, tuple(_projector(d) for d in parts.task_dirs), "cpm",
-                                router.prototypes, router.tau, router.top_k)
+                                router.prototypes, router.tau, router.top_k, precision=router.precision)
         elif recipe.projector == "average":
             assembly = Assembly(deltas, (_average([_projector(d) for d in parts.task_dirs]),))
         else:
@@ -204,7 +206,8 @@ class Predictor:
         pixel_values = self.processor.image_processor([picture], return_tensors="pt")["pixel_values"]
         features = pooled_features(self.model, pixel_values)  # (1, D)
         router = self._router
-        weights = cpm.routing_weights(features, router.prototypes.to(features.device), router.tau, router.top_k)
+        precision = None if router.precision is None else router.precision.to(features.device)
+        weights = cpm.routing_weights(features, router.prototypes.to(features.device), router.tau, router.top_k, precision)
         return self._weights(weights[0])
 
     def generate(
@@ -298,6 +301,7 @@ def export_parts(export_dir: str | Path, recipe: Recipe) -> Parts:
         base=root / "base", tasks=tuple(tasks), task_dirs=task_dirs,
         prototypes=(prototypes,) if prototypes.is_file() else (), merged=merged if merged.is_dir() else None,
         tau=tau, top_k=settings.get("top_k"), calibration_target=settings.get("calibration_target", 0.9),
+        metric=settings.get("metric", "cosine"),
         max_new_tokens=settings.get("max_new_tokens", 24), dtype=settings.get("dtype", "float32"),
     )
 

@@ -29,6 +29,7 @@ BUILT_IN = (
     "tasks.rows.many_cpm_only",
     "tasks.rows.many_r",
     "tasks.rows.many_answer",
+    "tasks.rows.many_lda",
     "tasks.rows.individual",
     "tasks.rows.seqlora",
     "tasks.rows.average",

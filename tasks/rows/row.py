@@ -146,6 +146,7 @@ class Row:
     chain: Chain | None = None
     chain_links: Literal["last", "all"] = "last"  # its eval reads link t, or links ≤ t
     routed: bool = False  # its eval reads config.cpm
+    routing: Callable[[Any], CPMConfig] | None = None  # run config → the CPM config a routed row uses (None: config.cpm)
     default: bool = True  # in the default `methods`; opt-in otherwise
     extras: tuple[Chain, ...] = ()  # chains its eval does not read, submitted with the row (unless not `enabled`)
     # How `many predict` / `many.load` assemble its model from local parts (many.inference.Recipe); None: the model
@@ -176,8 +177,8 @@ class Row:
 
     def eval_config(self, config: Any) -> EvalStageConfig:
         """The eval stage's sub-config from the run config (its cache key)."""
-        return EvalStageConfig(method=self.name, eval=config.eval, cpm=config.cpm if self.routed else None,
-                               dtype=config.base.dtype)
+        cpm = (self.routing(config) if self.routing is not None else config.cpm) if self.routed else None
+        return EvalStageConfig(method=self.name, eval=config.eval, cpm=cpm, dtype=config.base.dtype)
 
     def eval_upstream(self, t: int, shared: PerTask, chains: Mapping[str, Sequence[Any]]) -> Upstream:
         """eval[t]'s inputs: the base, the data of tasks ≤ t, what the row reads of tasks ≤ t, and its chain's

@@ -16,6 +16,7 @@ from many.cpm import (
     mix_projectors,
     prototype,
     routing_weights,
+    shared_gaussian,
 )
 
 DIM = 16
@@ -210,3 +211,54 @@ def test_bad_input_is_rejected_with_a_clear_message(call, message):
     with pytest.raises(ValueError) as error:
         call()
     assert message in str(error.value)
+
+
+# -- Gaussian routing (cpm.metric: mahalanobis, the many_lda row) -------------------------------------------------
+
+
+def _elongated(n: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """Two tasks with one shared covariance, wide along the axis the means differ on least: nearest-mean-direction
+    routing confuses them, a Gaussian with their shared covariance does not."""
+    spread = torch.tensor([0.05, 1.0, 0.05, 0.05])
+    means = (torch.tensor([4.0, 0.0, 0.3, 0.0]), torch.tensor([4.0, 0.5, -0.3, 0.0]))
+    return [m + torch.randn(n, 4, generator=generator) * spread for m in means]
+
+
+def test_gaussian_routing_separates_tasks_that_share_an_elongated_spread():
+    from many.evaluate import routing_accuracy
+
+    generator = torch.Generator().manual_seed(0)
+    train, test = _elongated(400, generator), _elongated(200, generator)
+    means, precision = shared_gaussian(train)
+    cosine = routing_accuracy(test, torch.stack([prototype(f) for f in train]))
+    gaussian = routing_accuracy(test, means, precision)
+    assert gaussian > 0.98 and gaussian > cosine + 0.1
+    tau = calibrate_tau(train, means, 0.9, precision=precision)  # the same τ search serves it
+    assert min(routing_weights(f.double(), means, tau, precision=precision)[:, i].mean().item()
+               for i, f in enumerate(train)) >= 0.9 - 1e-9
+
+
+def test_ledoit_wolf_shrinkage_matches_its_definition():
+    features = clustered_features(tasks=2, per_task=30, spread=0.35)
+    means, precision = shared_gaussian(features)
+    normalised = [F.normalize(f.double(), dim=1) for f in features]
+    torch.testing.assert_close(means, torch.stack([f.mean(dim=0) for f in normalised]))
+    x = torch.cat([f - f.mean(dim=0) for f in normalised])  # (n, D)
+    n, dim = x.shape
+    S = x.T @ x / n
+    mu = S.trace() / dim
+    d2 = ((S - mu * torch.eye(dim, dtype=S.dtype)) ** 2).sum()
+    b2 = min(sum(((torch.outer(row, row) - S) ** 2).sum() for row in x) / n**2, d2)
+    expected = (b2 / d2) * mu * torch.eye(dim, dtype=S.dtype) + (1 - b2 / d2) * S
+    torch.testing.assert_close(torch.linalg.inv(precision), expected)
+
+
+def test_identity_precision_with_unit_prototypes_routes_as_the_cosine():
+    features = clustered_features()
+    prototypes = torch.stack([prototype(f) for f in features])
+    test = torch.cat(features)
+    cosine = routing_weights(test, prototypes, tau=1.0).argmax(dim=1)
+    gaussian = routing_weights(test, prototypes, tau=1.0, precision=torch.eye(DIM)).argmax(dim=1)
+    assert torch.equal(cosine, gaussian)  # −‖x̂ − μ‖²/2D = (cos − 1)/D for unit x̂, μ
+    with pytest.raises(ValueError, match="precision must be"):
+        routing_weights(test, prototypes, tau=1.0, precision=torch.eye(DIM + 1))

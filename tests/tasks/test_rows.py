@@ -172,7 +172,16 @@ def test_eval_inputs_round_trip_through_their_names(name: str) -> None:
     if row.chain is not None:
         handle, output = upstream["chain" if row.chain_links == "last" else f"chain_{t}"]
         assert handle == links[t] and output == row.chain.read
-    assert row.eval_config(parse_config({})).cpm is (parse_config({}).cpm if row.routed else None)
+    config = parse_config({})
+    routing = (row.routing(config) if row.routing else config.cpm) if row.routed else None
+    assert row.eval_config(config).cpm == routing
+
+
+def test_the_lda_row_routes_by_mahalanobis_and_the_cosine_default_keys_evals_as_before() -> None:
+    config = parse_config({"cpm": {"top_k": 2}})
+    lda, many = ROWS["many_lda"].eval_config(config).cpm, ROWS["many"].eval_config(config).cpm
+    assert (lda.metric, lda.top_k, many.metric) == ("mahalanobis", 2, "cosine")
+    assert "metric" not in many.model_dump() and lda.model_dump()["metric"] == "mahalanobis"
 
 
 def test_each_row_declares_the_recipe_its_model_is_served_by() -> None:
@@ -183,7 +192,7 @@ def test_each_row_declares_the_recipe_its_model_is_served_by() -> None:
                        "many_cpm_only": ("merged", "cpm"), "individual": ("task", "own"), "seqlora": ("merged", "own"),
                        "average": ("merged", "average"), "task_arithmetic": ("merged", "average"),
                        "ties": ("merged", "average"), "regmean": ("merged", "average"), "cram": None,
-                       "fwd_prompt": None, "many_r": None, "many_answer": ("merged", "cpm")}
+                       "fwd_prompt": None, "many_r": None, "many_answer": ("merged", "cpm"), "many_lda": None}
     # an export holds the tasks' own parts, the LPM chain's last link if the run merged, prototypes if it made them
     assert list(served_methods(merged=True, routed=True)) == ["many", "many_lpm_only", "individual"]
     assert list(served_methods(merged=True, routed=False)) == ["many_lpm_only", "individual"]
