@@ -3,7 +3,7 @@ and that sub-config is exactly what goes into the stage's cache key (docs/design
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, SerializerFunctionWrapHandler, model_serializer
 
@@ -12,9 +12,21 @@ LLAMA_LORA_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj
 
 
 class Frozen(BaseModel):
-    """Base of every config: immutable, and a typo is an error."""
+    """Base of every config: immutable, and a typo is an error.
+
+    `UNKEYED` names fields added after stores were written, left out of the config's JSON (hence out of every
+    cache key) while they hold the value given there — their default — so those stores keep their keys."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+    UNKEYED: ClassVar[dict[str, Any]] = {}
+
+    @model_serializer(mode="wrap")
+    def _unkeyed_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        for name, default in self.UNKEYED.items():
+            if getattr(self, name) == default:
+                data.pop(name, None)
+        return data
 
 
 class TinyModelConfig(Frozen):
@@ -85,13 +97,7 @@ class StatsConfig(Frozen):
     batch_size: PositiveInt = 32
     max_samples: int | None = Field(None, ge=1)  # None: every training sample
     gram_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-
-    @model_serializer(mode="wrap")
-    def _default_dtype_unkeyed(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data = handler(self)
-        if self.gram_dtype == "float32":
-            data.pop("gram_dtype", None)
-        return data
+    UNKEYED: ClassVar[dict[str, Any]] = {"gram_dtype": "float32"}
 
 
 class LPMConfig(Frozen):
@@ -120,13 +126,7 @@ class LPMConfig(Frozen):
     state_dtype: Literal["float64", "float32"] = "float64"
     state_form: Literal["auto", "thin", "dense"] = "auto"
     diagnostics: bool = Field(True, exclude=True)
-
-    @model_serializer(mode="wrap")
-    def _default_form_unkeyed(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data = handler(self)
-        if self.state_form == "auto":
-            data.pop("state_form", None)
-        return data
+    UNKEYED: ClassVar[dict[str, Any]] = {"state_form": "auto"}
 
 
 class ResidualConfig(Frozen):
@@ -171,13 +171,7 @@ class CPMConfig(Frozen):
     top_k: PositiveInt | None = None
     calibration_target: float = Field(0.9, gt=0, lt=1)
     metric: Literal["cosine", "mahalanobis"] = "cosine"
-
-    @model_serializer(mode="wrap")
-    def _default_metric_unkeyed(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data = handler(self)
-        if self.metric == "cosine":
-            data.pop("metric", None)
-        return data
+    UNKEYED: ClassVar[dict[str, Any]] = {"metric": "cosine"}
 
 
 class EvalConfig(Frozen):
