@@ -227,3 +227,19 @@ def test_without_a_recorded_tau_cpm_calibrates_it(export: Path, tmp_path: Path) 
     model = load(copy, device="cpu")
     assert model.tau == cpm_router([copy / "prototypes.parquet"], CPMConfig()).tau
     assert model.max_new_tokens == 24  # EvalConfig's default when the export does not say
+
+
+def test_an_export_routed_by_the_gaussian_metric_routes_so(export: Path, image: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(export, copy)
+    (copy / "inference.json").write_text(json.dumps({"tasks": list(TASKS), "methods": SERVED, "max_new_tokens": 4,
+                                                     "tau": 0.05, "metric": "mahalanobis"}))
+    model = load(copy, device="cpu")
+    _, _, features = read_prototypes([copy / "prototypes.parquet"])
+    means, precision = cpm.shared_gaussian(features)
+    pixels = model.processor.image_processor([Image.open(image)], return_tensors="pt")["pixel_values"]
+    expected = cpm.routing_weights(pooled_features(model.model, pixels), means, 0.05, precision=precision)[0]
+    weights = model.route(image)
+    assert [weights[t] for t in TASKS] == pytest.approx(expected.tolist(), abs=1e-6)
+    cosine = load(export, device="cpu").route(image)
+    assert [weights[t] for t in TASKS] != pytest.approx([cosine[t] for t in TASKS], abs=1e-3)
