@@ -165,7 +165,8 @@ def plot(rows: list[Measured], path: Path) -> None:
                       label=f"{label}, d = {hidden}")
     for name, d, r in REFERENCE:
         axis.axvline(rows[0].tasks * r / d, color="grey", linestyle=":", linewidth=1)
-        axis.annotate(name, (rows[0].tasks * r / d, 0), rotation=90, fontsize=7, va="bottom", ha="right", color="grey")
+        axis.text(rows[0].tasks * r / d, 0.02, name, transform=axis.get_xaxis_transform(), rotation=90, fontsize=7,
+                  va="bottom", ha="right", color="grey")
     axis.set_xscale("log")
     axis.set_xlabel("Σr / d  (T tasks × LoRA rank / text hidden size)")
     axis.set_ylabel("individual Last − row's Last (points)")

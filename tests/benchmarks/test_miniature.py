@@ -1,0 +1,27 @@
+"""benchmarks/miniature.py's settings, table and figure on fixed measurements (no pipeline run)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from benchmarks.miniature import METHODS, Measured, markdown, plot, setting
+from flows.config import RunConfig
+
+
+def test_a_setting_scales_the_text_model_and_the_lora_and_keeps_the_rest() -> None:
+    config = setting(RunConfig(), hidden=256, rank=4)
+    assert (config.base.tiny.text_hidden, config.base.tiny.text_intermediate) == (256, 512)
+    assert (config.finetune.lora.rank, config.finetune.lora.alpha) == (4, 8.0)  # the LoRA scale stays 2
+    assert config.methods == METHODS and config.tasks == RunConfig().tasks
+    assert config.base.tiny.vision_hidden == RunConfig().base.tiny.vision_hidden
+
+
+def test_table_and_figure(tmp_path: Path) -> None:
+    rows = [Measured(hidden=128, rank=r, tasks=6, update_mean=0.3, update_max=1.0, leakage=None, fit_error=0.2,
+                     zero_shot=1.4, individual=70.0, many=30.0 + r, lpm_own=35.0, seconds=3.0) for r in (2, 8)]
+    assert rows[0].sigma == 6 * 2 / 128
+    text = markdown(rows, ["a", "b"])
+    assert "| 128 | 2 | 0.094 | 0.300 (1.000) |  | 0.20 | 1.4 | 70.0 | 32.0 | 35.0 | 38.0 | 35.0 | 3 |" in text
+    assert "| LLaVA-1.5-7B, UCIT reference (r = 64) | 4096 | 64 | 0.094 |" in text
+    plot(rows, tmp_path / "figure" / "gap.png")
+    assert (tmp_path / "figure" / "gap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
