@@ -120,8 +120,7 @@ def evaluate_variants(inputs: Inputs, config: Any, names: Sequence[str] | None =
         row = []
         for j, task in enumerate(tasks):
             if projector == "cpm":
-                assembly = Assembly(sources[lora](j), projectors, "cpm", router.prototypes, router.tau, router.top_k,
-                                    precision=router.precision)
+                assembly = Assembly.routed(sources[lora](j), projectors, router)
             else:
                 assembly = Assembly(sources[lora](j), (projectors[j],))
             model = assemble(base_model, assembly)

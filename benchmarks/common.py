@@ -53,6 +53,14 @@ def seed_count(parser, seeds: int | None, smoke: bool) -> int:
     return seeds
 
 
+def task_count(parser, tasks: int | None, smoke: bool, config) -> int:
+    """--tasks N: the first N tasks of `config`'s stream (default all, smoke 2), within 1..len(stream)."""
+    count = tasks or (2 if smoke else len(config.tasks))
+    if not 1 <= count <= len(config.tasks):
+        parser.error(f"--tasks {count}: the stream has {len(config.tasks)} tasks; choose 1..{len(config.tasks)}")
+    return count
+
+
 def warm_up_prefect() -> None:
     """Run an empty flow, so the ephemeral Prefect server starts outside every measurement (call after
     `quiet_environment`: it imports prefect)."""

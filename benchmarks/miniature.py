@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.ablation import Inputs, evaluate_variants
-from benchmarks.common import quiet_environment, stream_config
+from benchmarks.common import quiet_environment, stream_config, task_count
 from benchmarks.quality import seeded
 
 METHODS = ("individual", "many", "average")  # average: ablation.Inputs reads its merge
@@ -201,9 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="many-miniature-"))
     quiet_environment(scratch)
     config = stream_config(args.smoke)
-    n_tasks = args.tasks or (2 if args.smoke else len(config.tasks))
-    if not 1 <= n_tasks <= len(config.tasks):
-        parser.error(f"--tasks {n_tasks}: the stream has {len(config.tasks)} tasks; choose 1..{len(config.tasks)}")
+    n_tasks = task_count(parser, args.tasks, args.smoke, config)
     heads = config.base.tiny.text_heads
     if any(d % heads for d in hidden):
         parser.error(f"--hidden {args.hidden}: each size must be a multiple of the {heads} attention heads")

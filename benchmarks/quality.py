@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import quiet_environment, seed_count, stream_config
+from benchmarks.common import quiet_environment, seed_count, stream_config, task_count
 
 ORDERS = ("ucit", "reverse")
 SUMMARY = (("Last", "MFN"), ("MFT", "MFT"), ("MAA", "MAA"), ("BWT", "BWT"))
@@ -176,9 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     from many.report import render
 
     config = stream_config(args.smoke)
-    n_tasks = args.tasks or (2 if args.smoke else len(config.tasks))
-    if not 1 <= n_tasks <= len(config.tasks):
-        parser.error(f"--tasks {n_tasks}: the stream has {len(config.tasks)} tasks; choose 1..{len(config.tasks)}")
+    n_tasks = task_count(parser, args.tasks, args.smoke, config)
     store = args.store or str(scratch / "store")
 
     reports: dict[str, list[dict[str, Any]]] = {o: [] for o in orders}

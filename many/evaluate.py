@@ -37,10 +37,10 @@ from many.data.schema import Sample, TaskData
 from many.model.chat import decode_answers, encode_for_generation
 from many.model.parts import PEFT_PREFIX, llava  # PEFT module name = PEFT_PREFIX + the base model's module name
 from many.progress import BatchCallback
-
-log = logging.getLogger("many.evaluate")
 from many.prototypes import pooled_features, read_prototypes
 from many.residual import RoutedResidual
+
+log = logging.getLogger("many.evaluate")
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: a field-wise == on tensors has no truth value
@@ -52,6 +52,12 @@ class Router:
     tau: float
     top_k: int | None = None
     precision: Tensor | None = None  # (D, D) Σ⁻¹, metric "mahalanobis" only
+
+    def weights(self, features: Tensor) -> Tensor:
+        """(B, T) routing weights of a batch of image features (B, D), on the features' device."""
+        device = features.device
+        precision = None if self.precision is None else self.precision.to(device)
+        return cpm.routing_weights(features, self.prototypes.to(device), self.tau, self.top_k, precision)
 
 
 def cpm_router(prototype_sources: Sequence[str | Path | pa.Table], cfg: CPMConfig) -> Router:
@@ -83,6 +89,12 @@ class Assembly:
     top_k: int | None = None
     residuals: tuple[Mapping[str, tuple[Tensor, Tensor]], ...] = ()  # per task: module -> (U (out, k), V (k, in))
     precision: Tensor | None = None  # (D, D): CPM's Gaussian routing (many.cpm), None: cosine
+
+    @classmethod
+    def routed(cls, deltas: Mapping[str, Tensor], projectors: Sequence[Mapping[str, Tensor]], router: Router) -> Assembly:
+        """Routing "cpm" over `projectors` (one per task, in the router's task order) by `router`."""
+        return cls(deltas, tuple(projectors), "cpm", router.prototypes, router.tau, router.top_k,
+                   precision=router.precision)
 
     def __post_init__(self) -> None:
         if self.residuals and (self.routing != "cpm" or len(self.residuals) != len(self.projectors)):
@@ -229,9 +241,7 @@ def generate_answers(
             batch = {k: v.to(device) for k, v in encode_for_generation(processor, chunk).items()}
             batch["pixel_values"] = batch["pixel_values"].to(dtype)
             if routing is not None:
-                features = pooled_features(model, batch["pixel_values"])  # (B, D)
-                precision = None if routing.precision is None else routing.precision.to(device)
-                weights = cpm.routing_weights(features, routing.prototypes.to(device), routing.tau, routing.top_k, precision)
+                weights = routing.weights(pooled_features(model, batch["pixel_values"]))  # (B, T)
                 projector.route(weights)  # (B, T), in force for this batch's generate
                 for module in residual_layers:
                     module.route(weights)

@@ -173,8 +173,7 @@ class Predictor:
                             metric=parts.metric)
             router = cpm_router(tables, cfg)
             self.tau = router.tau
-            assembly = Assembly(deltas, tuple(_projector(d) for d in parts.task_dirs), "cpm",
-                                router.prototypes, router.tau, router.top_k, precision=router.precision)
+            assembly = Assembly.routed(deltas, [_projector(d) for d in parts.task_dirs], router)
         elif recipe.projector == "average":
             assembly = Assembly(deltas, (_average([_projector(d) for d in parts.task_dirs]),))
         else:
@@ -197,18 +196,13 @@ class Predictor:
         """CPM's weight of every task for this image, highest first; None for a method that does not route."""
         from PIL import Image
 
-        from many import cpm
         from many.prototypes import pooled_features
 
         if self._router is None:
             return None
         picture = Image.open(io.BytesIO(read_image(image))).convert("RGB")
         pixel_values = self.processor.image_processor([picture], return_tensors="pt")["pixel_values"]
-        features = pooled_features(self.model, pixel_values)  # (1, D)
-        router = self._router
-        precision = None if router.precision is None else router.precision.to(features.device)
-        weights = cpm.routing_weights(features, router.prototypes.to(features.device), router.tau, router.top_k, precision)
-        return self._weights(weights[0])
+        return self._weights(self._router.weights(pooled_features(self.model, pixel_values))[0])
 
     def generate(
         self, image: ImageInput, question: str, *, return_routing: bool = False

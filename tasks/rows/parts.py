@@ -47,8 +47,7 @@ def routed(ctx: EvalContext, deltas: Mapping[str, Any]) -> tuple[Any, float]:
 
     router = cpm_router(ctx.inputs.prototypes, ctx.config.cpm or CPMConfig())
     projectors = tuple(projector_state(d) for d in ctx.inputs.finetune)
-    return Assembly(deltas, projectors, "cpm", router.prototypes, router.tau, router.top_k,
-                    precision=router.precision), router.tau
+    return Assembly.routed(deltas, projectors, router), router.tau
 
 
 def score(ctx: EvalContext, assemblies: Sequence[Any]) -> list[Any]:
