@@ -1,8 +1,9 @@
 """Is MAny's gap to the oracle the method or the miniature? (issue #16, deliverable 2; docs/design.md §7)
 
 Sweeps LoRA rank r × the text model's hidden size d of the tiny LLaVA (its MLP width kept at 2d, α = 2r so the
-LoRA scale stays the default's 2) over the default mini-UCIT stream (seed 0, UCIT order, one store for every
-setting), and measures for each setting the ratios that govern a least-squares merge of T low-rank updates:
+LoRA scale stays the default's 2) × the LoRA learning rate (which sets how far each update moves its layer) over the
+default mini-UCIT stream (seed 0, UCIT order, one store for every setting), and measures for each setting the
+ratios that govern a least-squares merge of T low-rank updates:
 
     Σr/d                      how much of a layer's input space the T updates claim together (T·r / d)
     ‖ΔW_i‖/‖W0‖               each task's update against the base weight, Frobenius, mean (and max) over layers and tasks
@@ -10,20 +11,24 @@ setting), and measures for each setting the ratios that govern a least-squares m
     zero-shot                 the base alone (its own projector, no LoRA): what the tasks ask before any fine-tuning
 
 and the scores: individual (the oracle), MAny, and "LPM + own projector" (benchmarks.ablation: the merged LoRA
-with each task's own projector, i.e. the LoRA merge's cost alone), each as Last and as the gap to the oracle.
+with each task's own projector, i.e. the LoRA merge's cost alone), each as Last, as the gap to the oracle, and
+normalised (quality.normalised: mean over tasks of score / individual's, so one caption task's CIDEr scale does not
+decide the comparison).
 LLaVA-1.5-7B's Σr/d at the UCIT reference setting (r = 64, d = 4096, HiDe-LLaVA's training scripts) and at r = 8
 are printed beside them; its other ratios need the real checkpoint and trained adapters, which this benchmark does
 not have. Nothing here picks a setting by a score: the default is chosen by the ratios (BENCHMARKS.md notes).
 
-    python -m benchmarks.miniature [--smoke] [--ranks 2,4,8] [--hidden 128,256] [--tasks N] [--store URL] [--plot PNG]
+    python -m benchmarks.miniature [--smoke] [--ranks 2,4,8] [--hidden 128,256] [--lrs 2e-3,5e-4] [--tasks N]
+                                   [--store URL] [--plot PNG]
 
-Default: the embedded defaults, 6 tasks, ranks 2,4,8 × hidden 128,256 (~1.5 h cold on two cores; the settings of
-one hidden size share its base). `--smoke`: examples/tiny.yaml, 2 tasks, ranks 2,4 × hidden 32,64.
+Default: the embedded defaults, 6 tasks, ranks 2,4,8 × hidden 128,256 at the config's learning rate (~1.5 h cold on
+two cores; the settings of one hidden size share its base). `--smoke`: examples/tiny.yaml, 2 tasks, ranks 2,4 × hidden 32,64.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import tempfile
@@ -34,7 +39,7 @@ from typing import Any
 
 from benchmarks.ablation import Inputs, evaluate_variants
 from benchmarks.common import quiet_environment, stream_config, task_count
-from benchmarks.quality import seeded
+from benchmarks.quality import normalised, seeded
 
 METHODS = ("individual", "many", "average")  # average: ablation.Inputs reads its merge
 LPM_OWN = "LPM + own projector"
@@ -47,6 +52,7 @@ class Measured:
 
     hidden: int
     rank: int
+    lr: float  # the LoRA's learning rate (finetune.lr)
     tasks: int
     update_mean: float  # mean over layers and tasks of ‖ΔW_i‖_F / ‖W0‖_F
     update_max: float
@@ -56,6 +62,8 @@ class Measured:
     individual: float
     many: float
     lpm_own: float
+    many_norm: float | None  # normalised Last: 100 × mean over tasks of score / individual's
+    lpm_own_norm: float | None
     seconds: float
 
     @property
@@ -63,13 +71,14 @@ class Measured:
         return self.tasks * self.rank / self.hidden
 
 
-def setting(config: Any, hidden: int, rank: int) -> Any:
-    """`config` with the text model's hidden size `hidden` (MLP 2·hidden) and LoRA rank `rank` (α = 2·rank)."""
+def setting(config: Any, hidden: int, rank: int, lr: float | None = None) -> Any:
+    """`config` with the text model's hidden size `hidden` (MLP 2·hidden), LoRA rank `rank` (α = 2·rank) and LoRA
+    learning rate `lr` (None: the config's; the projector's is left as it is)."""
     tiny = config.base.tiny.model_copy(update={"text_hidden": hidden, "text_intermediate": 2 * hidden})
     lora = config.finetune.lora.model_copy(update={"rank": rank, "alpha": 2.0 * rank})
     return config.model_copy(update={
         "base": config.base.model_copy(update={"tiny": tiny}),
-        "finetune": config.finetune.model_copy(update={"lora": lora}),
+        "finetune": config.finetune.model_copy(update={"lora": lora, "lr": lr or config.finetune.lr}),
         "methods": METHODS,
     })
 
@@ -118,13 +127,16 @@ def measure(config: Any, store_url: str) -> Measured:
     scores, _ = evaluate_variants(inputs, config, names=[LPM_OWN])
     report = summary["report"]
     diagnostics = report.get("diagnostics") or {}
+    last = {method: report["methods"][method]["matrix"][-1] for method in ("individual", "many")}
     return Measured(
-        hidden=config.base.tiny.text_hidden, rank=config.finetune.lora.rank, tasks=len(config.tasks),
+        hidden=config.base.tiny.text_hidden, rank=config.finetune.lora.rank, lr=config.finetune.lr,
+        tasks=len(config.tasks),
         update_mean=statistics.fmean(ratios), update_max=max(ratios),
         leakage=(diagnostics.get("leakage") or {}).get("mean"), fit_error=(diagnostics.get("fit_error") or {}).get("mean"),
         zero_shot=zero_shot(inputs, config),
         individual=report["methods"]["individual"]["MFN"], many=report["methods"]["many"]["MFN"],
-        lpm_own=statistics.fmean(scores[LPM_OWN]), seconds=seconds,
+        lpm_own=statistics.fmean(scores[LPM_OWN]), many_norm=normalised(last["many"], last["individual"]),
+        lpm_own_norm=normalised(scores[LPM_OWN], last["individual"]), seconds=seconds,
     )
 
 
@@ -133,23 +145,26 @@ def _cell(value: float | None, form: str = ".2f") -> str:
 
 
 def markdown(rows: list[Measured], tasks: list[str]) -> str:
-    lines = [f"UCIT order ({' → '.join(tasks)}), seed 0; Last in percent; gap = individual − row.", "",
-             "| text hidden d | LoRA r | Σr/d | ‖ΔW‖/‖W0‖ mean (max) | leakage | fit error | zero-shot | individual "
-             "| MAny | LPM + own projector | MAny gap | LPM + own gap | run s |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"UCIT order ({' → '.join(tasks)}), seed 0; Last in percent; gap = individual − row; "
+             "/ ind. = normalised Last (mean over tasks of score / individual's, percent).", "",
+             "| text hidden d | LoRA r | LoRA lr | Σr/d | ‖ΔW‖/‖W0‖ mean (max) | leakage | fit error | zero-shot "
+             "| individual | MAny | LPM + own projector | MAny gap | LPM + own gap | MAny / ind. | LPM + own / ind. "
+             "| run s |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for m in rows:
         lines.append(
-            f"| {m.hidden} | {m.rank} | {m.sigma:.3f} | {m.update_mean:.3f} ({m.update_max:.3f}) | {_cell(m.leakage)} "
-            f"| {_cell(m.fit_error)} | {m.zero_shot:.1f} | {m.individual:.1f} | {m.many:.1f} | {m.lpm_own:.1f} "
-            f"| {m.individual - m.many:.1f} | {m.individual - m.lpm_own:.1f} | {m.seconds:.0f} |")
+            f"| {m.hidden} | {m.rank} | {m.lr:g} | {m.sigma:.3f} | {m.update_mean:.3f} ({m.update_max:.3f}) "
+            f"| {_cell(m.leakage)} | {_cell(m.fit_error)} | {m.zero_shot:.1f} | {m.individual:.1f} | {m.many:.1f} "
+            f"| {m.lpm_own:.1f} | {m.individual - m.many:.1f} | {m.individual - m.lpm_own:.1f} "
+            f"| {_cell(m.many_norm, '.1f')} | {_cell(m.lpm_own_norm, '.1f')} | {m.seconds:.0f} |")
     lines += ["", "| reference | d | r | Σr/d (T = " + str(rows[0].tasks) + ") |", "|---|---:|---:|---:|"]
     lines += [f"| {name} | {d} | {r} | {rows[0].tasks * r / d:.3f} |" for name, d, r in REFERENCE]
     return "\n".join(lines)
 
 
 def plot(rows: list[Measured], path: Path) -> None:
-    """Gap to the oracle against Σr/d: MAny and LPM + own projector, one marker per hidden size; the 7B references
-    as vertical lines."""
+    """Gap to the oracle against Σr/d: MAny and LPM + own projector, one marker per hidden size and one line style
+    per learning rate; the 7B references as vertical lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -157,12 +172,15 @@ def plot(rows: list[Measured], path: Path) -> None:
 
     figure, axis = plt.subplots(figsize=(6, 4))
     markers = dict(zip(sorted({m.hidden for m in rows}), "os^D"))
+    styles = dict(zip(sorted({m.lr for m in rows}, reverse=True), ("-", "--", ":", "-.")))
     for label, gap, colour in (("MAny", lambda m: m.individual - m.many, "tab:blue"),
                                (LPM_OWN, lambda m: m.individual - m.lpm_own, "tab:orange")):
-        for hidden, marker in markers.items():
-            chosen = sorted((m for m in rows if m.hidden == hidden), key=lambda m: m.sigma)
-            axis.plot([m.sigma for m in chosen], [gap(m) for m in chosen], marker=marker, color=colour,
-                      label=f"{label}, d = {hidden}")
+        for (hidden, marker), (lr, style) in itertools.product(markers.items(), styles.items()):
+            chosen = sorted((m for m in rows if m.hidden == hidden and m.lr == lr), key=lambda m: m.sigma)
+            if chosen:
+                suffix = f", lr {lr:g}" if len(styles) > 1 else ""
+                axis.plot([m.sigma for m in chosen], [gap(m) for m in chosen], marker=marker, color=colour,
+                          linestyle=style, label=f"{label}, d = {hidden}{suffix}")
     for name, d, r in REFERENCE:
         axis.axvline(rows[0].tasks * r / d, color="grey", linestyle=":", linewidth=1)
         axis.text(rows[0].tasks * r / d, 0.02, name, transform=axis.get_xaxis_transform(), rotation=90, fontsize=7,
@@ -187,11 +205,22 @@ def _ints(parser: argparse.ArgumentParser, flag: str, text: str) -> list[int]:
     return values
 
 
+def _floats(parser: argparse.ArgumentParser, flag: str, text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v]
+    except ValueError:
+        values = []
+    if not values or min(values) <= 0:
+        parser.error(f"{flag} {text!r}: give comma-separated positive numbers, e.g. 2e-3,5e-4")
+    return values
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="examples/tiny.yaml, 2 tasks, ranks 2,4 × hidden 32,64")
     parser.add_argument("--ranks", help="LoRA ranks (default 2,4,8; smoke 2,4)")
     parser.add_argument("--hidden", help="text hidden sizes (default 128,256; smoke 32,64)")
+    parser.add_argument("--lrs", help="LoRA learning rates (default: the config's finetune.lr)")
     parser.add_argument("--tasks", type=int, help="first N tasks of the UCIT order (default all, smoke 2)")
     parser.add_argument("--store", help="store URL shared by every setting (default: a fresh temporary directory)")
     parser.add_argument("--plot", type=Path, help="write the gap-vs-Σr/d figure here (PNG)")
@@ -208,10 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     store = args.store or str(scratch / "store")
     base = seeded(config, 0, "ucit", n_tasks, store, systems=False)
     rows = []
-    for d in hidden:  # one base per hidden size: its ranks share it
-        for r in ranks:
-            print(f"  text hidden {d}, LoRA rank {r} …", file=sys.stderr, flush=True)
-            rows.append(measure(setting(base, d, r), store))
+    lrs = _floats(parser, "--lrs", args.lrs) if args.lrs else [config.finetune.lr]
+    for d, lr, r in itertools.product(hidden, lrs, ranks):  # one base per hidden size: its settings share it
+        print(f"  text hidden {d}, LoRA lr {lr:g}, rank {r} …", file=sys.stderr, flush=True)
+        rows.append(measure(setting(base, d, r, lr), store))
     stream = "examples/tiny.yaml" if args.smoke else "embedded mini-UCIT defaults"
     print(f"Stream: {stream}, {n_tasks} tasks, one store for every setting.\n")
     print(markdown(rows, [t.name for t in base.tasks]))

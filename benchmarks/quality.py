@@ -59,14 +59,17 @@ def seeded(config: Any, seed: int, order: str, tasks: int, store: str, systems: 
     })
 
 
+def normalised(scores: list[float], oracle: list[float | None]) -> float | None:
+    """100 × mean_j scores[j] / oracle[j] over the tasks where the oracle scores above 0 (None when it never does)."""
+    pairs = [(m, i) for m, i in zip(scores, oracle) if i and i > 0]
+    return 100 * statistics.fmean(m / i for m, i in pairs) if pairs else None
+
+
 def normalised_last(report: dict[str, Any], method: str) -> float | None:
-    """100 × mean_j A[T−1][j] / A_individual[T−1][j] over the tasks where individual scores above 0; None without an
-    individual row (or when it scores 0 everywhere)."""
+    """`normalised` of the method's last row against individual's; None without an individual row."""
     if "individual" not in report["methods"]:
         return None
-    pairs = [(m, i) for m, i in zip(report["methods"][method]["matrix"][-1], report["methods"]["individual"]["matrix"][-1])
-             if i and i > 0]
-    return 100 * statistics.fmean(m / i for m, i in pairs) if pairs else None
+    return normalised(report["methods"][method]["matrix"][-1], report["methods"]["individual"]["matrix"][-1])
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:

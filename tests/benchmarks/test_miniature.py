@@ -14,14 +14,19 @@ def test_a_setting_scales_the_text_model_and_the_lora_and_keeps_the_rest() -> No
     assert (config.finetune.lora.rank, config.finetune.lora.alpha) == (4, 8.0)  # the LoRA scale stays 2
     assert config.methods == METHODS and config.tasks == RunConfig().tasks
     assert config.base.tiny.vision_hidden == RunConfig().base.tiny.vision_hidden
+    assert config.finetune.lr == RunConfig().finetune.lr  # no learning rate given: the config's
+    slower = setting(RunConfig(), hidden=128, rank=2, lr=5e-4)
+    assert (slower.finetune.lr, slower.finetune.projector_lr) == (5e-4, RunConfig().finetune.projector_lr)
 
 
 def test_table_and_figure(tmp_path: Path) -> None:
-    rows = [Measured(hidden=128, rank=r, tasks=6, update_mean=0.3, update_max=1.0, leakage=None, fit_error=0.2,
-                     zero_shot=1.4, individual=70.0, many=30.0 + r, lpm_own=35.0, seconds=3.0) for r in (2, 8)]
+    rows = [Measured(hidden=128, rank=r, lr=lr, tasks=6, update_mean=0.3, update_max=1.0, leakage=None,
+                     fit_error=0.2, zero_shot=1.4, individual=70.0, many=30.0 + r, lpm_own=35.0, many_norm=61.25,
+                     lpm_own_norm=None, seconds=3.0) for r in (2, 8) for lr in (2e-3, 5e-4)]
     assert rows[0].sigma == 6 * 2 / 128
     text = markdown(rows, ["a", "b"])
-    assert "| 128 | 2 | 0.094 | 0.300 (1.000) |  | 0.20 | 1.4 | 70.0 | 32.0 | 35.0 | 38.0 | 35.0 | 3 |" in text
+    assert ("| 128 | 2 | 0.0005 | 0.094 | 0.300 (1.000) |  | 0.20 | 1.4 | 70.0 | 32.0 | 35.0 | 38.0 | 35.0 | 61.2 "
+            "|  | 3 |") in text
     assert "| LLaVA-1.5-7B, UCIT reference (r = 64) | 4096 | 64 | 0.094 |" in text
     plot(rows, tmp_path / "figure" / "gap.png")
     assert (tmp_path / "figure" / "gap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
