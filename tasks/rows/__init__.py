@@ -30,6 +30,7 @@ BUILT_IN = (
     "tasks.rows.many_r",
     "tasks.rows.many_answer",
     "tasks.rows.many_lda",
+    "tasks.rows.many_xl",
     "tasks.rows.individual",
     "tasks.rows.seqlora",
     "tasks.rows.average",

@@ -192,7 +192,8 @@ def test_each_row_declares_the_recipe_its_model_is_served_by() -> None:
                        "many_cpm_only": ("merged", "cpm"), "individual": ("task", "own"), "seqlora": ("merged", "own"),
                        "average": ("merged", "average"), "task_arithmetic": ("merged", "average"),
                        "ties": ("merged", "average"), "regmean": ("merged", "average"), "cram": None,
-                       "fwd_prompt": None, "many_r": None, "many_answer": ("merged", "cpm"), "many_lda": None}
+                       "fwd_prompt": None, "many_r": None, "many_answer": ("merged", "cpm"), "many_lda": None,
+                       "many_xl": ("merged", "cpm")}
     # an export holds the tasks' own parts, the LPM chain's last link if the run merged, prototypes if it made them
     assert list(served_methods(merged=True, routed=True)) == ["many", "many_lpm_only", "individual"]
     assert list(served_methods(merged=True, routed=False)) == ["many_lpm_only", "individual"]
