@@ -120,7 +120,7 @@ def evaluate_variants(inputs: Inputs, config: Any, names: Sequence[str] | None =
         row = []
         for j, task in enumerate(tasks):
             if projector == "cpm":
-                assembly = Assembly.routed(sources[lora](j), projectors, router)
+                assembly = Assembly(sources[lora](j), projectors, router)
             else:
                 assembly = Assembly(sources[lora](j), (projectors[j],))
             model = assemble(base_model, assembly)

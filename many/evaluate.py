@@ -21,7 +21,6 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -53,6 +52,12 @@ class Router:
     top_k: int | None = None
     precision: Tensor | None = None  # (D, D) Σ⁻¹, metric "mahalanobis" only
 
+    def __post_init__(self) -> None:
+        if self.prototypes.ndim != 2:
+            raise ValueError(f"Router: prototypes must be (T, D), one per task, got shape {tuple(self.prototypes.shape)}")
+        if not (math.isfinite(self.tau) and self.tau > 0):
+            raise ValueError(f"Router: tau must be finite and > 0, got {self.tau!r}")
+
     def weights(self, features: Tensor) -> Tensor:
         """(B, T) routing weights of a batch of image features (B, D), on the features' device."""
         device = features.device
@@ -76,58 +81,30 @@ def cpm_router(prototype_sources: Sequence[str | Path | pa.Table], cfg: CPMConfi
 class Assembly:
     """What to evaluate: dense LoRA updates per PEFT module name, projector state dicts, and their routing.
 
-    routing "single": at most one projector (none = the base's own); "cpm": one projector per known task,
-    `prototypes` (T, D) in the same order, and `tau`. `residuals` (routing "cpm" only, MAny-R): one
-    {PEFT module name: (U (out, k), V (k, in))} per known task, in the projectors' order, mixed by the same weights.
+    Without a `router`: at most one projector (none = the base's own). With one (CPM): one projector per known task,
+    in the router's task order. `residuals` (routed only, MAny-R): one {PEFT module name: (U (out, k), V (k, in))}
+    per known task, in the projectors' order, mixed by the same weights.
     """
 
     deltas: Mapping[str, Tensor] = field(default_factory=dict)  # PEFT module name -> ΔW (out, in)
     projectors: tuple[Mapping[str, Tensor], ...] = ()  # projector state dicts (keys as in multi_modal_projector)
-    routing: Literal["cpm", "single"] = "single"
-    prototypes: Tensor | None = None  # (T, D)
-    tau: float | None = None
-    top_k: int | None = None
+    router: Router | None = None  # CPM routing over the projectors; pass it to `generate_answers`/`evaluate`
     residuals: tuple[Mapping[str, tuple[Tensor, Tensor]], ...] = ()  # per task: module -> (U (out, k), V (k, in))
-    precision: Tensor | None = None  # (D, D): CPM's Gaussian routing (many.cpm), None: cosine
-
-    @classmethod
-    def routed(cls, deltas: Mapping[str, Tensor], projectors: Sequence[Mapping[str, Tensor]], router: Router) -> Assembly:
-        """Routing "cpm" over `projectors` (one per task, in the router's task order) by `router`."""
-        return cls(deltas, tuple(projectors), "cpm", router.prototypes, router.tau, router.top_k,
-                   precision=router.precision)
 
     def __post_init__(self) -> None:
-        if self.residuals and (self.routing != "cpm" or len(self.residuals) != len(self.projectors)):
-            raise ValueError(f"Assembly: residuals need routing 'cpm' and one residual set per projector, got "
-                             f"{len(self.residuals)} sets for {len(self.projectors)} projectors ({self.routing!r})")
-        if self.routing == "single":
+        if self.router is None:
             if len(self.projectors) > 1:
-                raise ValueError(
-                    f"Assembly: routing 'single' takes at most one projector, got {len(self.projectors)}; "
-                    "use routing 'cpm' or average the projectors first"
-                )
-            if self.prototypes is not None or self.tau is not None or self.top_k is not None:
-                raise ValueError("Assembly: prototypes/tau/top_k are only used by routing 'cpm'")
-        elif self.routing == "cpm":
-            if not self.projectors:
-                raise ValueError("Assembly: routing 'cpm' needs one projector per known task, got none")
-            if self.prototypes is None or self.prototypes.ndim != 2 or self.prototypes.shape[0] != len(self.projectors):
-                shape = None if self.prototypes is None else tuple(self.prototypes.shape)
-                raise ValueError(
-                    f"Assembly: routing 'cpm' needs prototypes of shape ({len(self.projectors)}, D) — one per "
-                    f"projector — got {shape}"
-                )
-            if self.tau is None or not (math.isfinite(self.tau) and self.tau > 0):
-                raise ValueError(f"Assembly: routing 'cpm' needs a finite tau > 0, got {self.tau!r}")
-        else:
-            raise ValueError(f"Assembly: unknown routing {self.routing!r}; known: 'cpm', 'single'")
-
-    @property
-    def router(self) -> Router | None:
-        """The Router to pass to `generate_answers`/`evaluate` (None for routing 'single')."""
-        if self.routing != "cpm":
-            return None
-        return Router(self.prototypes, self.tau, self.top_k, self.precision)
+                raise ValueError(f"Assembly: {len(self.projectors)} projectors and no router; route them by CPM "
+                                 "(a Router) or average them first")
+            if self.residuals:
+                raise ValueError("Assembly: residuals are mixed by CPM's weights and need a router")
+            return
+        if len(self.projectors) != self.router.prototypes.shape[0]:
+            raise ValueError(f"Assembly: the router knows {self.router.prototypes.shape[0]} tasks but "
+                             f"{len(self.projectors)} projectors were given; give one projector per prototype")
+        if self.residuals and len(self.residuals) != len(self.projectors):
+            raise ValueError(f"Assembly: residuals need one set per projector, got {len(self.residuals)} sets for "
+                             f"{len(self.projectors)} projectors")
 
 
 @dataclass(frozen=True)
@@ -204,7 +181,7 @@ def assemble(
         _add_residual(model, modules, name, [task.get(name) for task in assembly.residuals])
     template = model.model.multi_modal_projector
     projectors = [_projector(template, state, i) for i, state in enumerate(assembly.projectors)]
-    if assembly.routing == "cpm":
+    if assembly.router is not None:
         model.model.multi_modal_projector = cpm.RoutedProjector(projectors)
     elif projectors:
         model.model.multi_modal_projector = projectors[0]

@@ -173,7 +173,7 @@ class Predictor:
                             metric=parts.metric)
             router = cpm_router(tables, cfg)
             self.tau = router.tau
-            assembly = Assembly.routed(deltas, [_projector(d) for d in parts.task_dirs], router)
+            assembly = Assembly(deltas, tuple(_projector(d) for d in parts.task_dirs), router)
         elif recipe.projector == "average":
             assembly = Assembly(deltas, (_average([_projector(d) for d in parts.task_dirs]),))
         else:

@@ -47,7 +47,7 @@ def routed(ctx: EvalContext, deltas: Mapping[str, Any]) -> tuple[Any, float]:
 
     router = cpm_router(ctx.inputs.prototypes, ctx.config.cpm or CPMConfig())
     projectors = tuple(projector_state(d) for d in ctx.inputs.finetune)
-    return Assembly.routed(deltas, projectors, router), router.tau
+    return Assembly(deltas, projectors, router), router.tau
 
 
 def score(ctx: EvalContext, assemblies: Sequence[Any]) -> list[Any]:

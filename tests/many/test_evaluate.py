@@ -77,7 +77,7 @@ def test_cpm_with_one_task_equals_single(trained):
     base, processor, task, task_dir, _ = trained
     oracle = _oracle(task_dir)
     prototypes = cpm.prototype(image_features(base, processor, task.train)).unsqueeze(0)  # (1, D)
-    routed = Assembly(oracle.deltas, oracle.projectors, "cpm", prototypes, tau=0.05)
+    routed = Assembly(oracle.deltas, oracle.projectors, Router(prototypes, tau=0.05))
     single = generate_answers(assemble(base, oracle), processor, task.test, EVAL)
     assert generate_answers(assemble(base, routed), processor, task.test, EVAL, routing=routed.router) == single
 
@@ -90,9 +90,9 @@ def test_cpm_routes_each_batch_to_the_right_projector(trained):
     single = generate_answers(assemble(base, oracle), processor, task.test, EVAL)
     for order, top_k in (((0, 1), 1), ((1, 0), None)):  # trained projector first or second; hard or soft (τ small)
         projectors = (oracle.projectors[0], base_projector)
-        routed = Assembly(oracle.deltas, tuple(projectors[i] for i in order), "cpm",
-                          torch.stack([mu, -mu])[list(order)], tau=0.01, top_k=top_k)
-        misrouted = Router(routed.prototypes.flip(0), routed.tau, top_k)  # every image to the base projector
+        routed = Assembly(oracle.deltas, tuple(projectors[i] for i in order),
+                          Router(torch.stack([mu, -mu])[list(order)], tau=0.01, top_k=top_k))
+        misrouted = Router(routed.router.prototypes.flip(0), routed.router.tau, top_k)  # every image to the base projector
         model = assemble(base, routed)
         assert generate_answers(model, processor, task.test, EVAL, routing=routed.router) == single
         assert generate_answers(model, processor, task.test, EVAL, routing=misrouted) != single
@@ -102,8 +102,8 @@ def test_generation_with_and_without_kv_cache_agrees(trained):
     base, processor, task, task_dir, _ = trained
     oracle = _oracle(task_dir)
     mu = cpm.prototype(image_features(base, processor, task.train))
-    routed = Assembly(oracle.deltas, (oracle.projectors[0], projector_of(base).state_dict()), "cpm",
-                      torch.stack([mu, mu.roll(1)]), tau=0.1)  # soft: both projectors contribute
+    routed = Assembly(oracle.deltas, (oracle.projectors[0], projector_of(base).state_dict()),
+                      Router(torch.stack([mu, mu.roll(1)]), tau=0.1))  # soft: both projectors contribute
     for assembly in (oracle, routed):
         model = assemble(base, assembly)
         cached = generate_answers(model, processor, task.test, EVAL, routing=assembly.router, use_cache=True)
@@ -147,12 +147,11 @@ def _bad(base, task_dir, case):
         "projector_shape": lambda: assemble(
             base, Assembly(projectors=({**projector, "linear_1.bias": torch.zeros(3)},))
         ),
-        "two_single": lambda: Assembly(projectors=(projector, projector)),
-        "cpm_no_prototypes": lambda: Assembly(projectors=(projector, projector), routing="cpm", tau=0.1),
-        "cpm_wrong_count": lambda: Assembly(projectors=(projector,), routing="cpm", prototypes=prototypes, tau=0.1),
-        "cpm_no_tau": lambda: Assembly(projectors=(projector, projector), routing="cpm", prototypes=prototypes),
-        "single_with_tau": lambda: Assembly(projectors=(projector,), tau=0.1),
-        "unknown_routing": lambda: Assembly(routing="moe"),
+        "two_unrouted": lambda: Assembly(projectors=(projector, projector)),
+        "cpm_no_projector": lambda: Assembly(router=Router(prototypes, tau=0.1)),
+        "cpm_wrong_count": lambda: Assembly(projectors=(projector,), router=Router(prototypes, tau=0.1)),
+        "cpm_bad_tau": lambda: Router(prototypes, tau=math.inf),
+        "cpm_flat_prototypes": lambda: Router(prototypes[0], tau=0.1),
     }
     return cases[case]()
 
@@ -167,12 +166,11 @@ def _bad(base, task_dir, case):
         ("non_finite", "q_proj'?: delta contains NaN or Inf"),
         ("projector_keys", "projector 0 has keys"),
         ("projector_shape", r"projector 0 'linear_1.bias' has shape \(3,\)"),
-        ("two_single", "at most one projector"),
-        ("cpm_no_prototypes", r"prototypes of shape \(2, D\)"),
-        ("cpm_wrong_count", r"prototypes of shape \(1, D\)"),
-        ("cpm_no_tau", "finite tau > 0"),
-        ("single_with_tau", "only used by routing 'cpm'"),
-        ("unknown_routing", "unknown routing 'moe'"),
+        ("two_unrouted", "2 projectors and no router"),
+        ("cpm_no_projector", "knows 2 tasks but 0 projectors"),
+        ("cpm_wrong_count", "knows 2 tasks but 1 projectors"),
+        ("cpm_bad_tau", "tau must be finite and > 0"),
+        ("cpm_flat_prototypes", r"prototypes must be \(T, D\)"),
     ],
 )
 def test_bad_assembly(trained, case, error):
@@ -186,7 +184,7 @@ def test_routing_must_match_the_projector(trained, routed_model, router):
     base, processor, task, task_dir, peft_model = trained
     oracle = _oracle(task_dir)
     mu = torch.randn(1, 32)
-    routed = Assembly(oracle.deltas, oracle.projectors, "cpm", mu, tau=0.1)
+    routed = Assembly(oracle.deltas, oracle.projectors, Router(mu, tau=0.1))
     model = assemble(base, routed if routed_model else oracle)
     with pytest.raises(ValueError, match="pass routing exactly when"):
         generate_answers(model, processor, task.test[:2], EVAL, routing=routed.router if router else None)

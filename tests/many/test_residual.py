@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from many.config import EvalConfig
-from many.evaluate import Assembly, assemble, generate_answers, lora_deltas
+from many.evaluate import Assembly, Router, assemble, generate_answers, lora_deltas
 from many.model.chat import encode_for_training
 from many.model.parts import PEFT_PREFIX, projector_of
 from many.residual import RoutedResidual, residual, residuals
@@ -84,8 +84,8 @@ def test_assembled_merge_plus_residual_is_the_own_adapters_model(tiny_base) -> N
     merged = {name: tuple(t.float() for t in _lora(*shapes[name], 4, 50 + j)[:2]) for j, name in enumerate(layers)}
     projectors = tuple({k: v + 0.01 * (i + 1) for k, v in projector_of(base).state_dict().items()} for i in range(2))
     sets = tuple(residuals(lora, merged, rank=6)[0] for lora in loras)  # 6 = 2 + 4: exact
-    routed = Assembly({n: B @ A for n, (B, A) in merged.items()}, projectors, "cpm",
-                      torch.eye(2, projector_of(base).linear_1.in_features), tau=0.01, residuals=sets)
+    routed = Assembly({n: B @ A for n, (B, A) in merged.items()}, projectors,
+                      Router(torch.eye(2, projector_of(base).linear_1.in_features), tau=0.01), residuals=sets)
     model = assemble(base, routed)
     batch = {k: v for k, v in encode_for_training(processor, make_samples(3)).items() if k != "labels"}
     for i in range(2):
@@ -105,7 +105,7 @@ def test_assembled_merge_plus_residual_is_the_own_adapters_model(tiny_base) -> N
 def test_residuals_need_cpm_routing_and_one_set_per_projector(tiny_base) -> None:
     base, _ = tiny_base
     state = projector_of(base).state_dict()
-    with pytest.raises(ValueError, match="residuals need routing 'cpm' and one residual set per projector"):
+    with pytest.raises(ValueError, match="residuals are mixed by CPM's weights and need a router"):
         Assembly({}, (state,), residuals=({},))
     with pytest.raises(ValueError, match="got 1 sets for 2 projectors"):
-        Assembly({}, (state, state), "cpm", torch.eye(2, 4), tau=0.1, residuals=({},))
+        Assembly({}, (state, state), Router(torch.eye(2, 4), tau=0.1), residuals=({},))
