@@ -47,6 +47,18 @@ REFERENCE = (("LLaVA-1.5-7B, UCIT reference (r = 64)", 4096, 64), ("LLaVA-1.5-7B
 
 
 @dataclass(frozen=True)
+class TaskMeasured:
+    """One task of one setting: its update's size, and its scores after the last task (percent or CIDEr)."""
+
+    name: str
+    update_mean: float  # mean over layers of ‖ΔW_i‖_F / ‖W0‖_F
+    zero_shot: float
+    individual: float
+    many: float
+    lpm_own: float
+
+
+@dataclass(frozen=True)
 class Measured:
     """One setting's ratios and scores (scores in percent; Last = mean over the tasks after the last one)."""
 
@@ -65,6 +77,7 @@ class Measured:
     many_norm: float | None  # normalised Last: 100 × mean over tasks of score / individual's
     lpm_own_norm: float | None
     seconds: float
+    per_task: tuple[TaskMeasured, ...] = ()
 
     @property
     def sigma(self) -> float:
@@ -83,8 +96,8 @@ def setting(config: Any, hidden: int, rank: int, lr: float | None = None) -> Any
     })
 
 
-def update_ratios(inputs: Inputs, config: Any) -> list[float]:
-    """‖ΔW_i‖_F / ‖W0‖_F for every task i and LoRA layer of the run's adapters."""
+def update_ratios(inputs: Inputs, config: Any) -> list[list[float]]:
+    """‖ΔW_i‖_F / ‖W0‖_F for every task i (outer list) and LoRA layer (inner) of the run's adapters."""
     import torch
 
     from many.adapters import lora_factors
@@ -96,14 +109,15 @@ def update_ratios(inputs: Inputs, config: Any) -> list[float]:
     modules = dict(model.named_modules())
     ratios = []
     for task_dir in inputs.finetune:
-        for name, delta in lora_deltas(lora_factors(task_dir / "adapter")).items():
-            weight = modules[name.removeprefix(PEFT_PREFIX)].weight.detach()  # (out, in)
-            ratios.append(float(torch.linalg.norm(delta) / torch.linalg.norm(weight)))
+        deltas = lora_deltas(lora_factors(task_dir / "adapter"))  # ΔW (out, in) against W0 (out, in)
+        weights = {name: modules[name.removeprefix(PEFT_PREFIX)].weight.detach() for name in deltas}
+        ratios.append([float(torch.linalg.norm(delta.detach()) / torch.linalg.norm(weights[name]))
+                       for name, delta in deltas.items()])
     return ratios
 
 
-def zero_shot(inputs: Inputs, config: Any) -> float:
-    """Mean score over the tasks of the base alone (no LoRA, its own projector)."""
+def zero_shot(inputs: Inputs, config: Any) -> list[float]:
+    """Each task's score under the base alone (no LoRA, its own projector)."""
     from many.config import BaseConfig
     from many.data import read_task
     from many.evaluate import Assembly, assemble, evaluate
@@ -111,7 +125,7 @@ def zero_shot(inputs: Inputs, config: Any) -> float:
 
     model, processor = load_base(inputs.base, BaseConfig(dtype=config.base.dtype, device="cpu"))
     bare = assemble(model, Assembly(), copy_base=False)
-    return statistics.fmean(evaluate(bare, processor, read_task(d), config.eval).score for d in inputs.data)
+    return [evaluate(bare, processor, read_task(d), config.eval).score for d in inputs.data]
 
 
 def measure(config: Any, store_url: str) -> Measured:
@@ -128,15 +142,19 @@ def measure(config: Any, store_url: str) -> Measured:
     report = summary["report"]
     diagnostics = report.get("diagnostics") or {}
     last = {method: report["methods"][method]["matrix"][-1] for method in ("individual", "many")}
+    alone = zero_shot(inputs, config)
+    columns = zip(config.tasks, ratios, alone, last["individual"], last["many"], scores[LPM_OWN], strict=True)
+    per_task = tuple(TaskMeasured(task.name, statistics.fmean(layers), *row) for task, layers, *row in columns)
+    every_layer = [ratio for layers in ratios for ratio in layers]
     return Measured(
         hidden=config.base.tiny.text_hidden, rank=config.finetune.lora.rank, lr=config.finetune.lr,
         tasks=len(config.tasks),
-        update_mean=statistics.fmean(ratios), update_max=max(ratios),
+        update_mean=statistics.fmean(every_layer), update_max=max(every_layer),
         leakage=(diagnostics.get("leakage") or {}).get("mean"), fit_error=(diagnostics.get("fit_error") or {}).get("mean"),
-        zero_shot=zero_shot(inputs, config),
+        zero_shot=statistics.fmean(alone),
         individual=report["methods"]["individual"]["MFN"], many=report["methods"]["many"]["MFN"],
         lpm_own=statistics.fmean(scores[LPM_OWN]), many_norm=normalised(last["many"], last["individual"]),
-        lpm_own_norm=normalised(scores[LPM_OWN], last["individual"]), seconds=seconds,
+        lpm_own_norm=normalised(scores[LPM_OWN], last["individual"]), seconds=seconds, per_task=per_task,
     )
 
 
@@ -157,6 +175,13 @@ def markdown(rows: list[Measured], tasks: list[str]) -> str:
             f"| {_cell(m.leakage)} | {_cell(m.fit_error)} | {m.zero_shot:.1f} | {m.individual:.1f} | {m.many:.1f} "
             f"| {m.lpm_own:.1f} | {m.individual - m.many:.1f} | {m.individual - m.lpm_own:.1f} "
             f"| {_cell(m.many_norm, '.1f')} | {_cell(m.lpm_own_norm, '.1f')} | {m.seconds:.0f} |")
+    lines += ["", "Per task (scores on the task's own scale: a caption task's CIDEr can pass 100):", "",
+              "| d | r | lr | task | ‖ΔW‖/‖W0‖ mean | zero-shot | individual | MAny | LPM + own projector "
+              "| MAny / ind. |", "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for m in rows:
+        lines += [f"| {m.hidden} | {m.rank} | {m.lr:g} | {t.name} | {t.update_mean:.3f} | {t.zero_shot:.1f} "
+                  f"| {t.individual:.1f} | {t.many:.1f} | {t.lpm_own:.1f} | {_cell(normalised([t.many], [t.individual]), '.0f')} |"
+                  for t in m.per_task]
     lines += ["", "| reference | d | r | Σr/d (T = " + str(rows[0].tasks) + ") |", "|---|---:|---:|---:|"]
     lines += [f"| {name} | {d} | {r} | {rows[0].tasks * r / d:.3f} |" for name, d, r in REFERENCE]
     return "\n".join(lines)
