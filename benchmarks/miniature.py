@@ -22,7 +22,8 @@ not have. Nothing here picks a setting by a score: the default is chosen by the 
                                    [--store URL] [--plot PNG]
 
 Default: the embedded defaults, 6 tasks, ranks 2,4,8 × hidden 128,256 at the config's learning rate (~1.5 h cold on
-two cores; the settings of one hidden size share its base). `--smoke`: examples/tiny.yaml, 2 tasks, ranks 2,4 × hidden 32,64.
+two cores; the settings of one hidden size share its base). `--smoke`: examples/tiny.yaml, 2 tasks, ranks 2,4 ×
+hidden 32,64.
 """
 
 from __future__ import annotations
@@ -180,8 +181,8 @@ def markdown(rows: list[Measured], tasks: list[str]) -> str:
               "| MAny / ind. |", "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for m in rows:
         lines += [f"| {m.hidden} | {m.rank} | {m.lr:g} | {t.name} | {t.update_mean:.3f} | {t.zero_shot:.1f} "
-                  f"| {t.individual:.1f} | {t.many:.1f} | {t.lpm_own:.1f} | {_cell(normalised([t.many], [t.individual]), '.0f')} |"
-                  for t in m.per_task]
+                  f"| {t.individual:.1f} | {t.many:.1f} | {t.lpm_own:.1f} "
+                  f"| {_cell(normalised([t.many], [t.individual]), '.0f')} |" for t in m.per_task]
     lines += ["", "| reference | d | r | Σr/d (T = " + str(rows[0].tasks) + ") |", "|---|---:|---:|---:|"]
     lines += [f"| {name} | {d} | {r} | {rows[0].tasks * r / d:.3f} |" for name, d, r in REFERENCE]
     return "\n".join(lines)
