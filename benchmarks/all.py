@@ -30,6 +30,7 @@ import torch
 # (module, title, argv for the full run)
 BENCHMARKS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("benchmarks.quality", "Quality: every method on mini-UCIT through the pipeline (issue #8)", ()),
+    ("benchmarks.quality_stress", "Quality on examples/stress.yaml: the same table with rank-8 LoRAs (issue #16)", ()),
     ("benchmarks.ablation", "Where MAny's gap to the oracle comes from: its final model taken apart (issue #8)", ()),
     ("benchmarks.fwd_prompt_sweep", "Can Fwd-Prompt's prompt tuning learn a mini-UCIT task? (issue #16)",
      ("--tasks", "noisy-caption,style-cls", "--lrs", "0.1,1", "--prompts", "8,32", "--steps", "200", "--n-test", "50",

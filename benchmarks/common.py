@@ -37,11 +37,13 @@ def quiet_environment(scratch: Path) -> None:
     Path(os.environ["RAY_TMPDIR"]).mkdir(parents=True, exist_ok=True)
 
 
-def stream_config(smoke: bool):
-    """The run config a pipeline benchmark streams: examples/tiny.yaml when `smoke`, else the embedded mini-UCIT
-    defaults (call after `quiet_environment`: it imports flows)."""
+def stream_config(smoke: bool, path: Path | None = None):
+    """The run config a pipeline benchmark streams: the run config file `path` when given, else examples/tiny.yaml
+    when `smoke`, else the embedded mini-UCIT defaults (call after `quiet_environment`: it imports flows)."""
     from flows.config import RunConfig, load_config
 
+    if path is not None:
+        return load_config(path)
     return load_config(EXAMPLES / "tiny.yaml") if smoke else RunConfig()
 
 

@@ -17,10 +17,11 @@ the final model answers with divided by the number of tasks (what is kept only t
 state and Grams or Fwd-Prompt's core basis, is not counted).
 
 Default: the embedded mini-UCIT defaults, 6 tasks, 3 seeds, both orders (~25 min per seed and order on two
-cores, cold). `--smoke`: examples/tiny.yaml, 2 tasks, 1 seed (a minute or two).
+cores, cold). `--config PATH`: that run config file's stream instead (benchmarks/quality_stress.py: examples/stress.yaml).
+`--smoke`: examples/tiny.yaml, 2 tasks, 1 seed (a minute or two).
 
-    python -m benchmarks.quality [--smoke] [--seeds N] [--orders ucit,reverse] [--tasks N] [--store URL] [--json PATH]
-                                 [--no-systems] [--plots DIR]
+    python -m benchmarks.quality [--smoke] [--config YAML] [--seeds N] [--orders ucit,reverse] [--tasks N]
+                                 [--store URL] [--json PATH] [--no-systems] [--plots DIR]
 """
 
 from __future__ import annotations
@@ -157,9 +158,17 @@ def markdown(order: str, tasks: list[str], n_seeds: int, table: dict[str, dict[s
     return "\n".join(lines)
 
 
+def _stream_name(path: Path) -> str:
+    """The config file as the table names it: relative to the repository when inside it."""
+    root = Path(__file__).resolve().parents[1]
+    return str(path.resolve().relative_to(root)) if path.resolve().is_relative_to(root) else str(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="examples/tiny.yaml, 2 tasks, 1 seed")
+    parser.add_argument("--config", type=Path, help="stream this run config file (default: the embedded defaults; "
+                        "smoke: examples/tiny.yaml)")
     parser.add_argument("--seeds", type=int, help="replicates, seeds 0..N-1 (default 3, smoke 1)")
     parser.add_argument("--orders", default=",".join(ORDERS), help="comma-separated subset of: " + ", ".join(ORDERS))
     parser.add_argument("--tasks", type=int, help="first N tasks of the UCIT order (default all, smoke 2)")
@@ -178,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     from flows.pipeline import continual_update
     from many.report import render
 
-    config = stream_config(args.smoke)
+    config = stream_config(args.smoke, args.config)
     n_tasks = task_count(parser, args.tasks, args.smoke, config)
     store = args.store or str(scratch / "store")
 
@@ -196,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.plots:
                 render(summary["report"], args.plots / f"{order}-seed{seed}")
 
-    stream = "examples/tiny.yaml" if args.smoke else "embedded mini-UCIT defaults"
+    stream = _stream_name(args.config) if args.config else "examples/tiny.yaml" if args.smoke else "embedded mini-UCIT defaults"
     print(f"Stream: {stream}, {n_tasks} tasks, seeds 0..{seeds - 1}, one store for every run.\n")
     tables = {}
     for order in orders:
