@@ -36,7 +36,7 @@ BENCHMARKS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
      ("--tasks", "noisy-caption,style-cls", "--lrs", "0.1,1", "--prompts", "8,32", "--steps", "200", "--n-test", "50",
       "--no-unprojected")),
     ("benchmarks.miniature", "Is MAny's gap the method or the miniature? LoRA rank × hidden size (issue #16)",
-     ("--plot", "docs/benchmarks/miniature.png")),
+     ("--lrs", "1e-3,5e-4", "--plot", "docs/benchmarks/miniature.png")),
     ("benchmarks.perf", "Performance goals as ratios, 100-task stream, 7B-shaped merge (issue #8)", ()),
     ("benchmarks.merge_bounds", "Merge state bounded by the dense form, store growth, 7B on 3 nodes (issue #17)", ()),
     ("benchmarks.merge_cost", "LPM merge cost vs a bare solve, and vs the dense RLS step (issue: foundation, #17)", ()),

@@ -1,9 +1,10 @@
 """Is MAny's gap to the oracle the method or the miniature? (issue #16, deliverable 2; docs/design.md §7)
 
 Sweeps LoRA rank r × the text model's hidden size d of the tiny LLaVA (its MLP width kept at 2d, α = 2r so the
-LoRA scale stays the default's 2) × the LoRA learning rate (which sets how far each update moves its layer) over the
-default mini-UCIT stream (seed 0, UCIT order, one store for every setting), and measures for each setting the
-ratios that govern a least-squares merge of T low-rank updates:
+LoRA scale stays the default's 2) at the config's learning rate, and, at the first rank, other LoRA learning rates
+(`--lrs`: they set how far each update moves its layer), over the default mini-UCIT stream (seed 0, UCIT order, one
+store for every setting), and measures for each setting the ratios that govern a least-squares merge of T low-rank
+updates:
 
     Σr/d                      how much of a layer's input space the T updates claim together (T·r / d)
     ‖ΔW_i‖/‖W0‖               each task's update against the base weight, Frobenius, mean (and max) over layers and tasks
@@ -18,7 +19,7 @@ LLaVA-1.5-7B's Σr/d at the UCIT reference setting (r = 64, d = 4096, HiDe-LLaVA
 are printed beside them; its other ratios need the real checkpoint and trained adapters, which this benchmark does
 not have. Nothing here picks a setting by a score: the default is chosen by the ratios (BENCHMARKS.md notes).
 
-    python -m benchmarks.miniature [--smoke] [--ranks 2,4,8] [--hidden 128,256] [--lrs 2e-3,5e-4] [--tasks N]
+    python -m benchmarks.miniature [--smoke] [--ranks 2,4,8] [--hidden 128,256] [--lrs 1e-3,5e-4] [--tasks N]
                                    [--store URL] [--plot PNG]
 
 Default: the embedded defaults, 6 tasks, ranks 2,4,8 × hidden 128,256 at the config's learning rate (~1.5 h cold on
@@ -246,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="examples/tiny.yaml, 2 tasks, ranks 2,4 × hidden 32,64")
     parser.add_argument("--ranks", help="LoRA ranks (default 2,4,8; smoke 2,4)")
     parser.add_argument("--hidden", help="text hidden sizes (default 128,256; smoke 32,64)")
-    parser.add_argument("--lrs", help="LoRA learning rates (default: the config's finetune.lr)")
+    parser.add_argument("--lrs", help="more LoRA learning rates, each at the first rank (default: none)")
     parser.add_argument("--tasks", type=int, help="first N tasks of the UCIT order (default all, smoke 2)")
     parser.add_argument("--store", help="store URL shared by every setting (default: a fresh temporary directory)")
     parser.add_argument("--plot", type=Path, help="write the gap-vs-Σr/d figure here (PNG)")
@@ -262,11 +263,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--hidden {args.hidden}: each size must be a multiple of the {heads} attention heads")
     store = args.store or str(scratch / "store")
     base = seeded(config, 0, "ucit", n_tasks, store, systems=False)
+    lr = config.finetune.lr
+    more = [x for x in (_floats(parser, "--lrs", args.lrs) if args.lrs else []) if x != lr]
+    settings = [(d, r, lr) for d in hidden for r in ranks] + [(d, ranks[0], x) for d in hidden for x in more]
     rows = []
-    lrs = _floats(parser, "--lrs", args.lrs) if args.lrs else [config.finetune.lr]
-    for d, lr, r in itertools.product(hidden, lrs, ranks):  # one base per hidden size: its settings share it
-        print(f"  text hidden {d}, LoRA lr {lr:g}, rank {r} …", file=sys.stderr, flush=True)
-        rows.append(measure(setting(base, d, r, lr), store))
+    for d, r, x in sorted(settings, key=lambda s: s[0]):  # one base per hidden size: its settings share it
+        print(f"  text hidden {d}, LoRA rank {r}, lr {x:g} …", file=sys.stderr, flush=True)
+        rows.append(measure(setting(base, d, r, x), store))
     stream = "examples/tiny.yaml" if args.smoke else "embedded mini-UCIT defaults"
     print(f"Stream: {stream}, {n_tasks} tasks, one store for every setting.\n")
     print(markdown(rows, [t.name for t in base.tasks]))
