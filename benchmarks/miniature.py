@@ -98,6 +98,13 @@ def setting(config: Any, hidden: int, rank: int, lr: float | None = None) -> Any
     })
 
 
+def grid(hidden: list[int], ranks: list[int], lr: float, more_lrs: list[float]) -> list[tuple[int, int, float]]:
+    """The (hidden, rank, lr) settings: every rank × hidden at `lr`, and each other learning rate at the first rank,
+    grouped by hidden size (the settings of one hidden size share its base)."""
+    extra = [x for x in dict.fromkeys(more_lrs) if x != lr]
+    return [(d, r, x) for d in hidden for r, x in [(r, lr) for r in ranks] + [(ranks[0], x) for x in extra]]
+
+
 def update_ratios(inputs: Inputs, config: Any) -> list[list[float]]:
     """‖ΔW_i‖_F / ‖W0‖_F for every task i (outer list) and LoRA layer (inner) of the run's adapters."""
     import torch
@@ -263,13 +270,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--hidden {args.hidden}: each size must be a multiple of the {heads} attention heads")
     store = args.store or str(scratch / "store")
     base = seeded(config, 0, "ucit", n_tasks, store, systems=False)
-    lr = config.finetune.lr
-    more = [x for x in (_floats(parser, "--lrs", args.lrs) if args.lrs else []) if x != lr]
-    settings = [(d, r, lr) for d in hidden for r in ranks] + [(d, ranks[0], x) for d in hidden for x in more]
+    more = _floats(parser, "--lrs", args.lrs) if args.lrs else []
     rows = []
-    for d, r, x in sorted(settings, key=lambda s: s[0]):  # one base per hidden size: its settings share it
-        print(f"  text hidden {d}, LoRA rank {r}, lr {x:g} …", file=sys.stderr, flush=True)
-        rows.append(measure(setting(base, d, r, x), store))
+    for d, r, lr in grid(hidden, ranks, config.finetune.lr, more):
+        print(f"  text hidden {d}, LoRA rank {r}, lr {lr:g} …", file=sys.stderr, flush=True)
+        rows.append(measure(setting(base, d, r, lr), store))
     stream = "examples/tiny.yaml" if args.smoke else "embedded mini-UCIT defaults"
     print(f"Stream: {stream}, {n_tasks} tasks, one store for every setting.\n")
     print(markdown(rows, [t.name for t in base.tasks]))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from benchmarks.miniature import METHODS, Measured, TaskMeasured, markdown, plot, setting
+from benchmarks.miniature import METHODS, Measured, TaskMeasured, grid, markdown, plot, setting
 from flows.config import RunConfig
 
 
@@ -17,6 +17,12 @@ def test_a_setting_scales_the_text_model_and_the_lora_and_keeps_the_rest() -> No
     assert config.finetune.lr == RunConfig().finetune.lr  # no learning rate given: the config's
     slower = setting(RunConfig(), hidden=128, rank=2, lr=5e-4)
     assert (slower.finetune.lr, slower.finetune.projector_lr) == (5e-4, RunConfig().finetune.projector_lr)
+
+
+def test_other_learning_rates_run_at_the_first_rank_only() -> None:
+    assert grid([128, 256], [2, 8], 2e-3, [5e-4, 2e-3, 5e-4]) == [
+        (128, 2, 2e-3), (128, 8, 2e-3), (128, 2, 5e-4), (256, 2, 2e-3), (256, 8, 2e-3), (256, 2, 5e-4)]
+    assert grid([64], [4], 1e-3, []) == [(64, 4, 1e-3)]
 
 
 def test_table_and_figure(tmp_path: Path) -> None:
