@@ -132,8 +132,9 @@ class LPMConfig(Frozen):
 class ResidualConfig(Frozen):
     """MAny-R's per-task residuals (many.residual; docs/design.md §1.4): rank k of each task's ΔW_i − M_t.
 
-    rank: k. The default, 2, is the default LoRA rank: each task then stores as many residual bytes as its own
-          LoRA (k·(out + in) floats per layer). k ≥ r_i + Σ r makes the residual exact.
+    rank: k. With k ≥ r_i a task keeps its own factors: exact, for as many bytes as its own LoRA, and the merge
+          cancels (each task's own adapter, routed by CPM); k < r_i keeps the rank-k truncation of ΔW_i − M_t. The
+          default, 2, is the default LoRA rank.
     """
 
     rank: PositiveInt = 2

@@ -13,6 +13,15 @@ weights that mix the projectors:
     y = (W0 + M_t) x + Σ_i w_i(x) U_i (V_i x)
 
 With k ≥ rank D_i and routing one-hot on task i, the layer is exactly W0 + ΔW_i: task i's own adapter.
+
+The weights sum to one, so Σ_i w_i (ΔW_i − M_t) = Σ_i w_i ΔW_i − M_t: a residual kept as the task's own factors
+(s_i B_i, A_i), with the shared M_t subtracted, is exact for the bytes of the task's own LoRA, where the truncated
+D_i needs rank r_i + Σr for that. So once k ≥ r_i a task keeps its own factors (`own_factors`, form "own") and the
+layer becomes
+
+    y = W0 x + Σ_i w_i(x) s_i B_i (A_i x)              (M_t cancels: each task's own adapter, routed by CPM)
+
+and only k < r_i, fewer bytes than the task's own LoRA, truncates D_i.
 """
 
 from __future__ import annotations
@@ -55,6 +64,16 @@ def residuals(
         U, V, error = residual(task[layer], merged[layer], rank, layer)
         factors[layer], errors[layer] = (U.float().contiguous(), V.float().contiguous()), error
     return factors, errors
+
+
+def own_factors(task: Mapping[str, tuple[Tensor, Tensor, float]]) -> dict[str, Factors]:
+    """{layer: (s·B (out, r), A (r, in))} float32: the task's own update ΔW_i = s B A as residual factors."""
+    return {layer: ((scale * B).float().contiguous(), A.float().contiguous()) for layer, (B, A, scale) in sorted(task.items())}
+
+
+def task_rank(task: Mapping[str, tuple[Tensor, Tensor, float]]) -> int:
+    """The largest LoRA rank r_i over the task's layers."""
+    return max(A.shape[0] for _, A, _ in task.values())
 
 
 class RoutedResidual(nn.Module):

@@ -8,7 +8,7 @@ from many.config import EvalConfig
 from many.evaluate import Assembly, Router, assemble, generate_answers, lora_deltas
 from many.model.chat import encode_for_training
 from many.model.parts import PEFT_PREFIX, projector_of
-from many.residual import RoutedResidual, residual, residuals
+from many.residual import RoutedResidual, own_factors, residual, residuals, task_rank
 from tests.conftest import make_samples
 
 F64 = torch.float64
@@ -71,6 +71,27 @@ def test_routed_residual_one_hot_is_each_tasks_own_layer_and_soft_weights_mix_li
     torch.testing.assert_close(y[2], x[2] @ mixed.T, rtol=0, atol=1e-10)
     with pytest.raises(RuntimeError, match="routed 3 images but the batch has 2"):
         layer(x[:2])
+
+
+def test_own_factors_without_the_merge_mix_as_the_exact_residuals_with_it() -> None:
+    """Σ_i w_i (ΔW_i − M) + M = Σ_i w_i ΔW_i for weights summing to one: the tasks' own rank-r factors on W0 alone
+    give the layer the exact rank-(r + Σr) residuals give on W0 + M, at any soft weights."""
+    torch.manual_seed(1)
+    W0 = torch.randn(6, 5, dtype=F64)
+    tasks, (mB, mA, _) = [_lora(6, 5, 2, 20), _lora(6, 5, 2, 21)], _lora(6, 5, 4, 22, 1.0)
+    with_merge, alone = torch.nn.Linear(5, 6, bias=False).double(), torch.nn.Linear(5, 6, bias=False).double()
+    with torch.no_grad():
+        with_merge.weight.copy_(W0 + mB @ mA)
+        alone.weight.copy_(W0)
+    exact = RoutedResidual(with_merge, [residual(t, (mB, mA), rank=6)[:2] for t in tasks])  # 6 = r + Σr
+    own = own_factors({f"layer{i}": t for i, t in enumerate(tasks)})
+    assert task_rank({"q": tasks[0]}) == 2 and all(U.shape == (6, 2) and U.dtype == torch.float32 for U, _ in own.values())
+    routed = RoutedResidual(alone, [tuple(f.double() for f in own[f"layer{i}"]) for i in range(2)])
+    weights = torch.tensor([[0.3, 0.7], [1.0, 0.0]], dtype=F64)
+    x = torch.randn(2, 3, 5, dtype=F64)
+    exact.route(weights)
+    routed.route(weights)
+    torch.testing.assert_close(routed(x), exact(x), rtol=0, atol=1e-6)  # own factors stored float32
 
 
 def test_assembled_merge_plus_residual_is_the_own_adapters_model(tiny_base) -> None:
