@@ -197,7 +197,7 @@ def markdown(rows: list[Measured], tasks: list[str]) -> str:
 
 
 def plot(rows: list[Measured], path: Path) -> None:
-    """Gap to the oracle against Σr/d: MAny and LPM + own projector, one marker per hidden size and one line style
+    """Gap to the oracle against Σr/d: MAny and LPM + own projector, one marker per hidden size and one marker fill
     per learning rate; the 7B references as vertical lines."""
     import matplotlib
 
@@ -206,15 +206,15 @@ def plot(rows: list[Measured], path: Path) -> None:
 
     figure, axis = plt.subplots(figsize=(6, 4))
     markers = dict(zip(sorted({m.hidden for m in rows}), "os^D"))
-    styles = dict(zip(sorted({m.lr for m in rows}, reverse=True), ("-", "--", ":", "-.")))
+    fills = dict(zip(sorted({m.lr for m in rows}, reverse=True), ("full", "none", "bottom", "left")))
     for label, gap, colour in (("MAny", lambda m: m.individual - m.many, "tab:blue"),
                                (LPM_OWN, lambda m: m.individual - m.lpm_own, "tab:orange")):
-        for (hidden, marker), (lr, style) in itertools.product(markers.items(), styles.items()):
+        for (hidden, marker), (lr, fill) in itertools.product(markers.items(), fills.items()):
             chosen = sorted((m for m in rows if m.hidden == hidden and m.lr == lr), key=lambda m: m.sigma)
             if chosen:
-                suffix = f", lr {lr:g}" if len(styles) > 1 else ""
-                axis.plot([m.sigma for m in chosen], [gap(m) for m in chosen], marker=marker, color=colour,
-                          linestyle=style, label=f"{label}, d = {hidden}{suffix}")
+                suffix = f", lr {lr:g}" if len(fills) > 1 else ""
+                axis.plot([m.sigma for m in chosen], [gap(m) for m in chosen], marker=marker, fillstyle=fill,
+                          markersize=8, color=colour, label=f"{label}, d = {hidden}{suffix}")
     for name, d, r in REFERENCE:
         axis.axvline(rows[0].tasks * r / d, color="grey", linestyle=":", linewidth=1)
         axis.text(rows[0].tasks * r / d, 0.02, name, transform=axis.get_xaxis_transform(), rotation=90, fontsize=7,
