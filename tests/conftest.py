@@ -107,3 +107,26 @@ def harness(tmp_path_factory: pytest.TempPathFactory):
     Path(os.environ["RAY_TMPDIR"]).mkdir(parents=True, exist_ok=True)
     with prefect_test_harness(server_startup_timeout=90):
         yield
+
+
+def two_task_stages(base_dir: Path, root: Path, stats, **finetune) -> dict[str, Path]:
+    """Stage outputs of two fixture tasks ("colour", "shape") on the base at `base_dir`, under `root`: data<t>,
+    finetune<t> (rank-2 LoRA, `finetune` overriding FinetuneConfig's fields, seed t) and all-token grams<t>."""
+    from many.config import FinetuneConfig, LoraConfig
+    from many.data import write_task
+    from many.data.schema import TaskData
+    from tasks.stages import FinetuneStageConfig, StatsStageConfig, compute_finetune, compute_stats
+
+    out = {"base": base_dir}
+    for t, question in enumerate(("colour", "shape")):
+        data = root / f"data{t}"
+        write_task(TaskData(question, "exact_match", make_samples(12, question, seed=t), make_samples(4, question, seed=9)), data)
+        (root / f"finetune{t}").mkdir()
+        config = FinetuneConfig(**{"lora": LoraConfig(rank=2, alpha=4.0), "batch_size": 4, "seed": t, **finetune})
+        task = compute_finetune({"base": base_dir, "data": data}, root / f"finetune{t}", device="cpu",
+                                config=FinetuneStageConfig(finetune=config))["task"]
+        (root / f"stats{t}").mkdir()
+        grams = compute_stats({"base": base_dir, "data": data, "finetune": task}, root / f"stats{t}",
+                              config=StatsStageConfig(stats=stats), device="cpu")["grams"]
+        out |= {f"data{t}": data, f"finetune{t}": task, f"grams{t}": grams}
+    return out

@@ -106,9 +106,7 @@ def lpm_deltas(ctx: EvalContext) -> dict[str, Any]:
 
 
 def evaluate(ctx: EvalContext) -> tuple[list[Any], dict[str, Any]]:
-    assembly, tau = parts.routed(ctx, lpm_deltas(ctx))
-    return parts.score(ctx, [assembly] * len(ctx.tasks)), {
-        "tau": tau, **parts.routed_footprint(ctx, parts.stored(ctx.inputs.chain[-1])[1])}
+    return parts.routed_scores(ctx, lpm_deltas(ctx))
 
 
 ROW = Row(

@@ -73,9 +73,7 @@ XL_CHAIN = Chain(
 
 
 def evaluate(ctx: EvalContext) -> tuple[list[Any], dict[str, Any]]:
-    assembly, tau = parts.routed(ctx, merged_deltas(ctx))
-    return parts.score(ctx, [assembly] * len(ctx.tasks)), {
-        "tau": tau, **parts.routed_footprint(ctx, parts.stored(ctx.inputs.chain[-1])[1])}
+    return parts.routed_scores(ctx, merged_deltas(ctx))
 
 
 ROW = Row(

@@ -116,3 +116,11 @@ def routed_footprint(ctx: EvalContext, update_bytes: int) -> dict[str, int]:
     the prototypes that route between them."""
     kept = update_bytes + sum(map(projector_bytes, ctx.inputs.finetune)) + prototype_bytes(ctx)
     return task_adapters_footprint(ctx, kept)
+
+
+def routed_scores(ctx: EvalContext, deltas: Mapping[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+    """The eval of a row whose model is one merged update (`deltas`, stored as link t of its chain) with the tasks'
+    projectors routed by CPM: its scores, the τ it used and its size."""
+    assembly, tau = routed(ctx, deltas)
+    return score(ctx, [assembly] * len(ctx.tasks)), {
+        "tau": tau, **routed_footprint(ctx, stored(ctx.inputs.chain[-1])[1])}

@@ -11,9 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from many.adapters import projector_state
-from many.config import FinetuneConfig, LoraConfig, LPMConfig, StatsConfig
-from many.data import read_task, write_task
-from many.data.schema import TaskData
+from many.config import LPMConfig, StatsConfig
+from many.data import read_task
 from many.lpm_crosslayer import TaskParts, cross_layer_merge, group_gram, input_groups
 from many.merging import regmean
 from many.merging.config import RegMeanConfig
@@ -21,8 +20,8 @@ from many.model.parts import PEFT_PREFIX
 from many.stats import load_grams
 from tasks.rows.many_xl import CrossLayerStageConfig, compute_merge_xl
 from tasks.rows.parts import task_deltas
-from tasks.stages import FinetuneStageConfig, StatsStageConfig, compute_finetune, compute_stats, load_base
-from tests.conftest import make_samples
+from tasks.stages import load_base
+from tests.conftest import make_samples, two_task_stages
 
 STATS = StatsConfig(batch_size=8)
 LPM = LPMConfig()
@@ -31,20 +30,7 @@ LPM = LPMConfig()
 @pytest.fixture(scope="module")
 def stages(tiny_base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Two tasks' data, fine-tuned adapters (8 steps, rank 2) and all-token Grams on the fixture base."""
-    root = tmp_path_factory.mktemp("many-xl")
-    out = {"base": tiny_base_dir}
-    for t, question in enumerate(("colour", "shape")):
-        data = root / f"data{t}"
-        write_task(TaskData(question, "exact_match", make_samples(12, question, seed=t), make_samples(4, question, seed=9)), data)
-        (root / f"finetune{t}").mkdir()
-        finetune = compute_finetune({"base": tiny_base_dir, "data": data}, root / f"finetune{t}", device="cpu",
-                                    config=FinetuneStageConfig(finetune=FinetuneConfig(
-                                        lora=LoraConfig(rank=2, alpha=4.0), steps=8, batch_size=4, lr=1e-2, seed=t)))["task"]
-        (root / f"stats{t}").mkdir()
-        grams = compute_stats({"base": tiny_base_dir, "data": data, "finetune": finetune}, root / f"stats{t}",
-                              config=StatsStageConfig(stats=STATS), device="cpu")["grams"]
-        out |= {f"data{t}": data, f"finetune{t}": finetune, f"grams{t}": grams}
-    return out
+    return two_task_stages(tiny_base_dir, tmp_path_factory.mktemp("many-xl"), STATS, steps=8, lr=1e-2)
 
 
 def _tasks(stages: dict[str, Path], n: int) -> list[TaskParts]:

@@ -10,14 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from many.config import AnswerWeightConfig, FinetuneConfig, LoraConfig, LPMConfig, StatsConfig
-from many.data import write_task
-from many.data.schema import TaskData
+from many.config import AnswerWeightConfig, LPMConfig, StatsConfig
 from many.stats import gram_groups, load_grams
 from tasks.rows.many import compute_merge
 from tasks.rows.many_answer import AnswerMergeStageConfig, compute_merge_answer, weighted_grams
-from tasks.stages import FinetuneStageConfig, StatsStageConfig, compute_finetune, compute_stats
-from tests.conftest import make_samples
+from tests.conftest import two_task_stages
 
 STATS = StatsConfig(batch_size=8)
 
@@ -31,18 +28,7 @@ def _workdir(root: Path, name: str) -> Path:
 @pytest.fixture(scope="module")
 def task_inputs(tiny_base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Two tasks' stage outputs on the fixture base: data, finetune (6 steps) and all-token Grams."""
-    root = tmp_path_factory.mktemp("many-answer")
-    out = {"base": tiny_base_dir}
-    for t, question in enumerate(("colour", "shape")):
-        data = root / f"data{t}"
-        write_task(TaskData(question, "exact_match", make_samples(12, question, seed=t), make_samples(4, question, seed=9)), data)
-        finetune = compute_finetune({"base": tiny_base_dir, "data": data}, _workdir(root, f"finetune{t}"), device="cpu",
-                                    config=FinetuneStageConfig(finetune=FinetuneConfig(
-                                        lora=LoraConfig(rank=2, alpha=4.0), steps=6, batch_size=4, seed=t)))["task"]
-        grams = compute_stats({"base": tiny_base_dir, "data": data, "finetune": finetune}, _workdir(root, f"stats{t}"),
-                              config=StatsStageConfig(stats=STATS), device="cpu")["grams"]
-        out |= {f"data{t}": data, f"finetune{t}": finetune, f"grams{t}": grams}
-    return out
+    return two_task_stages(tiny_base_dir, tmp_path_factory.mktemp("many-answer"), STATS, steps=6)
 
 
 def _chain(inputs: dict[str, Path], root: Path, answer: AnswerWeightConfig) -> list[dict[str, Path]]:
