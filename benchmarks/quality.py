@@ -17,7 +17,8 @@ the final model answers with divided by the number of tasks (what is kept only t
 state and Grams or Fwd-Prompt's core basis, is not counted).
 
 Default: the embedded mini-UCIT defaults, 6 tasks, 3 seeds, both orders (~25 min per seed and order on two
-cores, cold). `--config PATH`: that run config file's stream instead (benchmarks/quality_stress.py: examples/stress.yaml).
+cores, cold). `--config PATH`: that run config file's stream instead (benchmarks/quality_stress.py streams
+examples/stress.yaml).
 `--smoke`: examples/tiny.yaml, 2 tasks, 1 seed (a minute or two).
 
     python -m benchmarks.quality [--smoke] [--config YAML] [--seeds N] [--orders ucit,reverse] [--tasks N]
@@ -207,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.plots:
                 render(summary["report"], args.plots / f"{order}-seed{seed}")
 
-    stream = _stream_name(args.config) if args.config else "examples/tiny.yaml" if args.smoke else "embedded mini-UCIT defaults"
+    stream = (_stream_name(args.config) if args.config
+              else "examples/tiny.yaml" if args.smoke else "embedded mini-UCIT defaults")
     print(f"Stream: {stream}, {n_tasks} tasks, seeds 0..{seeds - 1}, one store for every run.\n")
     tables = {}
     for order in orders:

@@ -17,8 +17,8 @@ from benchmarks.common import EXAMPLES
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    stream = ["--config", str(EXAMPLES / "tiny.yaml"), "--tasks", "1"] if "--smoke" in argv else ["--config", str(EXAMPLES / "stress.yaml")]
-    return quality.main([*stream, *argv])
+    stream = [str(EXAMPLES / "tiny.yaml"), "--tasks", "1"] if "--smoke" in argv else [str(EXAMPLES / "stress.yaml")]
+    return quality.main(["--config", *stream, *argv])
 
 
 if __name__ == "__main__":

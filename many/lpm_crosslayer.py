@@ -49,7 +49,7 @@ class _Cut(Exception):
     """Raised by the hook of the group being measured: nothing after it needs to run."""
 
 
-def _batches(model: nn.Module, processor: LlavaProcessor, samples: Sequence[Sample], cfg: StatsConfig):
+def encoded_batches(model: nn.Module, processor: LlavaProcessor, samples: Sequence[Sample], cfg: StatsConfig):
     """The encoded batches of `samples` (the first cfg.max_samples), on the model's device and vision dtype."""
     device = next(model.parameters()).device
     tower_dtype = next(model.model.vision_tower.parameters()).dtype
@@ -116,7 +116,7 @@ def group_gram(model: nn.Module, processor: LlavaProcessor, samples: Sequence[Sa
     handle = module.register_forward_pre_hook(hook)
     try:
         with torch.no_grad():
-            for batch in _batches(model, processor, samples, cfg):
+            for batch in encoded_batches(model, processor, samples, cfg):
                 mask[:] = [batch["attention_mask"]]
                 seen += int(batch["attention_mask"].sum())
                 try:
@@ -130,8 +130,15 @@ def group_gram(model: nn.Module, processor: LlavaProcessor, samples: Sequence[Sa
     return (total[0] / seen).cpu()
 
 
-def cross_layer_merge(base_model: LlavaForConditionalGeneration, processor: LlavaProcessor, tasks: Sequence[TaskParts],
-                      lpm: LPMConfig, stats: StatsConfig, *, on_group: BatchCallback | None = None) -> dict[str, Tensor]:
+def cross_layer_merge(
+    base_model: LlavaForConditionalGeneration,
+    processor: LlavaProcessor,
+    tasks: Sequence[TaskParts],
+    lpm: LPMConfig,
+    stats: StatsConfig,
+    *,
+    on_group: BatchCallback | None = None,
+) -> dict[str, Tensor]:
     """M per PEFT module name (out, in) by the module doc's recursion over input groups; `base_model` is left as it
     is (the merge works on a copy). `on_group(groups done, groups)` after each group."""
     from many.evaluate import Assembly, assemble
@@ -147,7 +154,7 @@ def cross_layer_merge(base_model: LlavaForConditionalGeneration, processor: Llav
     solve = RegMeanConfig(a=lpm.a, gamma=lpm.gamma)
     projector = model.model.multi_modal_projector
     projector.load_state_dict(tasks[0].projector)
-    probe = next(_batches(model, processor, tasks[0].samples[:1], stats))
+    probe = next(encoded_batches(model, processor, tasks[0].samples[:1], stats))
     groups = input_groups(model, probe, [name.removeprefix(PEFT_PREFIX) for name in peft_names])
     merged: dict[str, Tensor] = {}
     for done, group in enumerate(groups, 1):

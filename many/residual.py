@@ -68,7 +68,8 @@ def residuals(
 
 def own_factors(task: Mapping[str, tuple[Tensor, Tensor, float]]) -> dict[str, Factors]:
     """{layer: (s·B (out, r), A (r, in))} float32: the task's own update ΔW_i = s B A as residual factors."""
-    return {layer: ((scale * B).float().contiguous(), A.float().contiguous()) for layer, (B, A, scale) in sorted(task.items())}
+    return {layer: ((scale * B).float().contiguous(), A.float().contiguous())
+            for layer, (B, A, scale) in sorted(task.items())}
 
 
 def task_rank(task: Mapping[str, tuple[Tensor, Tensor, float]]) -> int:

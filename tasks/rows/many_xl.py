@@ -78,7 +78,7 @@ def evaluate(ctx: EvalContext) -> tuple[list[Any], dict[str, Any]]:
 
 ROW = Row(
     name="many_xl",
-    summary="MAny-XL: MAny's merge on cross-layer Grams, taken through the merged earlier layers (opt-in, experimental)",
+    summary="MAny-XL: MAny's merge on Grams taken through the merged earlier layers (opt-in, experimental)",
     evaluate=evaluate,
     reads=frozenset({"finetune", "prototypes"}),
     chain=XL_CHAIN,
