@@ -109,16 +109,16 @@ def update_ratios(inputs: Inputs, config: Any) -> list[list[float]]:
     """‖ΔW_i‖_F / ‖W0‖_F for every task i (outer list) and LoRA layer (inner) of the run's adapters."""
     import torch
 
-    from many.adapters import lora_factors
     from many.config import BaseConfig
-    from many.evaluate import PEFT_PREFIX, lora_deltas
+    from many.evaluate import PEFT_PREFIX
     from many.model.load import load_base
+    from tasks.rows.parts import task_deltas
 
     model, _ = load_base(inputs.base, BaseConfig(dtype="float32", device="cpu"))
     modules = dict(model.named_modules())
     ratios = []
     for task_dir in inputs.finetune:
-        deltas = lora_deltas(lora_factors(task_dir / "adapter"))  # ΔW (out, in) against W0 (out, in)
+        deltas = task_deltas(task_dir)  # ΔW (out, in) against W0 (out, in)
         weights = {name: modules[name.removeprefix(PEFT_PREFIX)].weight.detach() for name in deltas}
         ratios.append([float(torch.linalg.norm(delta.detach()) / torch.linalg.norm(weights[name]))
                        for name, delta in deltas.items()])

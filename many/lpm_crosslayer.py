@@ -31,9 +31,9 @@ from many.config import LPMConfig, StatsConfig
 from many.data.schema import Sample
 from many.merging import regmean
 from many.merging.config import RegMeanConfig
-from many.model.chat import encode_for_training
 from many.model.parts import PEFT_PREFIX
 from many.progress import BatchCallback
+from many.stats import encoded_batches
 
 
 @dataclass(frozen=True)
@@ -47,19 +47,6 @@ class TaskParts:
 
 class _Cut(Exception):
     """Raised by the hook of the group being measured: nothing after it needs to run."""
-
-
-def encoded_batches(model: nn.Module, processor: LlavaProcessor, samples: Sequence[Sample], cfg: StatsConfig):
-    """The encoded batches of `samples` (the first cfg.max_samples), on the model's device and vision dtype."""
-    device = next(model.parameters()).device
-    tower_dtype = next(model.model.vision_tower.parameters()).dtype
-    samples = tuple(samples)[: cfg.max_samples]
-    for start in range(0, len(samples), cfg.batch_size):
-        batch = encode_for_training(processor, samples[start : start + cfg.batch_size])
-        batch.pop("labels")
-        batch = {k: v.to(device) for k, v in batch.items()}
-        batch["pixel_values"] = batch["pixel_values"].to(tower_dtype)
-        yield batch
 
 
 def input_groups(model: nn.Module, batch: Mapping[str, Tensor], names: Sequence[str]) -> list[tuple[str, ...]]:
@@ -116,7 +103,7 @@ def group_gram(model: nn.Module, processor: LlavaProcessor, samples: Sequence[Sa
     handle = module.register_forward_pre_hook(hook)
     try:
         with torch.no_grad():
-            for batch in encoded_batches(model, processor, samples, cfg):
+            for batch, _ in encoded_batches(model, processor, tuple(samples)[: cfg.max_samples], cfg.batch_size):
                 mask[:] = [batch["attention_mask"]]
                 seen += int(batch["attention_mask"].sum())
                 try:
@@ -154,7 +141,7 @@ def cross_layer_merge(
     solve = RegMeanConfig(a=lpm.a, gamma=lpm.gamma)
     projector = model.model.multi_modal_projector
     projector.load_state_dict(tasks[0].projector)
-    probe = next(encoded_batches(model, processor, tasks[0].samples[:1], stats))
+    probe, _ = next(encoded_batches(model, processor, tasks[0].samples[:1], stats.batch_size))
     groups = input_groups(model, probe, [name.removeprefix(PEFT_PREFIX) for name in peft_names])
     merged: dict[str, Tensor] = {}
     for done, group in enumerate(groups, 1):

@@ -25,8 +25,9 @@ A file without the metadata (the earlier format) is read as one group per layer.
 from __future__ import annotations
 
 import json
+import math
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -35,7 +36,7 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import LlavaProcessor
 
@@ -43,6 +44,7 @@ from many.config import StatsConfig
 from many.data.schema import Sample
 from many.loop import answer_positions
 from many.model.chat import encode_for_training
+from many.model.parts import llava
 from many.progress import BatchCallback
 
 GRAMS_FORMAT = "many.grams/2"  # safetensors metadata "format" of a Grams file stored once per input group
@@ -57,6 +59,20 @@ def lora_layers(model: PeftModel) -> dict[str, torch.nn.Module]:
     if not layers:
         raise ValueError("collect_grams: the model has no LoRA layers; pass the task's fine-tuned PeftModel")
     return layers
+
+
+def encoded_batches(model: nn.Module, processor: LlavaProcessor, samples: Sequence[Sample],
+                    batch_size: int) -> Iterator[tuple[dict[str, Tensor], Tensor]]:
+    """`samples` encoded as for training, `batch_size` at a time: (the model's inputs on its device, the pixels in its
+    vision tower's dtype; the labels (B, L), on the CPU). For a LLaVA or a PeftModel around one."""
+    device = next(model.parameters()).device
+    tower_dtype = next(llava(model).model.vision_tower.parameters()).dtype
+    for start in range(0, len(samples), batch_size):
+        batch = encode_for_training(processor, samples[start : start + batch_size])
+        labels = batch.pop("labels")
+        batch = {k: v.to(device) for k, v in batch.items()}
+        batch["pixel_values"] = batch["pixel_values"].to(tower_dtype)
+        yield batch, labels
 
 
 def collect_grams(
@@ -82,8 +98,6 @@ def collect_grams(
     if not samples:
         raise ValueError("collect_grams: no samples; the task's training split is empty")
     layers = lora_layers(model)
-    device = next(model.parameters()).device
-    tower_dtype = next(model.get_base_model().model.vision_tower.parameters()).dtype
     sums: dict[str, Tensor] = {}  # group's first layer -> Σ XᵀX (in, in) float64
     group_of: dict[str, str] = {}  # layer -> its group's first layer (itself for the first)
     mask: list[Tensor] = []  # the current batch's attention mask (B, L), read by the hooks
@@ -121,19 +135,18 @@ def collect_grams(
     tokens_seen = 0
     try:
         with torch.no_grad():
-            starts = range(0, len(samples), cfg.batch_size)
-            for done, start in enumerate(tqdm(starts, desc="grams", disable=not progress), 1):
-                batch = encode_for_training(processor, samples[start : start + cfg.batch_size])
-                labels = batch.pop("labels")
-                batch = {k: v.to(device) for k, v in batch.items()}
-                batch["pixel_values"] = batch["pixel_values"].to(tower_dtype)
-                kept = batch["attention_mask"] if tokens == "all" else answer_positions(labels).to(device)  # (B, L)
+            total = math.ceil(len(samples) / cfg.batch_size)
+            batches = tqdm(encoded_batches(model, processor, samples, cfg.batch_size), total=total, desc="grams",
+                           disable=not progress)
+            for done, (batch, labels) in enumerate(batches, 1):
+                mask_all = batch["attention_mask"]  # (B, L), on the model's device
+                kept = mask_all if tokens == "all" else answer_positions(labels).to(mask_all.device)  # (B, L)
                 mask[:] = [kept]
                 last.clear()
                 model(**batch, use_cache=False)
                 tokens_seen += int(kept.sum())
                 if on_batch is not None:
-                    on_batch(done, len(starts))
+                    on_batch(done, total)
     finally:
         for handle in handles:
             handle.remove()

@@ -6,6 +6,7 @@ Each baseline's module is two lines: its chain `merge_<name>` and its row, made 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,6 @@ from tasks.rows.row import Chain, EvalContext, PerTask, Row, indexed, indexed_pa
 
 def compute_batch_merge(inputs: dict[str, Path], workdir: Path, *, config: Any, method: str) -> dict[str, Path]:
     """merge_<method>[t]: the batch merge of the adapters finetune_0 … finetune_t (and Grams stats_0 … stats_t)."""
-    from safetensors.torch import save_file
-
     from many.merging import merge_model
     from many.stats import load_grams
 
@@ -28,10 +27,16 @@ def compute_batch_merge(inputs: dict[str, Path], workdir: Path, *, config: Any, 
     if stats:
         per_task_grams = [load_grams(path) for path in stats]
         grams = {module: [g[module] for g in per_task_grams] for module in deltas}
-    merged = merge_model(method, deltas, grams, config)
+    return {"deltas": save_deltas(merge_model(method, deltas, grams, config), workdir)}
+
+
+def save_deltas(merged: Mapping[str, Any], workdir: Path) -> Path:
+    """A batch merge's output: {PEFT module name: M (out, in)} float32 in workdir/deltas.safetensors."""
+    from safetensors.torch import save_file
+
     path = workdir / "deltas.safetensors"
     save_file({k: v.to("cpu").float().contiguous() for k, v in merged.items()}, str(path))
-    return {"deltas": path}
+    return path
 
 
 def batch_chain(method: str, *, grams: bool = False) -> Chain:
@@ -62,6 +67,11 @@ def merged_deltas(ctx: EvalContext) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     return load_file(str(ctx.inputs.chain[-1]))
+
+
+def routed_evaluate(ctx: EvalContext) -> tuple[list[Any], dict[str, Any]]:
+    """The eval of a batch-merged update with the tasks' projectors routed by CPM (MAny without LPM, MAny-XL)."""
+    return parts.routed_scores(ctx, merged_deltas(ctx))
 
 
 def evaluate(ctx: EvalContext) -> tuple[list[Any], dict[str, Any]]:

@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from many.inference import Recipe
-from tasks.rows import average, parts
-from tasks.rows.batch import merged_deltas
-from tasks.rows.row import EvalContext, Row
-
-
-def evaluate(ctx: EvalContext) -> tuple[list[Any], dict[str, Any]]:
-    return parts.routed_scores(ctx, merged_deltas(ctx))
-
+from tasks.rows import average
+from tasks.rows.batch import routed_evaluate
+from tasks.rows.row import Row
 
 ROW = Row(
     name="many_cpm_only",
     summary="MAny without LPM: the averaged LoRA + CPM",
-    evaluate=evaluate,
+    evaluate=routed_evaluate,
     reads=frozenset({"finetune", "prototypes"}),
     chain=average.CHAIN,
     routed=True,

@@ -17,8 +17,8 @@ from typing import Any
 from many.config import Frozen, StatsConfig
 from many.inference import Recipe
 from tasks.rows import parts
-from tasks.rows.batch import merged_deltas
-from tasks.rows.row import Chain, EvalContext, PerTask, Row, indexed, indexed_paths
+from tasks.rows.batch import routed_evaluate, save_deltas
+from tasks.rows.row import Chain, PerTask, Row, indexed, indexed_paths
 
 
 class CrossLayerStageConfig(Frozen):
@@ -33,8 +33,6 @@ class CrossLayerStageConfig(Frozen):
 def compute_merge_xl(inputs: dict[str, Path], workdir: Path, *, config: CrossLayerStageConfig,
                      device: str) -> dict[str, Path]:
     """merge_xl[t] (module doc): the cross-layer merge of the tasks data_j / finetune_j, j = 0 … t."""
-    from safetensors.torch import save_file
-
     from many.adapters import projector_state
     from many.config import LPMConfig
     from many.data import read_task
@@ -47,9 +45,7 @@ def compute_merge_xl(inputs: dict[str, Path], workdir: Path, *, config: CrossLay
              for data, task_dir in zip(indexed_paths(inputs, "data"), indexed_paths(inputs, "finetune"), strict=True)]
     merged = cross_layer_merge(model, processor, tasks, LPMConfig(a=config.a, gamma=config.gamma), config.stats,
                                on_group=batch_reporter("input group"))
-    path = workdir / "deltas.safetensors"
-    save_file({name: delta.to("cpu").float().contiguous() for name, delta in merged.items()}, str(path))
-    return {"deltas": path}
+    return {"deltas": save_deltas(merged, workdir)}
 
 
 def _link(t: int, shared: PerTask, links: list[Any]) -> dict[str, tuple[Any, str]]:
@@ -72,14 +68,10 @@ XL_CHAIN = Chain(
 )
 
 
-def evaluate(ctx: EvalContext) -> tuple[list[Any], dict[str, Any]]:
-    return parts.routed_scores(ctx, merged_deltas(ctx))
-
-
 ROW = Row(
     name="many_xl",
     summary="MAny-XL: MAny's merge on Grams taken through the merged earlier layers (opt-in, experimental)",
-    evaluate=evaluate,
+    evaluate=routed_evaluate,
     reads=frozenset({"finetune", "prototypes"}),
     chain=XL_CHAIN,
     routed=True,

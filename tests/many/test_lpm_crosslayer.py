@@ -13,11 +13,11 @@ from safetensors.torch import load_file
 from many.adapters import projector_state
 from many.config import LPMConfig, StatsConfig
 from many.data import read_task
-from many.lpm_crosslayer import TaskParts, cross_layer_merge, encoded_batches, group_gram, input_groups
+from many.lpm_crosslayer import TaskParts, cross_layer_merge, group_gram, input_groups
 from many.merging import regmean
 from many.merging.config import RegMeanConfig
 from many.model.parts import PEFT_PREFIX
-from many.stats import load_grams
+from many.stats import encoded_batches, load_grams
 from tasks.rows.many_xl import CrossLayerStageConfig, compute_merge_xl
 from tasks.rows.parts import task_deltas
 from tasks.stages import load_base
@@ -47,7 +47,7 @@ def _fit_error(merged: torch.Tensor, delta: torch.Tensor, gram: torch.Tensor) ->
 def test_input_groups_follow_the_forward_pass(stages: dict[str, Path]) -> None:
     model, processor = load_base(stages["base"], "float32", "cpu")
     names = [name.removeprefix(PEFT_PREFIX) for name in task_deltas(stages["finetune0"])]
-    groups = input_groups(model, next(encoded_batches(model, processor, make_samples(2), STATS)), names)
+    groups = input_groups(model, next(encoded_batches(model, processor, make_samples(2), STATS.batch_size))[0], names)
     kinds = [tuple(name.rsplit(".", 1)[1] for name in group) for group in groups]
     blocks = len(groups) // 4
     assert blocks >= 1 and kinds == [("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"),
@@ -55,7 +55,7 @@ def test_input_groups_follow_the_forward_pass(stages: dict[str, Path]) -> None:
     assert [int(group[0].split(".layers.")[1].split(".")[0]) for group in groups] == sorted(
         int(group[0].split(".layers.")[1].split(".")[0]) for group in groups)  # block by block
     with pytest.raises(ValueError, match="does not have"):
-        input_groups(model, next(encoded_batches(model, processor, make_samples(2), STATS)), [*names, "model.no_such_layer"])
+        input_groups(model, next(encoded_batches(model, processor, make_samples(2), STATS.batch_size))[0], [*names, "model.no_such_layer"])
 
 
 def test_first_group_gram_is_the_stats_stages_and_later_groups_merge_differently(stages: dict[str, Path]) -> None:
