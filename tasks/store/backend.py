@@ -49,6 +49,7 @@ S3_ATTEMPTS = 4  # per request, the first included
 S3FS_ROUNDS = 2
 S3_TIMEOUTS_SECONDS = {"connect_timeout": 5, "read_timeout": 60}
 _RETRYABLE_STATUS = {429, 500, 502, 503, 504}
+_LINK_TRIES = 5  # link attempts while a concurrent writer keeps replacing the source (`LocalBackend.link`)
 log = logging.getLogger("many.store")
 _retries = 0
 _retries_lock = threading.Lock()
@@ -127,16 +128,23 @@ class LocalBackend:
 
     def link(self, src: str, dest: Path) -> bool:
         """Hard-link the stored object `src` at the local path `dest` (no byte copied); False where the filesystem
-        will not (another device, links not allowed), and the caller copies. FileNotFoundError if `src` is missing."""
-        try:
-            os.link(src, dest)
-            return True
-        except FileNotFoundError:
-            if os.path.exists(src):  # dest's directory is what is missing: the caller's bug, not a missing blob
-                raise OSError(f"cannot link into {dest.parent}: no such directory") from None
-            raise
-        except OSError:  # EXDEV, EPERM (protected_hardlinks), EMLINK, a filesystem without links
-            return False
+        will not (another device, links not allowed), and the caller copies. FileNotFoundError if `src` is missing.
+
+        Linux answers ENOENT also when `src` exists but its name was replaced between the lookup and the link (a
+        concurrent writer of the same blob `adopt`s its own copy over it: the old inode has no name left to link);
+        that case retries, and links the file now there, which holds the same bytes."""
+        for _ in range(_LINK_TRIES):
+            try:
+                os.link(src, dest)
+                return True
+            except FileNotFoundError:
+                if not dest.parent.is_dir():  # the caller's bug, not a missing blob
+                    raise OSError(f"cannot link into {dest.parent}: no such directory") from None
+                if not os.path.exists(src):
+                    raise
+            except OSError:  # EXDEV, EPERM (protected_hardlinks), EMLINK, a filesystem without links
+                return False
+        return False  # replaced on every try: the caller copies
 
     def create_exclusive(self, data: bytes, dest: str) -> bool:
         tmp = _temp_beside(dest)

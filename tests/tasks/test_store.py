@@ -141,6 +141,33 @@ def test_a_file_not_handed_over_is_copied_into_a_local_store(tmp_path: Path) -> 
     assert store.get_bytes(ref.digest, context="test") == b"the user's own file"
 
 
+
+def test_a_link_racing_a_writer_of_the_same_blob_retries(tmp_path: Path) -> None:
+    """Two owners of one blob put it at once: the second `adopt`s its copy over the first's while the first links
+    the blob into its cache. Linux then answers the link ENOENT though the blob and the cache's directory exist (the
+    inode it looked up has no name left); that is a retry, not a missing directory (a CI failure of this kind)."""
+    store = Store.open(str(tmp_path / "store"), cache_dir=tmp_path / "cache")
+    real_link, calls = os.link, []
+
+    def replaced_once(src: str, dest: str) -> None:
+        calls.append(src)
+        if len(calls) == 1:
+            raise FileNotFoundError(2, "No such file or directory")  # what link() says to a just-replaced source
+        real_link(src, dest)
+
+    (tmp_path / "out.bin").write_bytes(b"an output")
+    with mock.patch("tasks.store.backend.os.link", side_effect=replaced_once):
+        ref = store.put_file(tmp_path / "out.bin", owned=True)
+    assert len(calls) == 2
+    assert (tmp_path / "cache" / "blobs" / ref.digest).read_bytes() == b"an output"  # seeded on the retry
+
+
+def test_linking_into_a_missing_directory_names_it(tmp_path: Path) -> None:
+    store = Store.open(str(tmp_path / "store"), cache_dir=tmp_path / "cache")
+    ref = store.put_bytes(b"a blob")
+    with pytest.raises(OSError, match="cannot link into .*nowhere: no such directory"):
+        store._backend.link(store._blob_path(ref.digest), tmp_path / "nowhere" / "file")
+
 # -- manifests: create-exclusive ----------------------------------------------------------------------
 
 
