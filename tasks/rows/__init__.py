@@ -28,6 +28,7 @@ BUILT_IN = (
     "tasks.rows.many_lpm_only",
     "tasks.rows.many_cpm_only",
     "tasks.rows.many_r",
+    "tasks.rows.many_r_lda",
     "tasks.rows.many_answer",
     "tasks.rows.many_lda",
     "tasks.rows.many_xl",

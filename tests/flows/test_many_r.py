@@ -75,6 +75,11 @@ def test_exact_residuals_with_top1_routing_answer_as_the_routed_tasks_own_model(
     assert len(home) >= len(own) // 4, "too few images routed home for the check to mean anything"
     assert [answers[k] for k in home] == [own[k] for k in home]
 
+    rerouted = write_config(tmp_path / "lda.yaml", methods=[*METHODS, "many_r_lda"], many_r={"rank": 8}, cpm={"top_k": 1})
+    lda = run(capsys, "--config", str(rerouted), "--store", store, "--tasks", "2")
+    assert computed(lda) == {("eval", t, "many_r_lda") for t in two}  # MAny-R's residual stages serve it as they are
+    assert eval_scores(store, lda, "chart-qa", "many_r_lda")["residual_form"] == "own"
+
     truncated = write_config(tmp_path / "k1.yaml", methods=METHODS, many_r={"rank": 1}, cpm={"top_k": 1})
     retuned = run(capsys, "--config", str(truncated), "--store", store, "--tasks", "2")
     assert computed(retuned) == {(stage, t, "many_r") for t in two for stage in ("residual", "eval")}

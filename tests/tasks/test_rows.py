@@ -184,6 +184,13 @@ def test_the_lda_row_routes_by_mahalanobis_and_the_cosine_default_keys_evals_as_
     assert "metric" not in many.model_dump() and lda.model_dump()["metric"] == "mahalanobis"
 
 
+def test_many_r_lda_is_many_r_on_the_same_chain_routed_as_many_lda() -> None:
+    config = parse_config({})
+    r, r_lda = ROWS["many_r"], ROWS["many_r_lda"]
+    assert r_lda.chain is r.chain and r_lda.evaluate is r.evaluate
+    assert (r.eval_config(config).cpm.metric, r_lda.eval_config(config).cpm.metric) == ("cosine", "mahalanobis")
+
+
 def test_each_row_declares_the_recipe_its_model_is_served_by() -> None:
     from flows.export import served_methods
 
@@ -192,7 +199,7 @@ def test_each_row_declares_the_recipe_its_model_is_served_by() -> None:
                        "many_cpm_only": ("merged", "cpm"), "individual": ("task", "own"), "seqlora": ("merged", "own"),
                        "average": ("merged", "average"), "task_arithmetic": ("merged", "average"),
                        "ties": ("merged", "average"), "regmean": ("merged", "average"), "cram": None,
-                       "fwd_prompt": None, "many_r": None, "many_answer": ("merged", "cpm"), "many_lda": None,
+                       "fwd_prompt": None, "many_r": None, "many_r_lda": None, "many_answer": ("merged", "cpm"), "many_lda": None,
                        "many_xl": ("merged", "cpm")}
     # an export holds the tasks' own parts, the LPM chain's last link if the run merged, prototypes if it made them
     assert list(served_methods(merged=True, routed=True)) == ["many", "many_lpm_only", "individual"]
