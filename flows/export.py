@@ -64,33 +64,49 @@ def _point_at_base(adapter_dir: Path, base_dir: Path) -> None:
     path.write_text(json.dumps({**config, "base_model_name_or_path": str(base_dir.resolve())}, indent=2, sort_keys=True))
 
 
-def served_methods(merged: bool, routed: bool) -> dict[str, Recipe]:
+def served_methods(merged: bool, routed: bool, truncated: bool = False) -> dict[str, Recipe]:
     """The methods an export serves, with their recipes: the rows (tasks/rows/, in table order) with a recipe whose
     parts it holds — every task's adapter and projector always; merged/adapter, the last link of the LPM chain, only
     if the run merged (`merged`), and only for the rows of that chain; prototypes only if the run made them
-    (`routed`)."""
+    (`routed`). A routed update (MAny-R: the tasks' own adapters mixed per image) is served in its exact form, so not
+    if the run scored it with truncated residuals (`truncated`). The export holds one CPM routing, the run's `cpm`:
+    rows that route their own way (`Row.routing`, e.g. many_r_lda) are served from the store."""
     from tasks.rows import ROWS
 
-    return {name: row.recipe for name, row in ROWS.items() if row.recipe is not None
-            and (row.recipe.update == "task" or (merged and row.chain is LPM_CHAIN))
-            and (routed or row.recipe.projector != "cpm")}
+    def holds(recipe: Recipe, row: Any) -> bool:
+        if recipe.update == "merged":
+            return merged and row.chain is LPM_CHAIN
+        return recipe.update == "task" or not truncated
+
+    return {name: row.recipe for name, row in ROWS.items() if row.recipe is not None and holds(row.recipe, row)
+            and (routed or row.recipe.projector != "cpm") and row.routing is None}
 
 
 def _settings(store: Store, find: Any, task: str) -> dict[str, Any]:
-    """inference.json: the settings of the last task's eval — MAny's if it ran, else any row's."""
+    """inference.json: the settings of the last task's eval — MAny's if it ran, else any row's — with the CPM
+    settings and τ of the first row routed by the run's `cpm` that ran."""
     from tasks.rows import ROWS
 
-    evaluations = [(name, find("eval", task, name)) for name in [MANY.name, *ROWS]]
-    name, manifest = next(((n, m) for n, m in evaluations if m is not None), (None, None))
-    if manifest is None:
+    ran = [(row, manifest) for row in [MANY, *ROWS.values()] if (manifest := find("eval", task, row.name)) is not None]
+    if not ran:
         return {}
-    config = manifest.config
-    cpm = config.get("cpm") or {}
+    config = ran[0][1].config
     settings = {"max_new_tokens": config["eval"]["max_new_tokens"], "dtype": config.get("dtype", "float32")}
-    if name == MANY.name:
-        settings |= {"tau": read_json_output(store, manifest, "scores").get("tau"), "top_k": cpm.get("top_k"),
+    routed = next((manifest for row, manifest in ran if row.routed and row.routing is None), None)
+    if routed is not None:
+        cpm = routed.config.get("cpm") or {}
+        settings |= {"tau": read_json_output(store, routed, "scores").get("tau"), "top_k": cpm.get("top_k"),
                      "calibration_target": cpm.get("calibration_target", 0.9), "metric": cpm.get("metric", "cosine")}
     return settings
+
+
+def _truncated(store: Store, find: Any, task: str) -> bool:
+    """Whether the run scored a routed update (MAny-R) with truncated residuals rather than the tasks' own factors."""
+    from tasks.rows import ROWS
+
+    return any(read_json_output(store, manifest, "scores").get("residual_form") == "residual"
+               for name, row in ROWS.items() if row.recipe is not None and row.recipe.update == "routed"
+               and (manifest := find("eval", task, name)) is not None)
 
 
 def export(store: Store, summary: dict[str, Any], out_dir: Path) -> list[Path]:
@@ -160,7 +176,7 @@ def export(store: Store, summary: dict[str, Any], out_dir: Path) -> list[Path]:
     for adapter in adapters:
         _point_at_base(adapter, out_dir / "base")
     settings = _settings(store, find, tasks[-1])
-    methods = served_methods(merged=merge is not None, routed=bool(tables))
+    methods = served_methods(merged=merge is not None, routed=bool(tables), truncated=_truncated(store, find, tasks[-1]))
     (out_dir / INFERENCE_FILE).write_text(json.dumps(
         {"tasks": tasks, "methods": {name: recipe.to_json() for name, recipe in methods.items()}, **settings},
         indent=2, sort_keys=True,

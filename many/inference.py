@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     ImageInput = Image.Image | str | Path | bytes
 
 INFERENCE_FILE = "inference.json"  # in an export dir: tasks, methods, max_new_tokens, dtype, tau, top_k, …
-UPDATES = ("merged", "task")
+UPDATES = ("merged", "task", "routed")
 PROJECTORS = ("cpm", "average", "own")
 
 
@@ -41,7 +41,9 @@ class Recipe:
     """How a method's model is assembled from `Parts`.
 
     update:    "merged" — ΔW of `Parts.merged` (a PEFT adapter dir, a deltas.safetensors or a task dir);
-               "task" — the asked task's own adapter (`Parts.task_dirs`).
+               "task" — the asked task's own adapter (`Parts.task_dirs`);
+               "routed" — every task's own adapter, mixed per image by the CPM weights that also mix the projectors
+               (MAny-R in its exact form, each task keeping its own factors: many.residual, docs/design.md §1.4).
     projector: "cpm" — every task's projector, routed per image; "average" — their element-wise mean;
                "own" — the projector of the task dir the update came from.
 
@@ -56,6 +58,9 @@ class Recipe:
         if self.update not in UPDATES or self.projector not in PROJECTORS:
             raise ValueError(f"bad recipe: update {self.update!r} (one of {', '.join(UPDATES)}), "
                              f"projector {self.projector!r} (one of {', '.join(PROJECTORS)})")
+        if self.update == "routed" and self.projector != "cpm":
+            raise ValueError(f"bad recipe: a routed update is mixed by CPM's weights; its projector must be 'cpm', "
+                             f"not {self.projector!r}")
 
     def to_json(self) -> dict[str, str]:
         return {"update": self.update, "projector": self.projector}
@@ -96,6 +101,14 @@ def _deltas(path: Path) -> dict[str, Any]:
         return load_file(str(path))
     adapter = path if (path / CONFIG_FILE).is_file() else path / "adapter"
     return lora_deltas(lora_factors(adapter))
+
+
+def _own_factors(task_dir: Path) -> dict[str, Any]:
+    """A task's own update ΔW = s·B·A as routed factors {PEFT module name: (s·B (out, r), A (r, in))}."""
+    from many.adapters import lora_factors
+    from many.residual import own_factors
+
+    return own_factors(lora_factors(Path(task_dir) / "adapter"))
 
 
 def _projector(task_dir: Path) -> dict[str, Any]:
@@ -153,14 +166,14 @@ class Predictor:
         self.tau: float | None = None
         self.max_new_tokens = parts.max_new_tokens
 
-        needs_tasks = recipe.update == "task" or recipe.projector in ("cpm", "average")
+        needs_tasks = recipe.update in ("task", "routed") or recipe.projector in ("cpm", "average")
         if needs_tasks and len(parts.task_dirs) != len(parts.tasks):
             raise ValueError(f"method {method!r} needs every task's adapter and projector; "
                                  f"{len(parts.task_dirs)} of {len(parts.tasks)} given")
         if recipe.update == "merged" and parts.merged is None:
             raise ValueError(f"method {method!r} needs its merged update, which this source does not have")
         source = parts.task_dirs[parts.tasks.index(task)] if task is not None else parts.merged
-        deltas = _deltas(source)
+        deltas = {} if recipe.update == "routed" else _deltas(source)
         router = None
         if recipe.projector == "cpm":
             if not parts.prototypes:
@@ -173,7 +186,8 @@ class Predictor:
                             metric=parts.metric)
             router = cpm_router(tables, cfg)
             self.tau = router.tau
-            assembly = Assembly(deltas, tuple(_projector(d) for d in parts.task_dirs), router)
+            residuals = tuple(_own_factors(d) for d in parts.task_dirs) if recipe.update == "routed" else ()
+            assembly = Assembly(deltas, tuple(_projector(d) for d in parts.task_dirs), router, residuals)
         elif recipe.projector == "average":
             assembly = Assembly(deltas, (_average([_projector(d) for d in parts.task_dirs]),))
         else:

@@ -33,5 +33,5 @@ ROW = Row(
     routed=True,
     routing=routing,
     default=False,
-    recipe=None,  # `many predict` serves `many` with `cpm.metric: mahalanobis` instead
+    recipe=many.ROW.recipe,  # from a store only: an export holds the run's one `cpm` routing (flows.export)
 )

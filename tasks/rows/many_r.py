@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from many.config import ResidualConfig
+from many.inference import Recipe
 from tasks.rows import parts
 from tasks.rows.many import LPM_CHAIN
 from tasks.rows.row import Chain, EvalContext, PerTask, Row, indexed, indexed_paths
@@ -119,4 +120,5 @@ ROW = Row(
     chain=RESIDUAL_CHAIN,
     routed=True,
     default=False,
+    recipe=Recipe(update="routed", projector="cpm"),  # served in the exact form only (flows.predict, flows.export)
 )

@@ -24,4 +24,5 @@ ROW = Row(
     routed=True,
     routing=many_lda.routing,
     default=False,
+    recipe=many_r.ROW.recipe,  # from a store only: an export holds the run's one `cpm` routing (flows.export)
 )

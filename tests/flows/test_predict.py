@@ -19,7 +19,7 @@ from flows.cli import main
 from tests.flows.e2e import TINY, write_config
 
 TASKS = ["style-cls", "chart-qa", "icon-qa"]
-METHODS = ["many", "many_lpm_only", "individual", "average"]  # SeqLoRA's chain would double the fine-tuning
+METHODS = ["many", "many_lpm_only", "many_r", "many_r_lda", "individual", "average"]  # SeqLoRA's chain would double the fine-tuning
 PER_TASK = 4  # test images asked per task
 
 
@@ -82,7 +82,7 @@ def pipeline(harness, tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
     from tasks.store import Store
 
     root = tmp_path_factory.mktemp("predict")
-    config = write_config(root / "tiny.yaml", tasks=TASKS, methods=METHODS,
+    config = write_config(root / "tiny.yaml", tasks=TASKS, methods=METHODS, many_r={"rank": 8},  # k = r: exact
                           base={**TINY["base"], "pretrain_steps": 60},
                           finetune={**TINY["finetune"], "steps": 120})
     store = str(root / "store")
@@ -146,10 +146,24 @@ def test_the_store_serves_each_method_as_its_eval_scored_it(pipeline: Pipeline, 
 
     for task in TASKS if method == "individual" else [None]:
         model = load_store(pipeline.store, method, task, device="cpu")
-        assert model.routed == (method == "many")
+        assert model.routed == (method in ("many", "many_r", "many_r_lda"))
         for asked in [task] if task else TASKS:
             answers = [model.generate(path, prompt) for path, prompt, _ in pipeline.images[asked]]
             assert answers == _expected(pipeline, method, asked), (method, asked)
+
+
+@pytest.mark.slow
+def test_the_export_serves_many_r_as_the_tasks_own_adapters_routed_per_image(pipeline: Pipeline) -> None:
+    import many
+    from many.inference import export_methods
+
+    served = export_methods(pipeline.export)
+    assert served["many_r"].update == "routed" and "many_r_lda" not in served  # its routing is not the export's
+    model = many.load(pipeline.export, "many_r", device="cpu")
+    assert model.routed
+    for task in TASKS:
+        assert [model.generate(path, prompt) for path, prompt, _ in pipeline.images[task]] == _expected(
+            pipeline, "many_r", task), task
 
 
 @pytest.mark.slow

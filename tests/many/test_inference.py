@@ -91,8 +91,14 @@ def model(export: Path):
 def _logits(predictor, image: Path, question: str = "what colour is the shape?") -> torch.Tensor:
     """The predictor's logits on one prompt, its projector routed as `generate` routes the image."""
     if predictor.routed:
+        from many.residual import RoutedResidual
+
         weights = predictor.route(image)
-        predictor.model.model.multi_modal_projector.route(torch.tensor([[weights[t] for t in predictor.tasks]]))
+        row = torch.tensor([[weights[t] for t in predictor.tasks]])
+        predictor.model.model.multi_modal_projector.route(row)
+        for module in predictor.model.modules():
+            if isinstance(module, RoutedResidual):  # MAny-R's layers: the tasks' updates, mixed by the same weights
+                module.route(row)
     return _logits_of(predictor.model, predictor.processor, image, question)
 
 
@@ -174,6 +180,22 @@ def test_individual_answers_with_one_tasks_own_model(export: Path, image: Path) 
     task_dir = export / "tasks" / "shape"
     reference = assemble(base, Assembly(lora_deltas(lora_factors(task_dir / "adapter")), (projector_state(task_dir),)))
     torch.testing.assert_close(_logits(own, image), _logits_of(reference, own.processor, image))
+
+
+def test_a_routed_update_is_each_tasks_own_adapter_mixed_per_image(export: Path, image: Path) -> None:
+    """MAny-R's recipe: every task's own LoRA and projector, mixed by the same CPM weights; routed top-1, an image
+    is answered by exactly the model of the task it is routed to."""
+    with pytest.raises(ValueError, match="a routed update is mixed by CPM's weights; its projector must be 'cpm'"):
+        Recipe("routed", "own")
+    parts = Parts(base=export / "base", tasks=TASKS, task_dirs=tuple(export / "tasks" / t for t in TASKS),
+                  prototypes=(export / "prototypes.parquet",), tau=0.05, top_k=1, max_new_tokens=4)
+    routed = build(parts, Recipe("routed", "cpm"), "many_r", device="cpu")
+    weights = routed.route(image)
+    chosen = max(weights, key=weights.get)
+    assert weights[chosen] == 1.0
+    torch.testing.assert_close(_logits(routed, image), _logits(load(export, "individual", chosen, device="cpu"), image))
+    with pytest.raises(ValueError, match="'many_r' answers every task with one model"):
+        build(parts, Recipe("routed", "cpm"), "many_r", "shape", device="cpu")
 
 
 def test_store_parts_a_deltas_file_and_a_chains_task_dir(export: Path, image: Path, tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import pytest
 
 from flows.config import ConfigError, parse_config
 from many.config import FinetuneConfig
+from many.inference import Recipe
 from many.methods.cram import CramConfig
 from many.methods.fwd_prompt import FwdPromptConfig
 from tasks.cache import cache_key
@@ -199,12 +200,14 @@ def test_each_row_declares_the_recipe_its_model_is_served_by() -> None:
                        "many_cpm_only": ("merged", "cpm"), "individual": ("task", "own"), "seqlora": ("merged", "own"),
                        "average": ("merged", "average"), "task_arithmetic": ("merged", "average"),
                        "ties": ("merged", "average"), "regmean": ("merged", "average"), "cram": None,
-                       "fwd_prompt": None, "many_r": None, "many_r_lda": None, "many_answer": ("merged", "cpm"), "many_lda": None,
+                       "fwd_prompt": None, "many_r": ("routed", "cpm"), "many_r_lda": ("routed", "cpm"), "many_answer": ("merged", "cpm"), "many_lda": ("merged", "cpm"),
                        "many_xl": ("merged", "cpm")}
     # an export holds the tasks' own parts, the LPM chain's last link if the run merged, prototypes if it made them
-    assert list(served_methods(merged=True, routed=True)) == ["many", "many_lpm_only", "individual"]
+    assert list(served_methods(merged=True, routed=True)) == ["many", "many_lpm_only", "many_r", "individual"]
     assert list(served_methods(merged=True, routed=False)) == ["many_lpm_only", "individual"]
-    assert list(served_methods(merged=False, routed=True)) == ["individual"]
+    assert list(served_methods(merged=False, routed=True)) == ["many_r", "individual"]
+    # MAny-R is served exactly (each task's own adapter, routed), so not for a run that scored it truncated
+    assert list(served_methods(merged=True, routed=True, truncated=True)) == ["many", "many_lpm_only", "individual"]
     assert served_methods(merged=True, routed=True)["many"] is ROWS["many"].recipe
 
 
@@ -279,7 +282,7 @@ def test_many_r_residual_link_t_reads_merge_t_and_every_task_adapter_up_to_t() -
     from tasks.rows.many_r import RESIDUAL_CHAIN
 
     row = ROWS["many_r"]
-    assert not row.default and row.routed and row.recipe is None
+    assert not row.default and row.routed and row.recipe == Recipe("routed", "cpm")
     assert row.chains() == (LPM_CHAIN, RESIDUAL_CHAIN) and RESIDUAL_CHAIN.follows is LPM_CHAIN
     assert row.needs == {"finetune", "prototypes", "stats"}
     links, _ = _links("many_r", 3)
