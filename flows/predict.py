@@ -64,7 +64,7 @@ def store_parts(store: Store, summary: dict[str, Any], method: str) -> Parts:
     tau = scores.get("tau")  # τ as the eval used it (calibrated there when cpm.tau is null)
     if get_row(method).recipe.update == "routed" and scores.get("residual_form") == "residual":
         raise NoModel(f"the latest run scored {method!r} with truncated residuals; it is served in its exact form "
-                      "only, each task keeping its own factors: rerun with many_r.rank at least the LoRA rank")
+                      "only, each task keeping its own factors: rerun with many_r.rank unset (or at least the LoRA rank)")
     return Parts(
         base=inputs.base, tasks=tasks, task_dirs=inputs.finetune, prototypes=inputs.prototypes,
         merged=inputs.chain[-1] if inputs.chain else None, tau=tau, top_k=cpm.get("top_k"),

@@ -133,11 +133,11 @@ class ResidualConfig(Frozen):
     """MAny-R's per-task residuals (many.residual; docs/design.md §1.4): rank k of each task's ΔW_i − M_t.
 
     rank: k. With k ≥ r_i a task keeps its own factors: exact, for as many bytes as its own LoRA, and the merge
-          cancels (each task's own adapter, routed by CPM); k < r_i keeps the rank-k truncation of ΔW_i − M_t. The
-          default, 2, is the default LoRA rank.
+          cancels (each task's own adapter, routed by CPM); k < r_i keeps the rank-k truncation of ΔW_i − M_t.
+          None (the default): each task's own rank r_i, so exact whatever the LoRA rank.
     """
 
-    rank: PositiveInt = 2
+    rank: PositiveInt | None = None
 
 
 class AnswerWeightConfig(Frozen):

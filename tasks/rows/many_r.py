@@ -46,12 +46,13 @@ def compute_residual(inputs: dict[str, Path], workdir: Path, *, config: Residual
     merged = {name: (scale * B, A) for name, (B, A, scale) in lora_factors(inputs["merge"]).items()}
     for i, task_dir in enumerate(indexed_paths(inputs, "finetune")):
         task = lora_factors(task_dir / "adapter")
-        if config.rank >= task_rank(task):
+        rank = task_rank(task) if config.rank is None else config.rank
+        if rank >= task_rank(task):
             form, factors, errors = "own", own_factors(task), dict.fromkeys(sorted(task), 0.0)
         else:
-            form, (factors, errors) = "residual", residuals(task, merged, config.rank)
+            form, (factors, errors) = "residual", residuals(task, merged, rank)
         tensors = {f"{kind}.{name}": tensor for name, (U, V) in factors.items() for kind, tensor in (("U", U), ("V", V))}
-        metadata = {"format": FORMAT, "task": i, "rank": config.rank, "form": form, "error": errors}
+        metadata = {"format": FORMAT, "task": i, "rank": rank, "form": form, "error": errors}
         save_file(tensors, str(task_file(out, i)), metadata={"many_residual": json.dumps(metadata, sort_keys=True)})
     return {"residuals": out}
 

@@ -1,6 +1,6 @@
 """MAny-R as a method row of the pipeline (tasks/rows/many_r.py; many.residual): opt-in, its `residual` chain follows
 the LPM merge, `many_r.rank` keys only that chain and its evals. Slow: the tiny stream of examples/tiny.yaml — with
-k = r each task keeps its own factors (exact, the merge cancels), and with top-1 routing each test image is answered
+k = r (the default) each task keeps its own factors (exact, the merge cancels), and with top-1 routing each test image is answered
 by the model of the task it is routed to, exactly that task's own adapter and projector: on images routed to their
 own task MAny-R answers as `individual` does. k < r truncates ΔW_i − M_t instead."""
 
@@ -19,7 +19,7 @@ METHODS = ["many", "many_r", "individual"]
 
 def test_many_r_is_opt_in_with_its_own_rank() -> None:
     assert "many_r" not in DEFAULT_METHODS
-    assert parse_config({}).many_r.rank == parse_config({}).finetune.lora.rank == 2  # as many bytes per task as its own LoRA
+    assert parse_config({}).many_r.rank is None  # each task's own rank: exact, as many bytes per task as its own LoRA
     assert parse_config({"methods": ["many_r"], "many_r": {"rank": 3}}).many_r.rank == 3
 
 
@@ -61,7 +61,7 @@ def _routed_to(store_url: str, summary: dict, tasks: list[str]) -> dict[str, int
 def test_exact_residuals_with_top1_routing_answer_as_the_routed_tasks_own_model(harness, tmp_path: Path, capsys) -> None:
     store = str(tmp_path / "store")
     two = ["style-cls", "chart-qa"]
-    exact = write_config(tmp_path / "exact.yaml", methods=METHODS, many_r={"rank": 8}, cpm={"top_k": 1})  # k = r
+    exact = write_config(tmp_path / "exact.yaml", methods=METHODS, cpm={"top_k": 1})  # many_r.rank unset: k = r
     cold = run(capsys, "--config", str(exact), "--store", store, "--tasks", "2")
     assert {(s["stage"], s["task"]) for s in cold["stages"] if s["method"] == "many_r"} == {
         ("residual", t) for t in two} | {("eval", t) for t in two}
@@ -75,7 +75,7 @@ def test_exact_residuals_with_top1_routing_answer_as_the_routed_tasks_own_model(
     assert len(home) >= len(own) // 4, "too few images routed home for the check to mean anything"
     assert [answers[k] for k in home] == [own[k] for k in home]
 
-    rerouted = write_config(tmp_path / "lda.yaml", methods=[*METHODS, "many_r_lda"], many_r={"rank": 8}, cpm={"top_k": 1})
+    rerouted = write_config(tmp_path / "lda.yaml", methods=[*METHODS, "many_r_lda"], cpm={"top_k": 1})
     lda = run(capsys, "--config", str(rerouted), "--store", store, "--tasks", "2")
     assert computed(lda) == {("eval", t, "many_r_lda") for t in two}  # MAny-R's residual stages serve it as they are
     assert eval_scores(store, lda, "chart-qa", "many_r_lda")["residual_form"] == "own"

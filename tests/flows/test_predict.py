@@ -82,7 +82,7 @@ def pipeline(harness, tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
     from tasks.store import Store
 
     root = tmp_path_factory.mktemp("predict")
-    config = write_config(root / "tiny.yaml", tasks=TASKS, methods=METHODS, many_r={"rank": 8},  # k = r: exact
+    config = write_config(root / "tiny.yaml", tasks=TASKS, methods=METHODS,
                           base={**TINY["base"], "pretrain_steps": 60},
                           finetune={**TINY["finetune"], "steps": 120})
     store = str(root / "store")
