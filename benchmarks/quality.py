@@ -43,7 +43,8 @@ SUMMARY = (("Last", "MFN"), ("MFT", "MFT"), ("MAA", "MAA"), ("BWT", "BWT"))
 SIZES = (("params", "trainable_parameters"), ("bytes", "bytes_per_task"))  # scalars of a report row
 MERGE_BASELINES = ("average", "task_arithmetic", "ties", "regmean")
 MANY_FAMILY = ("many", "many_r", "many_r_lda", "many_answer", "many_lda", "many_xl")  # MAny and its levers (issue #16)
-SYSTEMS = ("cram", "fwd_prompt")  # the other continual-learning systems (issue #10): opt-in in a run, always here
+SYSTEMS = ("cram", "cram_lda", "fwd_prompt")  # the other continual-learning systems (issue #10): opt-in in a run,
+# always here; cram_lda is CRAM's experts routed as many_r_lda routes (its evals only: the experts are CRAM's)
 # The levers' opt-in rows, always here: a CPU chain and its evals each, except many_xl, whose merge at step t re-reads
 # every task ≤ t's training samples (about one finetune's compute per step on mini-UCIT)
 EXTRA_ROWS = ("many_r", "many_r_lda", "many_answer", "many_lda", "many_xl")

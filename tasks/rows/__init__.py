@@ -39,6 +39,7 @@ BUILT_IN = (
     "tasks.rows.ties",
     "tasks.rows.regmean",
     "tasks.rows.cram",
+    "tasks.rows.cram_lda",
     "tasks.rows.fwd_prompt",
 )
 PLUGINS = "MANY_ROWS"

@@ -59,9 +59,16 @@ def evaluate(ctx: EvalContext) -> tuple[list[Any], dict[str, Any]]:
     from many.prototypes import read_prototypes
 
     experts = [load_expert(path) for path in ctx.inputs.chain]
-    _, centroids, _ = read_prototypes(list(ctx.inputs.prototypes))
+    if ctx.config.cpm is None:  # CRAM's own routing: the cosine to the centroids
+        _, centroids, _ = read_prototypes(list(ctx.inputs.prototypes))
+        precision = None
+    else:  # a routed variant (cram_lda): the argmax of the CPM router's weights
+        from many.evaluate import cpm_router
+
+        router = cpm_router(list(ctx.inputs.prototypes), ctx.config.cpm)
+        centroids, precision = router.prototypes, router.precision
     results = evaluate_cram(ctx.base_model, ctx.processor, list(ctx.tasks), experts, centroids, ctx.config.eval,
-                            on_batch=ctx.on_batch)
+                            on_batch=ctx.on_batch, precision=precision)
     per_task = [trainable_parameters(expert)["total"] for expert in experts]
     kept = sum(parts.stored(path)[1] for path in ctx.inputs.chain) + parts.prototype_bytes(ctx)  # experts, centroids
     return results, {**parts.footprint(sum(per_task), kept, len(ctx.tasks)), "parameters_per_task": per_task,

@@ -271,6 +271,15 @@ def test_saved_expert_round_trips_and_counts_its_parameters(base, experts):
     assert trainable_parameters(expert) == {"lora": lora, "projector": projector, "total": lora + projector}
 
 
+def test_with_a_precision_routing_takes_the_gaussian_argmax_not_the_cosine() -> None:
+    """cram_lda's choice: an image nearer centroid 0 by the cosine but, under a precision that weighs the second axis
+    100×, nearer centroid 1."""
+    means = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.6, 0.8]]), dim=1)
+    image = torch.nn.functional.normalize(torch.tensor([[0.9, 0.436]]), dim=1)
+    assert route(image, means).tolist() == [0]  # cos 0.900 against 0.889
+    assert route(image, means, torch.diag(torch.tensor([1.0, 100.0]))).tolist() == [1]  # 19.0 against 13.3
+
+
 def test_evaluate_cram_routes_each_image_to_its_task_expert(base, experts):
     model, processor = base
     loaded = [load_expert(experts["first_dir"]), load_expert(experts["second_dir"])]

@@ -192,6 +192,14 @@ def test_many_r_lda_is_many_r_on_the_same_chain_routed_as_many_lda() -> None:
     assert (r.eval_config(config).cpm.metric, r_lda.eval_config(config).cpm.metric) == ("cosine", "mahalanobis")
 
 
+def test_cram_lda_is_crams_experts_routed_as_many_lda() -> None:
+    config = parse_config({})
+    cram, cram_lda = ROWS["cram"], ROWS["cram_lda"]
+    assert cram_lda.chain is cram.chain and cram_lda.evaluate is cram.evaluate
+    assert cram.eval_config(config).cpm is None  # CRAM's own cosine routing: its evals keep their keys
+    assert cram_lda.eval_config(config).cpm.metric == "mahalanobis"
+
+
 def test_each_row_declares_the_recipe_its_model_is_served_by() -> None:
     from flows.export import served_methods
 
@@ -199,7 +207,7 @@ def test_each_row_declares_the_recipe_its_model_is_served_by() -> None:
     assert recipes == {"many": ("merged", "cpm"), "many_lpm_only": ("merged", "average"),
                        "many_cpm_only": ("merged", "cpm"), "individual": ("task", "own"), "seqlora": ("merged", "own"),
                        "average": ("merged", "average"), "task_arithmetic": ("merged", "average"),
-                       "ties": ("merged", "average"), "regmean": ("merged", "average"), "cram": None,
+                       "ties": ("merged", "average"), "regmean": ("merged", "average"), "cram": None, "cram_lda": None,
                        "fwd_prompt": None, "many_r": ("routed", "cpm"), "many_r_lda": ("routed", "cpm"), "many_answer": ("merged", "cpm"), "many_lda": ("merged", "cpm"),
                        "many_xl": ("merged", "cpm")}
     # an export holds the tasks' own parts, the LPM chain's last link if the run merged, prototypes if it made them

@@ -5,7 +5,9 @@ Task i's centroid is its CPM prototype μ_i = normalize(mean_j normalize(f(x_j))
 
     e(x) = argmax_i cos(f(x), μ_i)                                   (top-1)
 
-and is answered by the base with that expert's ΔW_e = s_e B_e A_e and projector P_e only. The test set is grouped
+and is answered by the base with that expert's ΔW_e = s_e B_e A_e and projector P_e only. With a shared `precision`
+Σ⁻¹ (the `cram_lda` row), the centroids are the tasks' means m_i and the argmax is the Gaussian routing of
+`cpm.metric: mahalanobis` instead (many.cpm): e(x) = argmax_i −(x̂ − m_i)ᵀ Σ⁻¹ (x̂ − m_i). The test set is grouped
 by routed expert, each group is evaluated through the shared harness (`many.evaluate.assemble` + `generate_answers`),
 and the predictions are scored together in test order.
 Soft top-k routing (mixing several experts per image) is not implemented: the harness adds one ΔW per model, not
@@ -29,9 +31,10 @@ from many.progress import BatchCallback
 from many.prototypes import image_features
 
 
-def route(features: Tensor, centroids: Tensor) -> Tensor:
-    """e(x) = argmax_i cos(f(x), μ_i): (N,) long expert index per image, for features (N, D), centroids (T, D)."""
-    return cpm.routing_weights(features, centroids, tau=1.0).argmax(dim=1)  # argmax is the same for any τ
+def route(features: Tensor, centroids: Tensor, precision: Tensor | None = None) -> Tensor:
+    """e(x) = argmax_i cos(f(x), μ_i) (or the Gaussian score with `precision` (D, D)): (N,) long expert index per
+    image, for features (N, D), centroids (T, D)."""
+    return cpm.routing_weights(features, centroids, tau=1.0, precision=precision).argmax(dim=1)  # the same for any τ
 
 
 def evaluate_cram(
@@ -42,6 +45,7 @@ def evaluate_cram(
     centroids: Tensor,
     cfg: EvalConfig,
     on_batch: BatchCallback | None = None,
+    precision: Tensor | None = None,
 ) -> list[EvalResult]:
     """Score (percent) of each task on its first `cfg.max_samples` test samples, each answered by its routed expert.
 
@@ -57,7 +61,7 @@ def evaluate_cram(
     for task, test in zip(tasks, samples, strict=True):
         if not test:
             raise ValueError(f"evaluate_cram: task {task.name!r} has no test samples")
-    chosen = [route(image_features(base_model, processor, test), centroids) for test in samples]  # (N_task,) each
+    chosen = [route(image_features(base_model, processor, test), centroids, precision) for test in samples]  # (N_task,)
     predictions: list[list[str | None]] = [[None] * len(test) for test in samples]
     for index, expert in enumerate(experts):
         routed = [torch.nonzero(experts_of_task == index).squeeze(1).tolist() for experts_of_task in chosen]
