@@ -132,6 +132,11 @@ def test_cram_and_fwd_prompt_run_cache_grow_and_report(harness, tmp_path: Path, 
     assert len(eval_scores(store, grown, "icon-qa", "cram")["ranks"]) == 3
 
     three = ["style-cls", "chart-qa", "icon-qa"]
+    lda = run(capsys, "--config", str(write_config(tmp_path / "lda.yaml", methods=[*SYSTEMS, "cram_lda"])), "--store", store)
+    assert computed(lda) == {("eval", t, "cram_lda") for t in three}  # CRAM's experts serve it as they are
+    assert lda["report"]["methods"]["cram_lda"]["trainable_parameters"] == grown["report"]["methods"]["cram"][
+        "trainable_parameters"]
+
     retuned = run(capsys, "--config", str(write_config(tmp_path / "ortho.yaml", cram={"ortho_weight": 0.5})),
                   "--store", store)
     # every link's key holds the penalty weight, but the first expert has no old experts to be orthogonal to: it
