@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +37,15 @@ def quiet_environment(scratch: Path) -> None:
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
     Path(os.environ["RAY_TMPDIR"]).mkdir(parents=True, exist_ok=True)
+    _exit_on_sigterm()
+
+
+def _exit_on_sigterm() -> None:
+    """SIGTERM (`kill`, a job scheduler stopping a long run) exits through Python, status 143, so that atexit stops
+    the ephemeral Prefect server the run started: by default SIGTERM ends this process alone and leaves that server
+    running. Only from the main thread, and only where nobody has set a handler."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
 
 
 def stream_config(smoke: bool, path: Path | None = None):
