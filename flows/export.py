@@ -102,9 +102,9 @@ def _settings(store: Store, find: Any, task: str) -> dict[str, Any]:
 
 def _truncated(store: Store, find: Any, task: str) -> bool:
     """Whether the run scored a routed update (MAny-R) with truncated residuals rather than the tasks' own factors."""
-    from tasks.rows import ROWS
+    from tasks.rows import ROWS, many_r
 
-    return any(read_json_output(store, manifest, "scores").get("residual_form") == "residual"
+    return any(not many_r.exact(read_json_output(store, manifest, "scores"))
                for name, row in ROWS.items() if row.recipe is not None and row.recipe.update == "routed"
                and (manifest := find("eval", task, name)) is not None)
 

@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 from many.inference import Parts, Predictor, Recipe, check_task
-from tasks.rows import get_row
+from tasks.rows import get_row, many_r
 from tasks.rows.row import EvalInputs
 from tasks.store import Store, StoreError
 
@@ -62,7 +62,7 @@ def store_parts(store: Store, summary: dict[str, Any], method: str) -> Parts:
     cpm = config.get("cpm") or {}
     scores = json.loads(store.get_bytes(manifest.outputs["scores"].digest, context="predict: eval scores"))
     tau = scores.get("tau")  # τ as the eval used it (calibrated there when cpm.tau is null)
-    if get_row(method).recipe.update == "routed" and scores.get("residual_form") == "residual":
+    if get_row(method).recipe.update == "routed" and not many_r.exact(scores):
         raise NoModel(f"the latest run scored {method!r} with truncated residuals; it is served in its exact form "
                       "only, each task keeping its own factors: rerun with many_r.rank unset (or at least the LoRA rank)")
     return Parts(

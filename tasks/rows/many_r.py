@@ -69,6 +69,12 @@ def read_residuals(path: Path) -> tuple[dict[str, tuple[Any, Any]], dict[str, An
         return {name: (reader.get_tensor(f"U.{name}"), reader.get_tensor(f"V.{name}")) for name in names}, metadata
 
 
+def exact(scores: dict[str, Any]) -> bool:
+    """Whether an eval of this chain (its scores) answered with every task's own factors — the model the row's
+    "routed" recipe serves — rather than with truncated residuals."""
+    return scores.get("residual_form") != "residual"
+
+
 def _link(t: int, shared: PerTask, links: list[Any], merges: list[Any]) -> dict[str, tuple[Any, str]]:
     return {"merge": (merges[t], "adapter")} | indexed("finetune", shared.finetune[: t + 1], "task")
 
