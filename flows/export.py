@@ -70,7 +70,7 @@ def served_methods(merged: bool, routed: bool, truncated: bool = False) -> dict[
     if the run merged (`merged`), and only for the rows of that chain; prototypes only if the run made them
     (`routed`). A routed update (MAny-R: the tasks' own adapters mixed per image) is served in its exact form, so not
     if the run scored it with truncated residuals (`truncated`). The export holds one CPM routing, the run's `cpm`:
-    rows that route their own way (`Row.routing`, e.g. many_r_lda) are served from the store."""
+    rows that route their own way (`Row.routing`, e.g. many_r_cos) are served from the store."""
     from tasks.rows import ROWS
 
     def holds(recipe: Recipe, row: Any) -> bool:

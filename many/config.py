@@ -159,19 +159,21 @@ class AnswerWeightConfig(Frozen):
 
 
 class CPMConfig(Frozen):
-    """Cross-modal projection merging: w = softmax(cos(f(x), μ_i) / τ) (docs/design.md §1).
+    """Cross-modal projection merging: w = softmax(s(f(x)) / τ), s the routing score of `metric` (docs/design.md §1).
 
     tau None: calibrated at merge time — the largest τ that puts ≥ `calibration_target` mean weight on
     the right task for the tasks' own training images.
-    metric: "cosine" (MAny's CPM), or "mahalanobis": a Gaussian per task with one shared, Ledoit–Wolf-shrunk
-            covariance of the normalised features (many.cpm.shared_gaussian; the `many_lda` row). Left out of the
-            config's JSON at "cosine", so the evals of a store written before it existed keep their cache keys.
+    metric: "mahalanobis" (default): a Gaussian per task with one shared, Ledoit–Wolf-shrunk covariance of the
+            normalised features (many.cpm.shared_gaussian), or "cosine": the cosine to each prototype, MAny's CPM as
+            published (the `many_cos` row). The Gaussian is the default because it routed better for every routed
+            row on 3 seeds × 2 orders (BENCHMARKS.md, quality section). "cosine" is left out of the config's JSON,
+            so the cosine evals of a store written before the field existed keep their cache keys.
     """
 
     tau: float | None = Field(None, gt=0)
     top_k: PositiveInt | None = None
     calibration_target: float = Field(0.9, gt=0, lt=1)
-    metric: Literal["cosine", "mahalanobis"] = "cosine"
+    metric: Literal["cosine", "mahalanobis"] = "mahalanobis"
     UNKEYED: ClassVar[dict[str, Any]] = {"metric": "cosine"}
 
 

@@ -84,7 +84,7 @@ class Parts:
     tau: float | None = None  # CPM's τ; None: calibrated from the prototypes' image rows
     top_k: int | None = None
     calibration_target: float = 0.9
-    metric: str = "cosine"  # CPMConfig.metric
+    metric: str = "mahalanobis"  # CPMConfig.metric (an export or store config that names none predates it: "cosine")
     max_new_tokens: int = 24
     dtype: str = "float32"
 

@@ -1,17 +1,18 @@
 """CRAM-LDA (issue #16, lever 4c applied to the comparison system): CRAM's experts, each image answered by the
-expert the Gaussian routing of `many_lda` picks instead of its nearest centroid by the cosine. Opt-in.
+expert the Gaussian routing (`cpm.metric: mahalanobis`, MAny's default) picks instead of its nearest centroid by the
+cosine, CRAM's own routing. Opt-in.
 
 The same `cram` chain (the same experts, trained once for both rows); only the top-1 choice differs:
 
     e(x) = argmax_i −(x̂ − m_i)ᵀ Σ⁻¹ (x̂ − m_i)        (many.cpm.shared_gaussian, x̂ = normalize(f(x)))
 
-Beside `many_r_lda` it separates what the routing is worth from what the experts are: both rows answer each image
+Beside `many_r` it separates what the routing is worth from what the experts are: both rows answer each image
 with one task's own adapter, chosen by the same router.
 """
 
 from __future__ import annotations
 
-from tasks.rows import cram, many_lda
+from tasks.rows import cram, many
 from tasks.rows.row import Row
 
 ROW = Row(
@@ -22,6 +23,6 @@ ROW = Row(
     chain=cram.CHAIN,
     chain_links="all",
     routed=True,
-    routing=many_lda.routing,
+    routing=many.routed_by("mahalanobis"),
     default=False,
 )

@@ -15,6 +15,7 @@ layer's fit error e_i and leakage ℓ_ij (many.lpm_diagnostics); `many report` s
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,11 @@ def lpm_deltas(ctx: EvalContext) -> dict[str, Any]:
 
 def evaluate(ctx: EvalContext) -> tuple[list[Any], dict[str, Any]]:
     return parts.routed_scores(ctx, lpm_deltas(ctx))
+
+
+def routed_by(metric: str) -> Callable[[Any], Frozen]:
+    """A row's `routing`: the run's `cpm` section with its metric pinned (the ablation rows of the CPM metric)."""
+    return lambda config: config.cpm.model_copy(update={"metric": metric})
 
 
 ROW = Row(

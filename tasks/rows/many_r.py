@@ -1,5 +1,6 @@
 """MAny-R (issue #16; many.residual, docs/design.md §1.4): MAny's LPM-merged LoRA plus, per task, the rank-k residual
-ΔW_i − M_t routed by CPM's weights with the projectors. Opt-in.
+ΔW_i − M_t routed by CPM's weights with the projectors. A default row since it led MAny on every seed and order
+(BENCHMARKS.md, quality section).
 
 The chain `residual` follows the LPM chain `merge`: link t reads merge[t]'s adapter and the adapters of tasks ≤ t and
 writes, for every task i ≤ t, its residual against M_t per LoRA layer (from the thin factors only: CPU, no data, no
@@ -121,11 +122,10 @@ def evaluate(ctx: EvalContext) -> tuple[list[Any], dict[str, Any]]:
 
 ROW = Row(
     name="many_r",
-    summary="MAny-R: the LPM-merged LoRA + per-task rank-k residuals and projectors, both routed by CPM (opt-in)",
+    summary="MAny-R: the LPM-merged LoRA + per-task rank-k residuals and projectors, both routed by CPM",
     evaluate=evaluate,
     reads=frozenset({"finetune", "prototypes"}),
     chain=RESIDUAL_CHAIN,
     routed=True,
-    default=False,
     recipe=Recipe(update="routed", projector="cpm"),  # served in the exact form only (flows.predict, flows.export)
 )

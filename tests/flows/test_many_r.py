@@ -17,8 +17,8 @@ from tests.flows.test_methods import eval_scores
 METHODS = ["many", "many_r", "individual"]
 
 
-def test_many_r_is_opt_in_with_its_own_rank() -> None:
-    assert "many_r" not in DEFAULT_METHODS
+def test_many_r_is_a_default_row_with_its_own_rank() -> None:
+    assert "many_r" in DEFAULT_METHODS
     assert parse_config({}).many_r.rank is None  # each task's own rank: exact, as many bytes per task as its own LoRA
     assert parse_config({"methods": ["many_r"], "many_r": {"rank": 3}}).many_r.rank == 3
 
@@ -75,10 +75,10 @@ def test_exact_residuals_with_top1_routing_answer_as_the_routed_tasks_own_model(
     assert len(home) >= len(own) // 4, "too few images routed home for the check to mean anything"
     assert [answers[k] for k in home] == [own[k] for k in home]
 
-    rerouted = write_config(tmp_path / "lda.yaml", methods=[*METHODS, "many_r_lda"], cpm={"top_k": 1})
-    lda = run(capsys, "--config", str(rerouted), "--store", store, "--tasks", "2")
-    assert computed(lda) == {("eval", t, "many_r_lda") for t in two}  # MAny-R's residual stages serve it as they are
-    assert eval_scores(store, lda, "chart-qa", "many_r_lda")["residual_form"] == "own"
+    rerouted = write_config(tmp_path / "cos.yaml", methods=[*METHODS, "many_r_cos"], cpm={"top_k": 1})
+    cos = run(capsys, "--config", str(rerouted), "--store", store, "--tasks", "2")
+    assert computed(cos) == {("eval", t, "many_r_cos") for t in two}  # MAny-R's residual stages serve it as they are
+    assert eval_scores(store, cos, "chart-qa", "many_r_cos")["residual_form"] == "own"
 
     truncated = write_config(tmp_path / "k1.yaml", methods=METHODS, many_r={"rank": 1}, cpm={"top_k": 1})
     retuned = run(capsys, "--config", str(truncated), "--store", store, "--tasks", "2")

@@ -19,7 +19,7 @@ from flows.cli import main
 from tests.flows.e2e import TINY, write_config
 
 TASKS = ["style-cls", "chart-qa", "icon-qa"]
-METHODS = ["many", "many_lpm_only", "many_r", "many_r_lda", "individual", "average"]  # SeqLoRA's chain would double the fine-tuning
+METHODS = ["many", "many_lpm_only", "many_r", "many_r_cos", "individual", "average"]  # SeqLoRA's chain would double the fine-tuning
 PER_TASK = 4  # test images asked per task
 
 
@@ -146,7 +146,7 @@ def test_the_store_serves_each_method_as_its_eval_scored_it(pipeline: Pipeline, 
 
     for task in TASKS if method == "individual" else [None]:
         model = load_store(pipeline.store, method, task, device="cpu")
-        assert model.routed == (method in ("many", "many_r", "many_r_lda"))
+        assert model.routed == (method in ("many", "many_r", "many_r_cos"))
         for asked in [task] if task else TASKS:
             answers = [model.generate(path, prompt) for path, prompt, _ in pipeline.images[asked]]
             assert answers == _expected(pipeline, method, asked), (method, asked)
@@ -158,7 +158,7 @@ def test_the_export_serves_many_r_as_the_tasks_own_adapters_routed_per_image(pip
     from many.inference import export_methods
 
     served = export_methods(pipeline.export)
-    assert served["many_r"].update == "routed" and "many_r_lda" not in served  # its routing is not the export's
+    assert served["many_r"].update == "routed" and "many_r_cos" not in served  # its routing is not the export's
     model = many.load(pipeline.export, "many_r", device="cpu")
     assert model.routed
     for task in TASKS:

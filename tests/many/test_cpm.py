@@ -213,7 +213,7 @@ def test_bad_input_is_rejected_with_a_clear_message(call, message):
     assert message in str(error.value)
 
 
-# -- Gaussian routing (cpm.metric: mahalanobis, the many_lda row) -------------------------------------------------
+# -- Gaussian routing (cpm.metric: mahalanobis, the default; many_cos routes by the cosine) ------------------------
 
 
 def _elongated(n: int, generator: torch.Generator) -> list[torch.Tensor]:

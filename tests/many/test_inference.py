@@ -247,7 +247,8 @@ def test_without_a_recorded_tau_cpm_calibrates_it(export: Path, tmp_path: Path) 
     shutil.copytree(export, copy)
     (copy / "inference.json").write_text(json.dumps({"tasks": list(TASKS), "methods": SERVED}))
     model = load(copy, device="cpu")
-    assert model.tau == cpm_router([copy / "prototypes.parquet"], CPMConfig()).tau
+    # an export that names no metric predates it: the cosine
+    assert model.tau == cpm_router([copy / "prototypes.parquet"], CPMConfig(metric="cosine")).tau
     assert model.max_new_tokens == 24  # EvalConfig's default when the export does not say
 
 

@@ -31,8 +31,6 @@ def test_every_built_in_module_declares_one_row_under_its_own_name() -> None:
     assert [f"tasks.rows.{name}" for name in ROWS] == list(BUILT_IN)
     for module in BUILT_IN:
         assert importlib.import_module(module).ROW is ROWS[module.rsplit(".", 1)[1]]
-    assert DEFAULT_METHODS == ("many", "many_lpm_only", "individual", "seqlora", "average", "task_arithmetic", "ties",
-                               "regmean")
 
 
 def test_rows_sharing_a_chain_share_one_object_and_every_chain_is_a_stage() -> None:
@@ -178,26 +176,33 @@ def test_eval_inputs_round_trip_through_their_names(name: str) -> None:
     assert row.eval_config(config).cpm == routing
 
 
-def test_the_lda_row_routes_by_mahalanobis_and_the_cosine_default_keys_evals_as_before() -> None:
+def test_routing_defaults_to_the_gaussian_and_the_cosine_rows_key_evals_as_a_cosine_store_did() -> None:
     config = parse_config({"cpm": {"top_k": 2}})
-    lda, many = ROWS["many_lda"].eval_config(config).cpm, ROWS["many"].eval_config(config).cpm
-    assert (lda.metric, lda.top_k, many.metric) == ("mahalanobis", 2, "cosine")
-    assert "metric" not in many.model_dump() and lda.model_dump()["metric"] == "mahalanobis"
+    cos, many = ROWS["many_cos"].eval_config(config).cpm, ROWS["many"].eval_config(config).cpm
+    assert (cos.metric, cos.top_k, many.metric) == ("cosine", 2, "mahalanobis")
+    assert "metric" not in cos.model_dump() and many.model_dump()["metric"] == "mahalanobis"
+    cosine = parse_config({"cpm": {"metric": "cosine"}})
+    assert ROWS["many"].eval_config(cosine).cpm == ROWS["many_cos"].eval_config(cosine).cpm
 
 
-def test_many_r_lda_is_many_r_on_the_same_chain_routed_as_many_lda() -> None:
+def test_many_r_cos_is_many_r_on_the_same_chain_routed_by_the_cosine() -> None:
     config = parse_config({})
-    r, r_lda = ROWS["many_r"], ROWS["many_r_lda"]
-    assert r_lda.chain is r.chain and r_lda.evaluate is r.evaluate
-    assert (r.eval_config(config).cpm.metric, r_lda.eval_config(config).cpm.metric) == ("cosine", "mahalanobis")
+    r, r_cos = ROWS["many_r"], ROWS["many_r_cos"]
+    assert r_cos.chain is r.chain and r_cos.evaluate is r.evaluate
+    assert (r.eval_config(config).cpm.metric, r_cos.eval_config(config).cpm.metric) == ("mahalanobis", "cosine")
 
 
-def test_cram_lda_is_crams_experts_routed_as_many_lda() -> None:
-    config = parse_config({})
+def test_cram_lda_is_crams_experts_routed_by_the_gaussian_even_where_the_run_routes_by_the_cosine() -> None:
+    config = parse_config({"cpm": {"metric": "cosine"}})
     cram, cram_lda = ROWS["cram"], ROWS["cram_lda"]
     assert cram_lda.chain is cram.chain and cram_lda.evaluate is cram.evaluate
     assert cram.eval_config(config).cpm is None  # CRAM's own cosine routing: its evals keep their keys
     assert cram_lda.eval_config(config).cpm.metric == "mahalanobis"
+
+
+def test_the_default_methods_are_many_its_residual_form_and_the_baselines() -> None:
+    assert DEFAULT_METHODS == ("many", "many_lpm_only", "many_r", "individual", "seqlora", "average",
+                               "task_arithmetic", "ties", "regmean")
 
 
 def test_each_row_declares_the_recipe_its_model_is_served_by() -> None:
@@ -208,7 +213,7 @@ def test_each_row_declares_the_recipe_its_model_is_served_by() -> None:
                        "many_cpm_only": ("merged", "cpm"), "individual": ("task", "own"), "seqlora": ("merged", "own"),
                        "average": ("merged", "average"), "task_arithmetic": ("merged", "average"),
                        "ties": ("merged", "average"), "regmean": ("merged", "average"), "cram": None, "cram_lda": None,
-                       "fwd_prompt": None, "many_r": ("routed", "cpm"), "many_r_lda": ("routed", "cpm"), "many_answer": ("merged", "cpm"), "many_lda": ("merged", "cpm"),
+                       "fwd_prompt": None, "many_r": ("routed", "cpm"), "many_r_cos": ("routed", "cpm"), "many_answer": ("merged", "cpm"), "many_cos": ("merged", "cpm"),
                        "many_xl": ("merged", "cpm")}
     # an export holds the tasks' own parts, the LPM chain's last link if the run merged, prototypes if it made them
     assert list(served_methods(merged=True, routed=True)) == ["many", "many_lpm_only", "many_r", "individual"]
@@ -290,7 +295,7 @@ def test_many_r_residual_link_t_reads_merge_t_and_every_task_adapter_up_to_t() -
     from tasks.rows.many_r import RESIDUAL_CHAIN
 
     row = ROWS["many_r"]
-    assert not row.default and row.routed and row.recipe == Recipe("routed", "cpm")
+    assert row.default and row.routed and row.recipe == Recipe("routed", "cpm")
     assert row.chains() == (LPM_CHAIN, RESIDUAL_CHAIN) and RESIDUAL_CHAIN.follows is LPM_CHAIN
     assert row.needs == {"finetune", "prototypes", "stats"}
     links, _ = _links("many_r", 3)
