@@ -22,6 +22,10 @@ def test_default_config_is_the_mini_ucit_stream_with_every_method() -> None:
     assert config.resources.finetune.num_gpus == 0
 
 
+def test_examples_mini_ucit_is_the_built_in_default_written_out() -> None:
+    assert load_config(EXAMPLES / "mini-ucit.yaml").model_dump() == RunConfig().model_dump()
+
+
 def test_bare_task_names_are_mini_ucit_kinds_and_first_n_keeps_the_order() -> None:
     config = parse_config({"tasks": ["chart-qa", {"name": "shapes", "kind": "style-cls"}, "icon-qa"]})
     assert [(t.name, t.kind) for t in config.tasks] == [("chart-qa", "chart-qa"), ("shapes", "style-cls"), ("icon-qa", "icon-qa")]
