@@ -20,7 +20,7 @@ from tests.flows.e2e import TINY, computed, run, write_config
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("harness")]
 
 
-METHODS = ["many", "many_lpm_only", "individual", "seqlora", "average", "task_arithmetic", "ties", "regmean"]
+METHODS = ["many", "many_lpm_only", "many_r", "individual", "seqlora", "average", "task_arithmetic", "ties", "regmean"]
 BASELINES = ["average", "task_arithmetic", "ties", "regmean"]
 
 
@@ -28,7 +28,8 @@ def new_task_stages(task: str) -> set[tuple[str, str | None, str | None]]:
     """What adding `task` to a stream (not its first task) must compute, and nothing else."""
     return (
         {("data", task, None), ("finetune", task, None), ("prototypes", task, None), ("stats", task, None),
-         ("merge", task, "many"), ("merge_diagnostics", task, "many"), ("seqlora", task, "seqlora")}
+         ("merge", task, "many"), ("merge_diagnostics", task, "many"), ("residual", task, "many_r"),
+         ("seqlora", task, "seqlora")}
         | {(f"merge_{m}", task, m) for m in BASELINES}
         | {("eval", task, m) for m in METHODS}
     )
@@ -71,12 +72,12 @@ def test_cold_cached_incremental_tau_export_report(tmp_path: Path, capsys) -> No
         assert row["matrix"][:2] == [r[:2] + [None] for r in cold["report"]["methods"][method]["matrix"]]
 
     retuned = run(capsys, "--config", str(write_config(tmp_path / "tau.yaml", cpm={"tau": 0.05})), "--store", store)
-    assert computed(retuned) == {("eval", task, "many") for task in ["style-cls", "chart-qa", "icon-qa"]}
+    assert computed(retuned) == {("eval", task, m) for task in ["style-cls", "chart-qa", "icon-qa"] for m in ("many", "many_r")}
 
     reridged = run(capsys, "--config", str(write_config(tmp_path / "gamma.yaml", lpm={"gamma": 1e-3})), "--store", store)
     tasks = ["style-cls", "chart-qa", "icon-qa"]
-    assert computed(reridged) == {("merge", t, "many") for t in tasks} | {("merge_diagnostics", t, "many") for t in tasks} | {
-        ("eval", t, m) for t in tasks for m in ("many", "many_lpm_only")}
+    assert computed(reridged) == {(stage, t, "many") for t in tasks for stage in ("merge", "merge_diagnostics")} | {
+        ("residual", t, "many_r") for t in tasks} | {("eval", t, m) for t in tasks for m in ("many", "many_lpm_only", "many_r")}
     check_diagnostics(store, reridged)
 
     capsys.readouterr()
