@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from many.config import Frozen
+from many.config import CPMConfig, Frozen
 from many.inference import Recipe
 from tasks.rows import parts
 from tasks.rows.row import Chain, EvalContext, PerTask, Row, indexed, indexed_paths
@@ -110,7 +110,7 @@ def evaluate(ctx: EvalContext) -> tuple[list[Any], dict[str, Any]]:
     return parts.routed_scores(ctx, lpm_deltas(ctx))
 
 
-def routed_by(metric: str) -> Callable[[Any], Frozen]:
+def routed_by(metric: str) -> Callable[[Any], CPMConfig]:
     """A row's `routing`: the run's `cpm` section with its metric pinned (the ablation rows of the CPM metric)."""
     return lambda config: config.cpm.model_copy(update={"metric": metric})
 
