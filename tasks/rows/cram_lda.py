@@ -12,8 +12,8 @@ with one task's own adapter, chosen by the same router.
 
 from __future__ import annotations
 
-from tasks.rows import cram, many
-from tasks.rows.row import Row
+from tasks.rows import cram
+from tasks.rows.row import Row, routed_by
 
 ROW = Row(
     name="cram_lda",
@@ -23,6 +23,6 @@ ROW = Row(
     chain=cram.CHAIN,
     chain_links="all",
     routed=True,
-    routing=many.routed_by("mahalanobis"),
+    routing=routed_by("mahalanobis"),
     default=False,
 )

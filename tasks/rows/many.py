@@ -15,11 +15,10 @@ layer's fit error e_i and leakage ℓ_ij (many.lpm_diagnostics); `many report` s
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from many.config import CPMConfig, Frozen
+from many.config import Frozen
 from many.inference import Recipe
 from tasks.rows import parts
 from tasks.rows.row import Chain, EvalContext, PerTask, Row, indexed, indexed_paths
@@ -108,11 +107,6 @@ def lpm_deltas(ctx: EvalContext) -> dict[str, Any]:
 
 def evaluate(ctx: EvalContext) -> tuple[list[Any], dict[str, Any]]:
     return parts.routed_scores(ctx, lpm_deltas(ctx))
-
-
-def routed_by(metric: str) -> Callable[[Any], CPMConfig]:
-    """A row's `routing`: the run's `cpm` section with its metric pinned (the ablation rows of the CPM metric)."""
-    return lambda config: config.cpm.model_copy(update={"metric": metric})
 
 
 ROW = Row(

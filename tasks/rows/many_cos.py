@@ -13,7 +13,7 @@ alike (BENCHMARKS.md, quality section); this row keeps the published routing mea
 from __future__ import annotations
 
 from tasks.rows import many
-from tasks.rows.row import Row
+from tasks.rows.row import Row, routed_by
 
 ROW = Row(
     name="many_cos",
@@ -22,7 +22,7 @@ ROW = Row(
     reads=frozenset({"finetune", "prototypes"}),
     chain=many.LPM_CHAIN,
     routed=True,
-    routing=many.routed_by("cosine"),
+    routing=routed_by("cosine"),
     default=False,
     recipe=many.ROW.recipe,  # from a store only: an export holds the run's one `cpm` routing (flows.export)
 )

@@ -12,8 +12,8 @@ every image), its score follows the routing's accuracy; this row measures how mu
 
 from __future__ import annotations
 
-from tasks.rows import many, many_r
-from tasks.rows.row import Row
+from tasks.rows import many_r
+from tasks.rows.row import Row, routed_by
 
 ROW = Row(
     name="many_r_cos",
@@ -22,7 +22,7 @@ ROW = Row(
     reads=frozenset({"finetune", "prototypes"}),
     chain=many_r.RESIDUAL_CHAIN,
     routed=True,
-    routing=many.routed_by("cosine"),
+    routing=routed_by("cosine"),
     default=False,
     recipe=many_r.ROW.recipe,  # from a store only: an export holds the run's one `cpm` routing (flows.export)
 )

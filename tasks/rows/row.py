@@ -37,6 +37,11 @@ class PerTask:
     stats: Sequence[Any] | None = None
 
 
+def routed_by(metric: str) -> Callable[[Any], CPMConfig]:
+    """A row's `routing`: the run's `cpm` section with its metric pinned (the ablation rows of the CPM metric)."""
+    return lambda config: config.cpm.model_copy(update={"metric": metric})
+
+
 @dataclass(frozen=True)
 class Reuse:
     """A chain link that is exactly an existing stage's output (SeqLoRA's first link is finetune[0])."""
