@@ -31,6 +31,7 @@ from typing import Any
 
 from flows.model_card import model_card
 from many.adapters import CONFIG_FILE
+from many.config import CPMConfig
 from many.inference import INFERENCE_FILE, Recipe
 from tasks.dispatch import read_json_output
 from tasks.rows.many import LPM_CHAIN
@@ -96,7 +97,7 @@ def _settings(store: Store, find: Any, task: str) -> dict[str, Any]:
     if routed is not None:
         cpm = routed.config.get("cpm") or {}
         settings |= {"tau": read_json_output(store, routed, "scores").get("tau"), "top_k": cpm.get("top_k"),
-                     "calibration_target": cpm.get("calibration_target", 0.9), "metric": cpm.get("metric", "cosine")}
+                     "calibration_target": cpm.get("calibration_target", 0.9), "metric": cpm.get("metric", CPMConfig.UNKEYED["metric"])}
     return settings
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from many.config import CPMConfig
 from many.inference import Parts, Predictor, Recipe, check_task
 from tasks.rows import get_row, many_r
 from tasks.rows.row import EvalInputs
@@ -68,7 +69,7 @@ def store_parts(store: Store, summary: dict[str, Any], method: str) -> Parts:
     return Parts(
         base=inputs.base, tasks=tasks, task_dirs=inputs.finetune, prototypes=inputs.prototypes,
         merged=inputs.chain[-1] if inputs.chain else None, tau=tau, top_k=cpm.get("top_k"),
-        calibration_target=cpm.get("calibration_target", 0.9), metric=cpm.get("metric", "cosine"),
+        calibration_target=cpm.get("calibration_target", 0.9), metric=cpm.get("metric", CPMConfig.UNKEYED["metric"]),
         max_new_tokens=config["eval"]["max_new_tokens"],
         dtype=config.get("dtype", "float32"),
     )

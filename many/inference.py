@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from many.config import CPMConfig
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -84,7 +86,7 @@ class Parts:
     tau: float | None = None  # CPM's τ; None: calibrated from the prototypes' image rows
     top_k: int | None = None
     calibration_target: float = 0.9
-    metric: str = "mahalanobis"  # CPMConfig.metric (an export or store config that names none predates it: "cosine")
+    metric: str = CPMConfig.model_fields["metric"].default
     max_new_tokens: int = 24
     dtype: str = "float32"
 
@@ -309,7 +311,7 @@ def export_parts(export_dir: str | Path, recipe: Recipe) -> Parts:
         base=root / "base", tasks=tuple(tasks), task_dirs=task_dirs,
         prototypes=(prototypes,) if prototypes.is_file() else (), merged=merged if merged.is_dir() else None,
         tau=tau, top_k=settings.get("top_k"), calibration_target=settings.get("calibration_target", 0.9),
-        metric=settings.get("metric", "cosine"),
+        metric=settings.get("metric", CPMConfig.UNKEYED["metric"]),  # an export older than the field
         max_new_tokens=settings.get("max_new_tokens", 24), dtype=settings.get("dtype", "float32"),
     )
 
