@@ -82,12 +82,13 @@ def run_job(job: Job, rank: int, seed: int, config: LPMConfig, scratch: str) -> 
         group_job = GroupJob(key, tuple(name for name, _, _ in job.layers), None)
         scales = {name: 2.0 for name, _, _ in job.layers}  # alpha / r = 16 / 8
         start = time.perf_counter()
-        merge_group(group_job, scales, str(adapter_file), str(grams_file), str(workdir / "state.safetensors"),
+        # the synthetic Gram stands in for the answer Gram too: the default merge reads both (LPMConfig.answer)
+        merge_group(group_job, scales, str(adapter_file), str(grams_file), str(grams_file), str(workdir / "state.safetensors"),
                     str(workdir / "factors.safetensors"), config)
         seconds = time.perf_counter() - start
         return {
             "block": job.block, "group": job.group, "node": ray.get_runtime_context().get_node_id(),
-            "seconds": seconds, "reserved": job_bytes(group_job, str(adapter_file), str(grams_file)),
+            "seconds": seconds, "reserved": job_bytes(group_job, str(adapter_file), str(grams_file), answer=True),
             "state_bytes": (workdir / "state.safetensors").stat().st_size,
             "factors_bytes": (workdir / "factors.safetensors").stat().st_size,
             "gram_bytes": grams_file.stat().st_size, "adapter_bytes": adapter_file.stat().st_size,

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
-from benchmarks.synthetic import Shape, Step, merge_stream, rss
+from benchmarks.synthetic import ALL_TOKENS, Shape, Step, merge_stream, rss
 from many.config import LPMConfig
 
 PARTS = ("ratios", "stream", "grams", "7b", "7b-cluster")
@@ -77,7 +77,7 @@ def ratios(smoke: bool, tiny_pipeline: bool, scratch: Path) -> tuple[list[tuple[
     return rows, {"incremental": incremental, "merge_cost": merge, "train_overhead": train, "store_overhead": store}
 
 
-def run_stream(shape: Shape, tasks: int, scratch: Path, label: str, config: LPMConfig = LPMConfig(),
+def run_stream(shape: Shape, tasks: int, scratch: Path, label: str, config: LPMConfig = ALL_TOKENS,
                on_ray: bool = False, collect: bool = False) -> list[Step]:
     from tasks.store import Store
 
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         if "stream" in parts:
             shape = Shape(1, 32, 64) if args.smoke else Shape(3, 128, 256)
             count = args.tasks or (12 if args.smoke else 100)
-            before = run_stream(shape, count, scratch, "before", LPMConfig(state_form="thin"))
+            before = run_stream(shape, count, scratch, "before", ALL_TOKENS.model_copy(update={"state_form": "thin"}))
             after = run_stream(shape, count, scratch, "after", collect=True)
             goals += stream_goals(shape, before, after)
             print()
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             goals += gram_dtype_errors(Shape(1, 32, 64) if args.smoke else Shape(1, 1024, 2752), 2 if args.smoke else 5)
         if "7b" in parts:
             shape = Shape(1, 64, 172) if args.smoke else Shape(args.layers_7b, 4096, 11008)
-            config = LPMConfig(state_dtype=args.state_dtype_7b)
+            config = ALL_TOKENS.model_copy(update={"state_dtype": args.state_dtype_7b})
             steps, baseline = run_7b(shape, args.tasks_7b, args.cpus_7b, config, scratch)
             print_7b(shape, steps, baseline, args.cpus_7b, config)
             result["7b"] = {"layers": shape.layers, "cpus": args.cpus_7b, "state_dtype": config.state_dtype,

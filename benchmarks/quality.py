@@ -42,13 +42,13 @@ ORDERS = ("ucit", "reverse")
 SUMMARY = (("Last", "MFN"), ("MFT", "MFT"), ("MAA", "MAA"), ("BWT", "BWT"))
 SIZES = (("params", "trainable_parameters"), ("bytes", "bytes_per_task"))  # scalars of a report row
 MERGE_BASELINES = ("average", "task_arithmetic", "ties", "regmean")
-MANY_FAMILY = ("many", "many_r", "many_r_cos", "many_answer", "many_cos", "many_xl")  # MAny and its levers (issue #16)
+MANY_FAMILY = ("many", "many_r", "many_r_cos", "many_all", "many_cos", "many_xl")  # MAny and its levers (issue #16)
 SYSTEMS = ("cram", "cram_lda", "fwd_prompt")  # the other continual-learning systems (issue #10): opt-in in a run,
 # always here; cram_lda is CRAM's experts routed as many_r routes by default (its evals only: the experts are CRAM's)
 # The levers' rows, always here: a CPU chain and its evals each, except many_xl, whose merge at step t re-reads every
 # task ≤ t's training samples (about one finetune's compute per step on mini-UCIT); many_cos and many_r_cos are the
-# published cosine routing, the ablation of the default Gaussian (their evals only)
-EXTRA_ROWS = ("many_r", "many_r_cos", "many_answer", "many_cos", "many_xl")
+# published cosine routing, the ablation of the default Gaussian (their evals only); many_all the all-token merge
+EXTRA_ROWS = ("many_r", "many_r_cos", "many_all", "many_cos", "many_xl")
 
 
 def seeded(config: Any, seed: int, order: str, tasks: int, store: str, systems: bool = True) -> Any:

@@ -21,7 +21,7 @@ import psutil
 import torch
 
 from many.adapters import write_lora_adapter
-from many.config import LPMConfig
+from many.config import AnswerWeightConfig, LPMConfig
 from many.stats import save_grams
 from tasks.cache import run_stage
 from tasks.catalog import recomputable_outputs, stage_def
@@ -31,6 +31,10 @@ from tasks.store import BlobRef, Manifest, Store
 PREFIX = "base_model.model.model.language_model.layers"
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
+
+# The LPM step these benchmarks time: the all-token merge (λ = 0): write_task writes no answer Grams. The default
+# merge also reads one answer Gram per input group and adds it (LPMConfig.answer): one more in×in read and sum.
+ALL_TOKENS = LPMConfig(answer=AnswerWeightConfig(weight=0.0))
 
 
 @dataclass(frozen=True)
@@ -156,7 +160,7 @@ def _on_ray(store_url: str, config: LPMConfig) -> Callable[[dict[str, BlobRef]],
     return run
 
 
-def merge_stream(store: Store, root: Path, shape: Shape, tasks: int, scratch: Path, config: LPMConfig = LPMConfig(),
+def merge_stream(store: Store, root: Path, shape: Shape, tasks: int, scratch: Path, config: LPMConfig = ALL_TOKENS,
                  report: Callable[[Step], None] = lambda step: None, on_ray: bool = False,
                  collect: bool = False) -> tuple[list[Step], Manifest]:
     """Tasks 1..`tasks` through the real merge stage into `store` (a local store at `root`), one after another;

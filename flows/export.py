@@ -4,10 +4,12 @@
     DIR/tasks/<task>/projector.safetensors the task's own projector
     DIR/tasks/<task>/gram.safetensors      Grams, one float32 tensor per input group (q/k/v, gate/up share one), named
                                            by its first module; metadata "grams": {"groups": {module: tensor name}}
+    DIR/tasks/<task>/answer_gram.safetensors  the same over the positions that predict an answer token (LPM's G_answer)
     DIR/merged/adapter/                    the LPM merge as a PEFT LoRA: exact (rank Σr while a layer's state is thin,
                                            min(in, out) once dense) or truncated to lpm.rank
-    DIR/merged/merge.json                  {"method", "tasks", "a", "gamma": {module: absolute γ}, "tau", "export":
-                                           {module: {"form", "rank", "exported_rank", "error"}}} (merge[t]'s export.json)
+    DIR/merged/merge.json                  {"method", "tasks", "a", "gamma": {module: absolute γ}, "answer_weight":
+                                           {task: λ}, "tau", "export": {module: {"form", "rank", "exported_rank",
+                                           "error"}}} (merge[t]'s export.json; G_i = G_all,i + λ_i·G_answer,i)
     DIR/merged/projectors.safetensors      every task's projector, keys "<task>.<parameter>"
     DIR/prototypes.parquet                 image + prototype rows of every task
     DIR/base/                              the HF model dir
@@ -147,6 +149,8 @@ def export(store: Store, summary: dict[str, Any], out_dir: Path) -> list[Path]:
         stats = find("stats", task)
         if stats is not None:
             _copy(store, stats, "grams", out_dir / "tasks" / task / "gram.safetensors")
+            if "answer_grams" in stats.outputs:  # a stats stage of version ≥ 3
+                _copy(store, stats, "answer_grams", out_dir / "tasks" / task / "answer_gram.safetensors")
     merged_dir = out_dir / "merged"
     merged_dir.mkdir(exist_ok=True)
     save_file({k: v.contiguous() for k, v in projectors.items()}, str(merged_dir / "projectors.safetensors"))
@@ -165,9 +169,12 @@ def export(store: Store, summary: dict[str, Any], out_dir: Path) -> list[Path]:
         evaluation = find("eval", tasks[-1], MANY.name)
         if evaluation is not None:
             tau = read_json_output(store, evaluation, "scores").get("tau")
+        links = {task: find(LPM_CHAIN.stage, task, LPM_CHAIN.method) for task in tasks}
+        answer_weight = {task: link.config.get("answer", {}).get("weight", 0.0)  # a merge of version < 5: all tokens
+                         for task, link in links.items() if link is not None}
         (merged_dir / "merge.json").write_text(json.dumps(
-            {"method": MANY.name, "tasks": tasks, "a": merge.config.get("a"), "gamma": gammas, "tau": tau,
-             "export": export},
+            {"method": MANY.name, "tasks": tasks, "a": merge.config.get("a"), "gamma": gammas,
+             "answer_weight": answer_weight, "tau": tau, "export": export},
             indent=2, sort_keys=True,
         ))
     tables = [pq.read_table(store.materialize(m.outputs["prototypes"], context="export: prototypes"))

@@ -187,13 +187,12 @@ def _chain_stages(
     """The links of one chain in task order; link t reads what the chain declares at t, its links < t and, if it
     follows a chain, that chain's links (`submitted`: the chains submitted so far)."""
     links: list[Any] = []
-    sub_config = chain.config(config)
     for t, name in enumerate(t.name for t in config.tasks):
         upstream = chain.upstream(t, shared, links, submitted)
         if isinstance(upstream, Reuse):
             links.append(upstream.handle)
         else:
-            links.append(submit(chain.stage, sub_config, upstream, chain.group, name, chain.method))
+            links.append(submit(chain.stage, chain.config(config, name), upstream, chain.group, name, chain.method))
     return links
 
 

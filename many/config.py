@@ -5,7 +5,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, SerializerFunctionWrapHandler, model_serializer
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    SerializerFunctionWrapHandler,
+    ValidationInfo,
+    model_serializer,
+    model_validator,
+)
 
 # LoRA on the language model's linear layers only: the CLIP tower also has q/k/v_proj (docs/design.md §8).
 LLAMA_LORA_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
@@ -15,7 +24,9 @@ class Frozen(BaseModel):
     """Base of every config: immutable, and a typo is an error.
 
     `UNKEYED` names fields added after stores were written, left out of the config's JSON (hence out of every
-    cache key) while they hold the value given there — their default — so those stores keep their keys."""
+    cache key) while they hold the value given there, so those stores keep their keys. That value need not be the
+    field's default (CPMConfig's metric is left out at "cosine", its default is "mahalanobis"): read a config back
+    from its JSON with `from_keyed`, never `model_validate`."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     UNKEYED: ClassVar[dict[str, Any]] = {}
@@ -27,6 +38,19 @@ class Frozen(BaseModel):
             if getattr(self, name) == default:
                 data.pop(name, None)
         return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keyed_omissions(cls, data: Any, info: ValidationInfo) -> Any:
+        """Under `from_keyed`, a field the JSON leaves out that UNKEYED names takes UNKEYED's value (nested too)."""
+        if isinstance(data, dict) and (info.context or {}).get("keyed"):
+            return {**cls.UNKEYED, **data}
+        return data
+
+    @classmethod
+    def from_keyed(cls, data: Any) -> Any:
+        """The config whose JSON (a stage manifest's `config`, a cache key's) is `data`: the inverse of model_dump."""
+        return cls.model_validate(data, context={"keyed": True})
 
 
 class TinyModelConfig(Frozen):
@@ -100,6 +124,25 @@ class StatsConfig(Frozen):
     UNKEYED: ClassVar[dict[str, Any]] = {"gram_dtype": "float32"}
 
 
+class AnswerWeightConfig(Frozen):
+    """The answer weighting of LPM's Grams (docs/design.md §1, "answer-weighted Grams"): each task's Gram emphasises
+    the positions that predict its answer tokens,
+
+        G_i = G_all,i + λ_i · G_answer,i        (both per-token averages, in × in; many.stats)
+
+    weight: λ for every task. λ = 1 (default) gives the answer-predicting positions as much weight as all tokens
+            together (a scale-free choice, not tuned); it beat λ = 0 in all 3 seeds × 2 orders (BENCHMARKS.md, quality
+            section). λ = 0 is the all-token merge as MAny was published (the `many_all` row).
+    tasks:  λ per task name, overriding `weight` for those tasks.
+    """
+
+    weight: float = Field(1.0, ge=0)
+    tasks: dict[str, Annotated[float, Field(ge=0)]] = {}
+
+    def weight_of(self, task: str) -> float:
+        return self.tasks.get(task, self.weight)
+
+
 class LPMConfig(Frozen):
     """Low-rank parameter merging by recursive least squares (docs/design.md §1).
 
@@ -114,6 +157,8 @@ class LPMConfig(Frozen):
            float64 rounding); "thin" / "dense" force one form (for comparisons: thin grows with t without bound).
            Left out of the config's JSON at "auto" (the merge's version marks the change), so a run config's
            fingerprint — which runs `gc --keep-last` compares — stays what it was.
+    answer: the answer weighting of each task's Gram, G_i = G_all,i + λ_i·G_answer,i (AnswerWeightConfig); a merge link
+           takes its task's λ (`for_task`).
     diagnostics: whether the pipeline runs merge_diagnostics[t] beside merge[t] (fit error and leakage per layer
            and task, many.lpm_diagnostics; it reads the Grams of all tasks ≤ t). It changes nothing the merge
            computes, so it is left out of the config's JSON (`exclude`): the merge's cache key does not see it.
@@ -125,8 +170,13 @@ class LPMConfig(Frozen):
     rank: PositiveInt | None = None
     state_dtype: Literal["float64", "float32"] = "float64"
     state_form: Literal["auto", "thin", "dense"] = "auto"
+    answer: AnswerWeightConfig = AnswerWeightConfig()
     diagnostics: bool = Field(True, exclude=True)
     UNKEYED: ClassVar[dict[str, Any]] = {"state_form": "auto"}
+
+    def for_task(self, task: str) -> LPMConfig:
+        """This config as merge[t] of task `task` reads it (its cache key): λ resolved to that task's, no per-task map."""
+        return self.model_copy(update={"answer": AnswerWeightConfig(weight=self.answer.weight_of(task))})
 
 
 class ResidualConfig(Frozen):
@@ -138,24 +188,6 @@ class ResidualConfig(Frozen):
     """
 
     rank: PositiveInt | None = None
-
-
-class AnswerWeightConfig(Frozen):
-    """MAny-A's Grams (tasks/rows/many_answer.py; docs/design.md §1.4): the LPM merge with each task's Gram
-    emphasising the positions that predict its answer tokens,
-
-        G_i = G_all,i + λ_i · G_answer,i        (both per-token averages, in × in)
-
-    weight: λ for every task. λ = 1 gives the answer-predicting positions as much weight as all tokens together
-            (a scale-free choice, not tuned); λ = 0 is MAny's merge exactly.
-    tasks:  λ per task name, overriding `weight` for those tasks.
-    """
-
-    weight: float = Field(1.0, ge=0)
-    tasks: dict[str, Annotated[float, Field(ge=0)]] = {}
-
-    def weight_of(self, task: str) -> float:
-        return self.tasks.get(task, self.weight)
 
 
 class CPMConfig(Frozen):

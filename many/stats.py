@@ -7,7 +7,8 @@ least-squares merge needs only
 
 over task i's training tokens. docs/design.md §8 measured that G must come from task i's OWN fine-tuned model
 (its LoRA and its projector) and cover ALL non-padding tokens of each sequence — image, prompt and answer;
-Grams of the base model, or of answer tokens only, ruin the merge.
+Grams of the base model, or of answer tokens only, ruin the merge. The same pass also takes G_answer,i, the Gram of
+the positions that predict an answer token, which LPM adds to G_i with a weight (LPMConfig.answer; docs/design.md §1).
 
 The sum XᵀX is accumulated in float64 batch by batch with forward pre-hooks (activations are never held),
 then divided by N. Layers fed by the same tensor (q/k/v after one norm, gate/up after another) form an input
@@ -29,7 +30,7 @@ import math
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import NamedTuple
 
 import torch
 from peft import PeftModel
@@ -75,32 +76,39 @@ def encoded_batches(model: nn.Module, processor: LlavaProcessor, samples: Sequen
         yield batch, labels
 
 
+class TaskGrams(NamedTuple):
+    """A task's two Grams per LoRA layer (in, in) float64, from one forward pass: over all non-padding tokens, and over
+    the positions that predict an answer token (LPM's G_all and G_answer; docs/design.md §1)."""
+
+    all: dict[str, Tensor]
+    answer: dict[str, Tensor]
+
+
 def collect_grams(
     model: PeftModel,
     processor: LlavaProcessor,
     samples: Sequence[Sample],
     cfg: StatsConfig,
     *,
-    tokens: Literal["all", "answer"] = "all",
     progress: bool = True,
     on_batch: BatchCallback | None = None,
-) -> dict[str, Tensor]:
-    """G = XᵀX / N (in, in) float64 for every LoRA layer, over all non-padding tokens of `samples` (`tokens="all"`,
-    what LPM merges with), or over the positions that predict an answer token only (`tokens="answer"`:
-    many.loop.answer_positions, the positions the training loss reads; MAny-A's G_answer, tasks/rows/many_answer.py).
+) -> TaskGrams:
+    """G = XᵀX / N for every LoRA layer in one pass over `samples`, twice: over all non-padding tokens (`all`, what
+    every Gram-based merge reads) and over the positions that predict an answer token only (`answer`:
+    many.loop.answer_positions, the positions the training loss reads; LPM's answer weighting, LPMConfig.answer).
 
-    Layers that read the same input tensor share one Gram: the returned dict maps each of them to the same tensor
-    object (what `save_grams` stores once). `model` is the task's own fine-tuned model; it is run in eval mode
-    without gradients and restored to its previous training mode afterwards. The first `cfg.max_samples` samples
-    are used (all if None). `on_batch(batches done, batches)` after each batch.
+    Layers that read the same input tensor share one Gram: each returned dict maps them to the same tensor object
+    (what `save_grams` stores once). `model` is the task's own fine-tuned model; it is run in eval mode without
+    gradients and restored to its previous training mode afterwards. The first `cfg.max_samples` samples are used
+    (all if None). `on_batch(batches done, batches)` after each batch.
     """
     samples = tuple(samples)[: cfg.max_samples]
     if not samples:
         raise ValueError("collect_grams: no samples; the task's training split is empty")
     layers = lora_layers(model)
-    sums: dict[str, Tensor] = {}  # group's first layer -> Σ XᵀX (in, in) float64
+    sums: dict[str, dict[str, Tensor]] = {"all": {}, "answer": {}}  # kind → group's first layer → Σ XᵀX (in, in) f64
     group_of: dict[str, str] = {}  # layer -> its group's first layer (itself for the first)
-    mask: list[Tensor] = []  # the current batch's attention mask (B, L), read by the hooks
+    masks: dict[str, Tensor] = {}  # the current batch's positions of each kind (B, L), read by the hooks
     last: list[tuple[weakref.ref, str]] = []  # (input seen last, the layer that summed its XᵀX)
 
     def hook_for(name: str):
@@ -114,50 +122,55 @@ def collect_grams(
                 )
             if owner != name:
                 return  # the owner already summed this input's XᵀX
-            if x.shape[:2] != mask[0].shape:
+            if x.shape[:2] != masks["all"].shape:
                 raise ValueError(
                     f"collect_grams: layer {name} sees inputs of shape {tuple(x.shape)} but the batch mask is "
-                    f"{tuple(mask[0].shape)}; the model must keep one position per input token"
+                    f"{tuple(masks['all'].shape)}; the model must keep one position per input token"
                 )
-            tokens = x[mask[0].bool()].to(torch.float64)  # (n, in): padding excluded
-            product = tokens.T @ tokens  # (in, in)
             last[:] = [(weakref.ref(x), name)]
-            if name in sums:
-                sums[name].add_(product)
-            else:
-                sums[name] = product
+            for kind, mask in masks.items():
+                tokens = x[mask.bool()].to(torch.float64)  # (n, in): the kind's positions, padding excluded
+                product = tokens.T @ tokens  # (in, in)
+                if name in sums[kind]:
+                    sums[kind][name].add_(product)
+                else:
+                    sums[kind][name] = product
 
         return hook
 
     handles = [module.register_forward_pre_hook(hook_for(name)) for name, module in layers.items()]
     was_training = model.training
     model.eval()
-    tokens_seen = 0
+    seen = {"all": 0, "answer": 0}  # tokens summed, per kind
     try:
         with torch.no_grad():
             total = math.ceil(len(samples) / cfg.batch_size)
             batches = tqdm(encoded_batches(model, processor, samples, cfg.batch_size), total=total, desc="grams",
                            disable=not progress)
             for done, (batch, labels) in enumerate(batches, 1):
-                mask_all = batch["attention_mask"]  # (B, L), on the model's device
-                kept = mask_all if tokens == "all" else answer_positions(labels).to(mask_all.device)  # (B, L)
-                mask[:] = [kept]
+                masks["all"] = batch["attention_mask"]  # (B, L), on the model's device
+                masks["answer"] = answer_positions(labels).to(masks["all"].device)  # (B, L)
                 last.clear()
                 model(**batch, use_cache=False)
-                tokens_seen += int(kept.sum())
+                for kind, mask in masks.items():
+                    seen[kind] += int(mask.sum())
                 if on_batch is not None:
                     on_batch(done, total)
     finally:
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    if not tokens_seen:
-        raise ValueError(f"collect_grams: no {tokens} tokens in the task's training samples")
+    if not seen["answer"]:
+        raise ValueError("collect_grams: no answer tokens in the task's training samples")
     missing = sorted(set(layers) - set(group_of))
     if missing:
         raise ValueError(f"collect_grams: LoRA layers never ran in the forward pass: {missing[:3]} …")
-    grams = {owner: (total / tokens_seen).cpu() for owner, total in sums.items()}
-    return {name: grams[group_of[name]] for name in layers}
+
+    def per_layer(kind: str) -> dict[str, Tensor]:
+        grams = {owner: (total / seen[kind]).cpu() for owner, total in sums[kind].items()}
+        return {name: grams[group_of[name]] for name in layers}
+
+    return TaskGrams(per_layer("all"), per_layer("answer"))
 
 
 def gram_groups(grams: Mapping[str, Tensor]) -> dict[str, str]:

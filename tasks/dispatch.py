@@ -224,7 +224,7 @@ def stage_task(
     else:
         def recompute(producer: Manifest) -> Manifest:  # an earlier link whose output gc collected, as it was
             again = _compute_on_ray(
-                producer.stage, type(config).model_validate(producer.config), dict(producer.inputs), store, cluster,
+                producer.stage, type(config).from_keyed(producer.config), dict(producer.inputs), store, cluster,
                 num_cpus, num_gpus, resource_group or stage, task_name, method, True, run_id, priority,
             )
             return store.open().read_manifest(producer.stage, again.key)

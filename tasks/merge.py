@@ -101,18 +101,32 @@ def _read_loras(adapter_file: str, scales: Mapping[str, float]) -> dict[str, tup
         }
 
 
+def task_gram(grams_file: str, answer_file: str | None, group: str, weight: float) -> Tensor:
+    """The Gram task t is merged with, G_t = G_all,t + λ_t·G_answer,t (in, in) (LPMConfig.answer; docs/design.md §1):
+    the all-token Gram as stored when λ_t = 0, else the sum in float64."""
+    from safetensors import safe_open
+
+    with safe_open(grams_file, framework="pt") as grams:
+        gram = grams.get_tensor(group)  # (in, in) float32
+    if not weight:
+        return gram
+    if answer_file is None:
+        raise ValueError(f"LPM: lpm.answer weight {weight} needs the task's answer Grams; the merge got none")
+    with safe_open(answer_file, framework="pt") as answers:
+        return gram.double() + weight * answers.get_tensor(group).double()
+
+
 def merge_group(
-    job: GroupJob, scales: Mapping[str, float], adapter_file: str, grams_file: str, state_file: str, factors_file: str,
-    config: LPMConfig,
+    job: GroupJob, scales: Mapping[str, float], adapter_file: str, grams_file: str, answer_file: str | None,
+    state_file: str, factors_file: str, config: LPMConfig,
 ) -> tuple[str, dict[str, dict]]:
     """One input group's step t (many.lpm.absorb_group, export_group): C_t = C_{t−1} + G̃_t; per layer B_t = [B_{t−1} |
     s_t B_t], AG_t = [AG_{t−1}; A_t G̃_t] (thin) or R_t = R_{t−1} + (A_t G̃_t)ᵀ(s_t B_t)ᵀ (dense); the merged LoRA per layer,
-    exact or truncated to config.rank.
+    exact or truncated to config.rank. G_t = G_all,t + λ_t·G_answer,t (`task_gram`, λ_t = config.answer.weight).
 
     Writes the group's new state to `state_file` and the merged factors (float32, PEFT key names) to `factors_file`;
     returns `factors_file` and {layer: export record} (`_export_record`). Peak memory: `job_bytes`.
     """
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
     from many.lpm import absorb_group, export_group, truncate
@@ -120,8 +134,7 @@ def merge_group(
 
     with _one_thread():
         loras = _read_loras(adapter_file, scales)
-        with safe_open(grams_file, framework="pt") as grams:
-            gram = grams.get_tensor(job.group)  # (in, in) float32
+        gram = task_gram(grams_file, answer_file, job.group, config.answer.weight)  # (in, in)
         before = None if job.previous is None else load_group(job.previous, job.group)
         states = absorb_group(before, loras, gram, config, job.group)
         del before, gram, loras
@@ -141,9 +154,9 @@ def merge_group(
     return factors_file, records
 
 
-def job_bytes(job: GroupJob, adapter_file: str, grams_file: str, form: str = "auto") -> int:
+def job_bytes(job: GroupJob, adapter_file: str, grams_file: str, form: str = "auto", answer: bool = False) -> int:
     """`merge_group`'s peak working set in bytes, from file headers only: three in×in float64 matrices (previous
-    C, G̃, new C or its factor) plus, per layer in float64, the thin B (out, Σr) and AG (Σr, in) old and new while
+    C, G̃, new C or its factor; four with an answer Gram added to G, `answer`) plus, per layer in float64, the thin B (out, Σr) and AG (Σr, in) old and new while
     the layer stays thin, else its R (in, out) old and new, the exported M_t (out, in) and its identity
     (min(in, out)², many.lpm.export_group) — the previous thin factors instead of the old R at the switch.
     `form`: LPMConfig.state_form."""
@@ -158,7 +171,7 @@ def job_bytes(job: GroupJob, adapter_file: str, grams_file: str, form: str = "au
         thin = {layer: adapter.get_slice(f"{layer}.lora_B.weight").get_shape() for layer in job.layers}  # (out, r)
     before = {} if job.previous is None else state_ranks(job.previous, job.layers)  # Σr so far
     forms = {} if job.previous is None else state_forms(job.previous)
-    total = 3 * n_in * n_in
+    total = (4 if answer else 3) * n_in * n_in
     for layer, (out, r) in thin.items():
         rank = before.get(layer, 0) + r  # Σr after this task
         was_dense = forms.get(layer) == "dense"
@@ -204,8 +217,8 @@ def _on_this_node(calls: list[tuple]) -> list[tuple[str, dict[str, dict]]]:
     ceiling = _node_memory(node)
     refs = []
     for args in calls:
-        job, _, adapter_file, grams_file = args[:4]  # merge_group's first parameters
-        memory = int(min(job_bytes(job, adapter_file, grams_file, args[6].state_form), ceiling))
+        job, _, adapter_file, grams_file, answer_file = args[:5]  # merge_group's first parameters
+        memory = int(min(job_bytes(job, adapter_file, grams_file, args[-1].state_form, answer_file is not None), ceiling))
         refs.append(_remote_merge_group.options(num_cpus=1, memory=memory, max_retries=0, scheduling_strategy=here)
                     .remote(*args))
     return ray_get(refs)
@@ -220,9 +233,10 @@ def run_jobs(calls: list[tuple], fan_out: bool | None = None) -> list[tuple[str,
 
 
 def merge_step(inputs: Mapping[str, Path], workdir: Path, config: LPMConfig, fan_out: bool | None = None) -> dict[str, Path]:
-    """merge[t] from local inputs "finetune" (task dir with adapter/), "grams" (the stats file) and, for t > 1,
-    "previous" (merge[t−1]'s state dir): {"state": state dir, "adapter": merged PEFT adapter dir, "export":
-    export.json} under `workdir`. export.json (EXPORT_FORMAT): {"format", "rank": lpm.rank, "layers": {layer: {"form":
+    """merge[t] from local inputs "finetune" (task dir with adapter/), "grams" (the stats file), "answer_grams" (the
+    stats stage's answer Grams; needed when config.answer.weight > 0) and, for t > 1, "previous" (merge[t−1]'s state
+    dir): {"state": state dir, "adapter": merged PEFT adapter dir, "export": export.json} under `workdir`. `config` is
+    the task's (LPMConfig.for_task: its λ resolved). export.json (EXPORT_FORMAT): {"format", "rank": lpm.rank, "layers": {layer: {"form":
     "thin" | "dense", "rank": Σr, "gamma": γ, "exported_rank", "error": ‖M_t − B_m A_m‖_F / ‖M_t‖_F}}}, layers in
     the adapter's order."""
     from safetensors.torch import load_file
@@ -233,14 +247,25 @@ def merge_step(inputs: Mapping[str, Path], workdir: Path, config: LPMConfig, fan
 
     adapter_dir = inputs["finetune"] / ADAPTER_DIR
     scales = {layer: scale for layer, (_, _, scale) in lora_factors(adapter_dir).items()}  # validates the adapter
+    if config.answer.tasks:
+        raise ValueError("merge_step: lpm.answer names per-task weights; pass the task's config (LPMConfig.for_task)")
+    answer = inputs.get("answer_grams") if config.answer.weight else None
+    if config.answer.weight and answer is None:
+        raise ValueError(f"LPM: lpm.answer weight {config.answer.weight} needs the task's answer Grams (the stats "
+                         "stage's answer_grams); the merge got none")
+    groups = read_gram_groups(inputs["grams"])
+    if answer is not None and read_gram_groups(answer) != groups:
+        raise ValueError("LPM: the answer Grams group the LoRA layers differently from the all-token Grams; "
+                         "recompute the task's stats stage")
     previous = state_modules(inputs["previous"]) if "previous" in inputs else None
-    jobs = plan_groups(list(scales), read_gram_groups(inputs["grams"]), previous)
+    jobs = plan_groups(list(scales), groups, previous)
     state_dir, factors_dir = workdir / "state", workdir / "factors"
     state_dir.mkdir()
     factors_dir.mkdir()
     calls = [
         (job, {layer: scales[layer] for layer in job.layers}, str(adapter_dir / WEIGHTS_FILE), str(inputs["grams"]),
-         str(state_file(state_dir, job.group)), str(factors_dir / f"{job.group}.safetensors"), config)
+         None if answer is None else str(answer), str(state_file(state_dir, job.group)),
+         str(factors_dir / f"{job.group}.safetensors"), config)
         for job in jobs
     ]
     merged: dict[str, Tensor] = {}
@@ -257,4 +282,4 @@ def merge_step(inputs: Mapping[str, Path], workdir: Path, config: LPMConfig, fan
     return {"state": state_dir, "adapter": workdir / "adapter", "export": export}
 
 
-__all__: list[str] = ["EXPORT_FORMAT", "GroupJob", "job_bytes", "merge_group", "merge_step", "plan_groups", "run_jobs"]
+__all__: list[str] = ["EXPORT_FORMAT", "GroupJob", "job_bytes", "merge_group", "merge_step", "plan_groups", "run_jobs", "task_gram"]

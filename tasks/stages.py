@@ -3,7 +3,7 @@ sub-configs that key their cache entries. Every method row reads these; tasks.ca
 rows' own chain stages (tasks.rows), and tasks.dispatch runs any of them through the store's cache.
 
     data[t] ─┐
-    base ────┼─► finetune[t] (or adapter[t]: a task fine-tuned elsewhere) ─► stats[t]
+    base ────┼─► finetune[t] (or adapter[t]: a task fine-tuned elsewhere) ─► stats[t] (G_all, G_answer)
              └─► prototypes[t]
 
 A stage's cache key is its sub-config plus the digests of its inputs (`tasks.cache.cache_key`). A compute reads
@@ -31,7 +31,8 @@ VERSIONS = {
     "finetune": "3",  # 2: the adapter files hold no local path (identical bytes on every machine); 3: `losses`
     "adapter": "1",
     "prototypes": "2",  # 2: f(x) = mean of the projector's input tokens, not the CLS pooler output
-    "stats": "2",  # 2: Grams stored once per input group (q/k/v, gate/up share one), layer → group map in metadata
+    "stats": "3",  # 2: Grams stored once per input group (q/k/v, gate/up share one), layer → group map in metadata;
+    # 3: the answer Grams beside them, from the same pass (the all-token Grams' bytes are unchanged)
 }
 OUTPUTS = {
     "data": ("task",),
@@ -39,7 +40,7 @@ OUTPUTS = {
     "finetune": ("task", "losses"),
     "adapter": ("task",),
     "prototypes": ("prototypes",),
-    "stats": ("grams",),
+    "stats": ("grams", "answer_grams"),
 }
 
 
@@ -178,7 +179,8 @@ def compute_prototypes(
 
 
 def compute_stats(inputs: Mapping[str, Path], workdir: Path, *, config: StatsStageConfig, device: str) -> dict[str, Path]:
-    """Grams under the task's OWN fine-tuned model, over all tokens (docs/design.md §8 lesson 2)."""
+    """Grams under the task's OWN fine-tuned model (docs/design.md §8 lesson 2), one pass: over all tokens ("grams") and
+    over the positions that predict an answer token ("answer_grams", LPM's answer weighting)."""
     from many.adapters import load_task
     from many.data import read_task
     from many.stats import collect_grams, save_grams
@@ -187,9 +189,8 @@ def compute_stats(inputs: Mapping[str, Path], workdir: Path, *, config: StatsSta
     tuned = load_task(model, inputs["finetune"])
     task = read_task(inputs["data"])
     grams = collect_grams(tuned, processor, task.train, config.stats, progress=False, on_batch=batch_reporter("batch"))
-    path = workdir / "gram.safetensors"
-    save_grams(grams, path, config.stats.gram_dtype)
-    return {"grams": path}
+    return {"grams": save_grams(grams.all, workdir / "gram.safetensors", config.stats.gram_dtype),
+            "answer_grams": save_grams(grams.answer, workdir / "answer_gram.safetensors", config.stats.gram_dtype)}
 
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import model_validator
 
-from many.config import AnswerWeightConfig, FinetuneConfig, Frozen, ResidualConfig
+from many.config import FinetuneConfig, Frozen, ResidualConfig
 from many.merging.config import AverageConfig, RegMeanConfig, TaskArithmeticConfig, TiesConfig
 from many.methods.cram import CramConfig
 from many.methods.fwd_prompt import FwdPromptConfig
@@ -29,7 +29,7 @@ BUILT_IN = (
     "tasks.rows.many_cpm_only",
     "tasks.rows.many_r",
     "tasks.rows.many_r_cos",
-    "tasks.rows.many_answer",
+    "tasks.rows.many_all",
     "tasks.rows.many_cos",
     "tasks.rows.many_xl",
     "tasks.rows.individual",
@@ -95,7 +95,7 @@ class MergingConfig(Frozen):
 
 
 class MethodSettings(Frozen):
-    """The run config's sections that belong to method rows (YAML top level: merging, many_r, many_answer, cram, fwd_prompt).
+    """The run config's sections that belong to method rows (YAML top level: merging, many_r, cram, fwd_prompt).
 
     CRAM and Fwd-Prompt train with the run's budget: `cram.finetune` defaults to the `finetune` section, and
     `fwd_prompt` to its steps, batch_size and seed, unless their section sets its own.
@@ -103,7 +103,6 @@ class MethodSettings(Frozen):
 
     merging: MergingConfig = MergingConfig()
     many_r: ResidualConfig = ResidualConfig()
-    many_answer: AnswerWeightConfig = AnswerWeightConfig()
     cram: CramConfig = CramConfig()
     fwd_prompt: FwdPromptConfig = FwdPromptConfig()
 

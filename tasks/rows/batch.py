@@ -56,7 +56,7 @@ def batch_chain(method: str, *, grams: bool = False) -> Chain:
         method=method,
         group="merge",
         needs=frozenset({"finetune", "stats"} if grams else {"finetune"}),
-        config=lambda config: getattr(config.merging, method),
+        config=lambda config, task: getattr(config.merging, method),
         link=link,
         compute=lambda inputs, workdir, *, config, device: compute_batch_merge(inputs, workdir, config=config, method=method),
     )

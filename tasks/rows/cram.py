@@ -48,7 +48,7 @@ CHAIN = Chain(
     method="cram",
     group="finetune",
     needs=frozenset(),
-    config=lambda config: CramStageConfig(cram=config.cram, dtype=config.base.dtype),
+    config=lambda config, task: CramStageConfig(cram=config.cram, dtype=config.base.dtype),
     link=_link,
     compute=compute_cram,
 )

@@ -53,7 +53,7 @@ CHAIN = Chain(
     method="fwd_prompt",
     group="finetune",
     needs=frozenset(),
-    config=lambda config: FwdPromptStageConfig(fwd_prompt=config.fwd_prompt, dtype=config.base.dtype),
+    config=lambda config, task: FwdPromptStageConfig(fwd_prompt=config.fwd_prompt, dtype=config.base.dtype),
     link=_link,
     compute=compute_fwd_prompt,
 )

@@ -3,13 +3,15 @@
 The LPM chain `merge` folds task t into the RLS state of tasks < t,
 
     C_t = C_{t−1} + G̃_t,   R_t = R_{t−1} + G̃_t ΔW_tᵀ,   M_tᵀ = C_t⁻¹ R_t,
+    G_t = G_all,t + λ_t·G_answer,t      (stats[t]'s two Grams; λ_t: lpm.answer, 1 by default; λ = 0: `many_all`)
 
 and exports M_t as a rank-Σr PEFT adapter (tasks/merge.py fans the input groups out over Ray). eval[t] puts M_t
 on every layer and routes each test image's visual tokens through the projectors of tasks ≤ t by CPM.
 
 The chain `merge_diagnostics` follows it (an extra of the `many` and `many_lpm_only` rows, off with
-`lpm.diagnostics: false`): link t reads merge[t]'s adapter and the adapters and Grams of tasks ≤ t, and writes each
-layer's fit error e_i and leakage ℓ_ij (many.lpm_diagnostics); `many report` shows the last link's.
+`lpm.diagnostics: false`): link t reads merge[t]'s adapter and the adapters and all-token Grams of tasks ≤ t (the
+error over every token the layer sees, not the weighted Gram the merge fits), and writes each layer's fit error e_i
+and leakage ℓ_ij (many.lpm_diagnostics); `many report` shows the last link's.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ def compute_merge(inputs: dict[str, Path], workdir: Path, *, config: Any, device
 
 
 def _link(t: int, shared: PerTask, links: list[Any]) -> dict[str, tuple[Any, str]]:
-    upstream = {"finetune": (shared.finetune[t], "task"), "grams": (shared.stats[t], "grams")}
+    upstream = {"finetune": (shared.finetune[t], "task"), "grams": (shared.stats[t], "grams"),
+                "answer_grams": (shared.stats[t], "answer_grams")}
     if t:
         upstream["previous"] = (links[t - 1], "state")
     return upstream
@@ -47,14 +50,15 @@ def _link(t: int, shared: PerTask, links: list[Any]) -> dict[str, tuple[Any, str
 
 LPM_CHAIN = Chain(
     stage="merge",
-    version="4",  # 3: one state file per input group (C once, no R), groups fanned out over Ray on the node;
-    # 4: a layer's state turns dense (C, R) once smaller than the thin factors (group format /2), export.json
+    version="5",  # 3: one state file per input group (C once, no R), groups fanned out over Ray on the node;
+    # 4: a layer's state turns dense (C, R) once smaller than the thin factors (group format /2), export.json;
+    # 5: G_t = G_all,t + λ_t·G_answer,t (lpm.answer)
     outputs=("state", "adapter", "export"),
     read="adapter",
     method="many",
     group="merge",
     needs=frozenset({"finetune", "stats"}),
-    config=lambda config: config.lpm,
+    config=lambda config, task: config.lpm.for_task(task),
     link=_link,
     compute=compute_merge,
     recomputable=("state",),  # read only by merge[t + 1]: superseded states are collected, recomputed on demand
@@ -89,7 +93,7 @@ DIAGNOSTICS_CHAIN = Chain(
     method="many",
     group="merge",
     needs=frozenset({"finetune", "stats"}),
-    config=lambda config: DiagnosticsStageConfig(),
+    config=lambda config, task: DiagnosticsStageConfig(),
     link=_diagnostics_link,
     compute=compute_diagnostics,
     follows=LPM_CHAIN,

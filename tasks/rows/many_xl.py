@@ -61,7 +61,7 @@ XL_CHAIN = Chain(
     method="many_xl",
     group="stats",  # forward passes over the tasks' training samples, as the stats stage
     needs=frozenset({"finetune"}),
-    config=lambda config: CrossLayerStageConfig(a=config.lpm.a, gamma=config.lpm.gamma, stats=config.stats,
+    config=lambda config, task: CrossLayerStageConfig(a=config.lpm.a, gamma=config.lpm.gamma, stats=config.stats,
                                                 dtype=config.base.dtype),
     link=_link,
     compute=compute_merge_xl,

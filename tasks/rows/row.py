@@ -82,7 +82,7 @@ class Chain:
     method: str
     group: Literal["finetune", "stats", "merge"]  # its Ray resources: the run config's resources.<group>
     needs: frozenset[Shared]  # the shared stages its links read
-    config: Callable[[Any], Frozen]  # run config → the links' sub-config (their cache key)
+    config: Callable[[Any, str], Frozen]  # (run config, task name) → link t's sub-config (its cache key)
     link: Callable[..., Upstream | Reuse]  # (t, shared stages, links < t[, the followed chain's links]) → link t
     compute: Compute
     follows: Chain | None = None  # the chain whose links `link` also reads; submitted before this one

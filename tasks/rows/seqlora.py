@@ -25,7 +25,7 @@ CHAIN = Chain(
     method="seqlora",
     group="finetune",
     needs=frozenset({"finetune"}),
-    config=lambda config: FinetuneStageConfig(finetune=config.finetune, dtype=config.base.dtype),
+    config=lambda config, task: FinetuneStageConfig(finetune=config.finetune, dtype=config.base.dtype),
     link=_link,
     compute=compute_finetune,  # with a `previous` input it continues that task directory
 )

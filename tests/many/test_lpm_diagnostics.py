@@ -152,7 +152,7 @@ def test_diagnose_reads_the_merge_stage_files(tmp_path: Path) -> None:
     groups and layers in model order."""
     import json
 
-    from benchmarks.synthetic import Shape, write_task
+    from benchmarks.synthetic import ALL_TOKENS, Shape, write_task
     from many.adapters import lora_factors
     from many.stats import load_grams
     from tasks.merge import merge_step
@@ -164,7 +164,7 @@ def test_diagnose_reads_the_merge_stage_files(tmp_path: Path) -> None:
         workdir = tmp_path / f"merge-{t}"
         workdir.mkdir()
         inputs = {"finetune": task_dir, "grams": grams} | ({"previous": previous} if previous else {})
-        outputs = merge_step(inputs, workdir, LPMConfig(), fan_out=False)
+        outputs = merge_step(inputs, workdir, ALL_TOKENS, fan_out=False)
         previous = outputs["state"]
     result = diagnose(outputs["adapter"], [d for d, _ in tasks], [g for _, g in tasks])
     assert json.loads(json.dumps(result, allow_nan=False)) == result

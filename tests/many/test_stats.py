@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from many.config import LLAMA_LORA_TARGETS, StatsConfig
 from many.model.chat import encode_for_training
-from many.stats import GRAMS_FORMAT, collect_grams, load_grams, lora_layers, read_gram_groups, save_grams
+from many.stats import GRAMS_FORMAT, collect_grams, gram_groups, load_grams, lora_layers, read_gram_groups, save_grams
 from tests.conftest import make_samples
 
 Q_PROJ = "base_model.model.model.language_model.layers.0.self_attn.q_proj"
@@ -50,7 +50,7 @@ def test_gram_equals_hand_computed_xtx_over_non_padding_tokens(lora_model):
         model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False)
     for handle in handles:
         handle.remove()
-    grams = collect_grams(model, processor, samples, StatsConfig(batch_size=len(samples)), progress=False)
+    grams = collect_grams(model, processor, samples, StatsConfig(batch_size=len(samples)), progress=False).all
     mask = batch["attention_mask"].bool()
     for name, x in captured.items():
         tokens = x[mask].double()  # (N, in)
@@ -73,23 +73,23 @@ def test_answer_gram_is_xtx_over_the_positions_that_predict_an_answer_token(lora
                  if batch["labels"][b, p + 1] != -100]
     assert 0 < len(positions) < int(batch["attention_mask"].sum())
     tokens = torch.stack([captured["x"][b, p] for b, p in positions]).double()  # (n, in)
-    answer = collect_grams(model, processor, samples, StatsConfig(batch_size=4), tokens="answer", progress=False)
-    torch.testing.assert_close(answer[Q_PROJ], tokens.T @ tokens / len(positions), rtol=1e-10, atol=1e-12)
-    everything = collect_grams(model, processor, samples, StatsConfig(batch_size=4), progress=False)
-    assert not torch.allclose(answer[Q_PROJ], everything[Q_PROJ])
+    grams = collect_grams(model, processor, samples, StatsConfig(batch_size=4), progress=False)  # one pass, both
+    torch.testing.assert_close(grams.answer[Q_PROJ], tokens.T @ tokens / len(positions), rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(grams.answer[Q_PROJ], grams.all[Q_PROJ])
+    assert gram_groups(grams.answer) == gram_groups(grams.all)  # grouped alike: the merge adds them group by group
 
 
 def test_padding_does_not_change_the_gram(lora_model):
     model, processor = lora_model
-    padded = collect_grams(model, processor, _samples(), StatsConfig(batch_size=4), progress=False)
-    unpadded = collect_grams(model, processor, _samples(), StatsConfig(batch_size=1), progress=False)
+    padded = collect_grams(model, processor, _samples(), StatsConfig(batch_size=4), progress=False).all
+    unpadded = collect_grams(model, processor, _samples(), StatsConfig(batch_size=1), progress=False).all
     for name in padded:
         torch.testing.assert_close(padded[name], unpadded[name], rtol=1e-5, atol=1e-6)
 
 
 def test_keys_match_the_saved_adapter_and_shared_inputs_share_a_gram(lora_model, tmp_path):
     model, processor = lora_model
-    grams = collect_grams(model, processor, _samples(), StatsConfig(batch_size=4), progress=False)
+    grams = collect_grams(model, processor, _samples(), StatsConfig(batch_size=4), progress=False).all
     model.save_pretrained(tmp_path)
     adapter = load_file(str(tmp_path / "adapter_model.safetensors"))
     assert set(grams) == {key.removesuffix(".lora_A.weight") for key in adapter if key.endswith(".lora_A.weight")}
@@ -108,8 +108,8 @@ def test_grams_come_from_the_given_models_own_activations(tiny_base):
     tuned, untuned = _lora(model), _lora(model, init_lora_weights=True)  # untuned: B = 0, the base's activations
     samples, cfg = _samples(), StatsConfig(batch_size=6)
     first = "base_model.model.model.language_model.layers.0.self_attn.q_proj"
-    tuned_grams = collect_grams(tuned, processor, samples, cfg, progress=False)
-    untuned_grams = collect_grams(untuned, processor, samples, cfg, progress=False)
+    tuned_grams = collect_grams(tuned, processor, samples, cfg, progress=False).all
+    untuned_grams = collect_grams(untuned, processor, samples, cfg, progress=False).all
     torch.testing.assert_close(tuned_grams[first], untuned_grams[first])  # below the first LoRA: same inputs
     assert not torch.allclose(tuned_grams[DOWN_PROJ], untuned_grams[DOWN_PROJ])
 
@@ -124,7 +124,7 @@ def test_collect_leaves_the_model_as_it_was(lora_model):
 
 def test_save_load_roundtrip_float32_storage(lora_model, tmp_path):
     model, processor = lora_model
-    grams = collect_grams(model, processor, _samples(), StatsConfig(), progress=False)
+    grams = collect_grams(model, processor, _samples(), StatsConfig(), progress=False).all
     path = save_grams(grams, tmp_path / "gram.safetensors")
     assert {t.dtype for t in load_file(str(path)).values()} == {torch.float32}
     loaded = load_grams(path)
@@ -136,7 +136,7 @@ def test_save_load_roundtrip_float32_storage(lora_model, tmp_path):
 
 def test_layers_reading_one_input_share_one_gram_stored_once(lora_model, tmp_path):
     model, processor = lora_model
-    grams = collect_grams(model, processor, _samples(), StatsConfig(), progress=False)
+    grams = collect_grams(model, processor, _samples(), StatsConfig(), progress=False).all
     block = "base_model.model.model.language_model.layers.0"
     q, k, v, o = (f"{block}.self_attn.{p}_proj" for p in "qkvo")
     gate, up, down = (f"{block}.mlp.{p}_proj" for p in ("gate", "up", "down"))

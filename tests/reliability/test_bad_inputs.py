@@ -104,8 +104,9 @@ def test_gpu_requested_with_none_present_is_exit_2_before_anything_runs(store_di
 
 
 @pytest.fixture(scope="module")
-def task_and_grams(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A real finetune output dir (PEFT adapter + projector) and its Grams, from the shared tiny base."""
+def task_and_grams(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """A real finetune output dir (PEFT adapter + projector) and its Grams (all tokens, answer positions), from the
+    shared tiny base."""
     from many.adapters import save_task
     from many.config import FinetuneConfig, LoraConfig, StatsConfig
     from many.model.load import load_base
@@ -126,8 +127,8 @@ def task_and_grams(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
     tuned = finetune(model, processor, samples, FinetuneConfig(lora=LoraConfig(rank=2), steps=2, batch_size=4, warmup_steps=0),
                      progress=False)
     save_task(tuned, out / "task")
-    save_grams(collect_grams(tuned, processor, samples, StatsConfig(), progress=False), out / "gram.safetensors")
-    return out / "task", out / "gram.safetensors"
+    grams = collect_grams(tuned, processor, samples, StatsConfig(), progress=False)
+    return out / "task", save_grams(grams.all, out / "gram.safetensors"), save_grams(grams.answer, out / "answer.safetensors")
 
 
 def _poison_nan(tensors: dict) -> dict:
@@ -187,7 +188,7 @@ BAD_TASK_DIRS = [
 
 @pytest.mark.parametrize(("case", "damage", "message"), BAD_TASK_DIRS, ids=[c[0] for c in BAD_TASK_DIRS])
 def test_bad_user_adapter_is_one_line_exit_2_store_unchanged(
-    case: str, damage, message: str, task_and_grams: tuple[Path, Path], store_dir: Path, tmp_path: Path, capsys
+    case: str, damage, message: str, task_and_grams: tuple[Path, Path, Path], store_dir: Path, tmp_path: Path, capsys
 ) -> None:
     import shutil
 
@@ -204,7 +205,7 @@ def test_bad_user_adapter_is_one_line_exit_2_store_unchanged(
 
 @pytest.mark.parametrize(("case", "damage", "message"), BAD_ADAPTERS, ids=[c[0] for c in BAD_ADAPTERS])
 def test_bad_adapter_is_refused_by_the_merge_stage_and_no_manifest_is_written(
-    case: str, damage, message: str, task_and_grams: tuple[Path, Path], tmp_path: Path
+    case: str, damage, message: str, task_and_grams: tuple[Path, Path, Path], tmp_path: Path
 ) -> None:
     import shutil
 
@@ -215,13 +216,13 @@ def test_bad_adapter_is_refused_by_the_merge_stage_and_no_manifest_is_written(
     from tasks.catalog import stage_def
     from tasks.rows.many import compute_merge
 
-    task_dir, grams = task_and_grams
+    task_dir, grams, answer = task_and_grams
     bad = tmp_path / "task"
     shutil.copytree(task_dir, bad)
     weights = bad / "adapter" / "adapter_model.safetensors"
     save_file(damage(load_file(str(weights))), str(weights))
     store = Store.open(str(tmp_path / "store"), cache_dir=tmp_path / "cache")
-    inputs = {"finetune": store.put(bad), "grams": store.put(grams)}
+    inputs = {"finetune": store.put(bad), "grams": store.put(grams), "answer_grams": store.put(answer)}
     before = listing(tmp_path / "store")
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")) as error:
         run_stage(store, stage_def("merge", inputs), LPMConfig(), inputs,

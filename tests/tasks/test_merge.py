@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from benchmarks.synthetic import Shape, write_task
+from benchmarks.synthetic import ALL_TOKENS, Shape, write_task
 from many.adapters import lora_factors
 from many.config import LPMConfig
 from many.lpm import batch_merge, solve
@@ -22,7 +22,7 @@ from tasks.merge import job_bytes, merge_step, plan_groups
 SHAPE = Shape(layers=2, hidden=16, intermediate=24, rank=2)
 
 
-def chain(tmp_path: Path, tasks: int, config: LPMConfig = LPMConfig(), fan_out: bool | None = False,
+def chain(tmp_path: Path, tasks: int, config: LPMConfig = ALL_TOKENS, fan_out: bool | None = False,
           shape: Shape = SHAPE) -> list[dict[str, Path]]:
     """merge[1..tasks] of the synthetic tasks, each step's outputs in its own workdir under tmp_path."""
     outputs: list[dict[str, Path]] = []
@@ -68,7 +68,7 @@ def test_state_has_one_file_per_input_group_and_every_module_loads(tmp_path: Pat
 
 def test_float32_C_halves_the_state(tmp_path: Path) -> None:
     exact = chain(tmp_path / "f64", 1)[0]
-    compact = chain(tmp_path / "f32", 1, LPMConfig(state_dtype="float32"))[0]
+    compact = chain(tmp_path / "f32", 1, ALL_TOKENS.model_copy(update=dict(state_dtype="float32")))[0]
     size = {name: sum(len(b) for b in file_bytes(out["state"]).values()) for name, out in (("f64", exact), ("f32", compact))}
     c_elements, files = 0, state_files(compact["state"])
     for path in files:
@@ -120,6 +120,8 @@ def test_job_bytes_is_three_C_matrices_and_the_thin_factors_old_and_new(tmp_path
             n_in = modules[job.layers[0]][1]
             thin = sum(2 * (modules[layer][0] + n_in) * step * SHAPE.rank for layer in job.layers)
             assert job_bytes(job, str(task_dir / "adapter" / WEIGHTS_FILE), str(grams)) == 8 * (3 * n_in**2 + thin)
+            answered = job_bytes(job, str(task_dir / "adapter" / WEIGHTS_FILE), str(grams), answer=True)
+            assert answered == 8 * (4 * n_in**2 + thin)  # the answer Gram added to G
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +153,7 @@ def test_ray_fan_out_writes_the_same_bytes_as_the_sequential_loop(tmp_path: Path
     workdir = tmp_path / "stage"
     workdir.mkdir()
     out = compute_merge({"finetune": task_dir, "grams": grams, "previous": fanned[-1]["state"]}, workdir,
-                        config=LPMConfig(), device="cpu")
+                        config=ALL_TOKENS, device="cpu")
     expected = chain(tmp_path / "third", 3)[-1]
     assert file_bytes(out["state"]) == file_bytes(expected["state"])
     assert file_bytes(out["adapter"]) == file_bytes(expected["adapter"])
@@ -164,7 +166,8 @@ def test_a_failing_group_raises_its_own_error_through_ray(tmp_path: Path, local_
     workdir = tmp_path / "merge"
     workdir.mkdir()
     with pytest.raises(ValueError, match="larger gamma"):
-        merge_step({"finetune": task_dir, "grams": grams}, workdir, LPMConfig(gamma=0.0, gamma_mode="absolute"),
+        merge_step({"finetune": task_dir, "grams": grams}, workdir,
+                   ALL_TOKENS.model_copy(update=dict(gamma=0.0, gamma_mode="absolute")),
                    fan_out=True)
 
 
@@ -209,7 +212,7 @@ def test_states_turn_dense_on_their_own_and_merge_as_the_thin_chain(tmp_path: Pa
     from tasks.merge import EXPORT_FORMAT
 
     auto = chain(tmp_path / "auto", 4, shape=SMALL)
-    thin = chain(tmp_path / "thin", 4, LPMConfig(state_form="thin"), shape=SMALL)
+    thin = chain(tmp_path / "thin", 4, ALL_TOKENS.model_copy(update=dict(state_form="thin")), shape=SMALL)
     modules = SMALL.modules()
     for t, (a, b) in enumerate(zip(auto, thin), start=1):
         export = json.loads(a["export"].read_text())
@@ -238,8 +241,8 @@ def test_a_truncated_export_reports_its_error(tmp_path: Path, form: str) -> None
 
     from many.evaluate import lora_deltas
 
-    exact = chain(tmp_path / "exact", 3, LPMConfig(state_form=form), shape=SMALL)[-1]
-    short = chain(tmp_path / "short", 3, LPMConfig(state_form=form, rank=2), shape=SMALL)[-1]
+    exact = chain(tmp_path / "exact", 3, ALL_TOKENS.model_copy(update=dict(state_form=form)), shape=SMALL)[-1]
+    short = chain(tmp_path / "short", 3, ALL_TOKENS.model_copy(update=dict(state_form=form, rank=2)), shape=SMALL)[-1]
     full, cut = lora_deltas(lora_factors(exact["adapter"])), lora_deltas(lora_factors(short["adapter"]))
     records = json.loads(short["export"].read_text())["layers"]
     for layer, M in full.items():
@@ -259,3 +262,47 @@ def test_job_bytes_of_a_dense_layer_is_its_R_old_new_and_the_export(tmp_path: Pa
         n_in = modules[job.layers[0]][1]
         per_layer = sum(3 * n_in * modules[layer][0] + min(n_in, modules[layer][0]) ** 2 for layer in job.layers)
         assert job_bytes(job, str(task_dir / "adapter" / WEIGHTS_FILE), str(grams)) == 8 * (3 * n_in**2 + per_layer)
+
+
+def _answer_grams(grams: Path, out: Path) -> Path:
+    """A second Gram per input group, grouped as `grams` (the stats stage's answer Grams stand-in): G² / ‖G‖."""
+    loaded = load_grams(grams)
+    scaled: dict[int, torch.Tensor] = {}
+    return save_grams({name: scaled.setdefault(id(g), g @ g / g.norm()) for name, g in loaded.items()}, out)
+
+
+def test_answer_weight_merges_g_all_plus_lambda_g_answer_and_zero_ignores_them(tmp_path: Path) -> None:
+    """G_t = G_all,t + λ·G_answer,t (tasks.merge.task_gram): the stage's merge equals the batch formula on those Grams;
+    λ = 0 writes the all-token merge's bytes, answer Grams given or not; λ > 0 without them, or a config whose
+    per-task weights are unresolved, is an error naming the fix."""
+    from many.config import AnswerWeightConfig
+
+    tasks = [write_task(SHAPE, seed=t, out=tmp_path / "inputs") for t in (1, 2)]
+    answers = [_answer_grams(grams, tmp_path / f"answer-{t}.safetensors") for t, (_, grams) in enumerate(tasks)]
+
+    def run(label: str, config: LPMConfig, with_answers: bool = True) -> dict[str, Path]:
+        outputs: dict[str, Path] = {}
+        for t, ((task_dir, grams), answer) in enumerate(zip(tasks, answers, strict=True)):
+            inputs = {"finetune": task_dir, "grams": grams} | ({"answer_grams": answer} if with_answers else {})
+            inputs |= {"previous": outputs["state"]} if outputs else {}
+            workdir = tmp_path / f"{label}-{t}"
+            workdir.mkdir()
+            outputs = merge_step(inputs, workdir, config, fan_out=False)
+        return outputs
+
+    weight = 0.5
+    weighted = run("weighted", LPMConfig(answer=AnswerWeightConfig(weight=weight)))
+    loras = [lora_factors(task_dir / "adapter") for task_dir, _ in tasks]
+    merged = lora_factors(weighted["adapter"])
+    for module in SHAPE.modules():
+        grams = [load_grams(g)[module] + weight * load_grams(a)[module] for (_, g), a in zip(tasks, answers, strict=True)]
+        expected = batch_merge([lora[module] for lora in loras], grams, LPMConfig(), module)
+        B, A, scale = merged[module]
+        torch.testing.assert_close(scale * B.double() @ A.double(), expected, rtol=1e-5, atol=1e-7)
+    plain = run("plain", ALL_TOKENS, with_answers=False)
+    zero = run("zero", ALL_TOKENS)
+    assert file_bytes(zero["adapter"]) == file_bytes(plain["adapter"]) != file_bytes(weighted["adapter"])
+    with pytest.raises(ValueError, match="needs the task's answer Grams"):
+        run("missing", LPMConfig(), with_answers=False)
+    with pytest.raises(ValueError, match="LPMConfig.for_task"):
+        run("unresolved", LPMConfig(answer=AnswerWeightConfig(tasks={"task-1": 2.0})))

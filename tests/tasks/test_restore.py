@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.synthetic import Shape, write_task
-from many.config import LPMConfig
+from benchmarks.synthetic import ALL_TOKENS, Shape, write_task
 from tasks.cache import intact, lookup, run_stage
 from tasks.catalog import recomputable_outputs, stage_def
 from tasks.restore import restore_inputs
@@ -18,7 +17,7 @@ from tasks.rows.many import compute_merge
 from tasks.store import BlobRef, Manifest, Store, StoreError
 
 SHAPE = Shape(layers=1, hidden=8, intermediate=12, rank=2)
-CONFIG = LPMConfig()
+CONFIG = ALL_TOKENS
 
 
 def task_inputs(store: Store, seed: int, scratch: Path) -> dict[str, BlobRef]:

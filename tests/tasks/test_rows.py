@@ -98,7 +98,8 @@ def test_the_diagnostics_switch_is_not_in_the_merge_key() -> None:
     on, off = parse_config({}), parse_config({"lpm": {"diagnostics": False}})
     assert on.lpm.diagnostics is True and off.lpm.diagnostics is False
     assert config_json(merge, off.lpm) == config_json(merge, on.lpm) == {
-        "a": 1.0, "gamma": 1e-4, "gamma_mode": "relative", "rank": None, "state_dtype": "float64"}  # state_form "auto": unkeyed
+        "a": 1.0, "gamma": 1e-4, "gamma_mode": "relative", "rank": None, "state_dtype": "float64",
+        "answer": {"weight": 1.0, "tasks": {}}}  # state_form "auto": unkeyed
     inputs = {"finetune": REF, "grams": REF}
     assert cache_key(merge, off.lpm, inputs) == cache_key(merge, LPMConfig(), inputs)
     # a forced state form is keyed (it changes what is stored), the default "auto" is not (merge version 4 marks it)
@@ -185,6 +186,38 @@ def test_routing_defaults_to_the_gaussian_and_the_cosine_rows_key_evals_as_a_cos
     assert ROWS["many"].eval_config(cosine).cpm == ROWS["many_cos"].eval_config(cosine).cpm
 
 
+def test_a_stored_config_reads_back_as_the_config_that_was_keyed() -> None:
+    """A manifest's config JSON leaves out what UNKEYED names (the cosine metric): `from_keyed` reads it back as the
+    config that wrote it (a recompute of a collected link must run what was keyed), `model_validate` would not."""
+    from tasks.rows.row import EvalStageConfig
+
+    stored = ROWS["many_cos"].eval_config(parse_config({})).model_dump(mode="json")
+    assert "metric" not in stored["cpm"]
+    assert EvalStageConfig.from_keyed(stored).cpm.metric == "cosine"
+    assert EvalStageConfig.model_validate(stored).cpm.metric == "mahalanobis"  # the default: not what was keyed
+    gaussian = ROWS["many"].eval_config(parse_config({}))
+    assert EvalStageConfig.from_keyed(gaussian.model_dump(mode="json")) == gaussian
+
+
+def test_each_merge_link_weighs_its_tasks_answer_grams_and_many_all_reads_none() -> None:
+    """G_t = G_all,t + λ_t·G_answer,t: merge[t] reads stats[t]'s two Grams, keyed by its own task's λ (a change of
+    another task's λ leaves its key alone); many_all's chain is the same merge at λ = 0 on the all-token Grams."""
+    from tasks.rows.many import LPM_CHAIN
+    from tasks.rows.many_all import ALL_TOKENS_CHAIN
+
+    links, _ = _links("many", 2)
+    assert links[1][2]["grams"] == ("st1", "grams") and links[1][2]["answer_grams"] == ("st1", "answer_grams")
+    assert sorted(_links("many_all", 2)[0][1][2]) == ["finetune", "grams", "previous"]
+    config = parse_config({"lpm": {"answer": {"weight": 0.5, "tasks": {"style-cls": 2.0}}}})
+    assert LPM_CHAIN.config(config, "style-cls").answer.model_dump() == {"weight": 2.0, "tasks": {}}
+    assert LPM_CHAIN.config(config, "chart-qa").answer.model_dump() == {"weight": 0.5, "tasks": {}}
+    other = parse_config({"lpm": {"answer": {"weight": 0.5, "tasks": {"style-cls": 3.0}}}})
+    assert LPM_CHAIN.config(other, "chart-qa") == LPM_CHAIN.config(config, "chart-qa")
+    assert ALL_TOKENS_CHAIN.config(config, "style-cls").answer.weight == 0.0
+    assert ALL_TOKENS_CHAIN.compute is LPM_CHAIN.compute and ALL_TOKENS_CHAIN.stage != LPM_CHAIN.stage
+    assert parse_config({}).lpm.answer.weight == 1.0  # the default merge is answer-weighted
+
+
 def test_many_r_cos_is_many_r_on_the_same_chain_routed_by_the_cosine() -> None:
     config = parse_config({})
     r, r_cos = ROWS["many_r"], ROWS["many_r_cos"]
@@ -213,7 +246,8 @@ def test_each_row_declares_the_recipe_its_model_is_served_by() -> None:
                        "many_cpm_only": ("merged", "cpm"), "individual": ("task", "own"), "seqlora": ("merged", "own"),
                        "average": ("merged", "average"), "task_arithmetic": ("merged", "average"),
                        "ties": ("merged", "average"), "regmean": ("merged", "average"), "cram": None, "cram_lda": None,
-                       "fwd_prompt": None, "many_r": ("routed", "cpm"), "many_r_cos": ("routed", "cpm"), "many_answer": ("merged", "cpm"), "many_cos": ("merged", "cpm"),
+                       "fwd_prompt": None, "many_r": ("routed", "cpm"), "many_r_cos": ("routed", "cpm"), "many_all": ("merged", "cpm"),
+                       "many_cos": ("merged", "cpm"),
                        "many_xl": ("merged", "cpm")}
     # an export holds the tasks' own parts, the LPM chain's last link if the run merged, prototypes if it made them
     assert list(served_methods(merged=True, routed=True)) == ["many", "many_lpm_only", "many_r", "individual"]
@@ -306,7 +340,8 @@ def test_many_r_residual_link_t_reads_merge_t_and_every_task_adapter_up_to_t() -
     key = stage_def("residual", upstream)
     config = parse_config({"many_r": {"rank": 4}})
     inputs = {name: REF for name in upstream}
-    assert cache_key(key, RESIDUAL_CHAIN.config(config), inputs) != cache_key(key, RESIDUAL_CHAIN.config(parse_config({})), inputs)
+    assert cache_key(key, RESIDUAL_CHAIN.config(config, "t2"), inputs) != cache_key(
+        key, RESIDUAL_CHAIN.config(parse_config({}), "t2"), inputs)
 
 
 def test_stored_counts_the_tensors_of_safetensors_files_and_directories(tmp_path: Path) -> None:
