@@ -43,7 +43,8 @@ def quiet_environment(scratch: Path) -> None:
 def _exit_on_sigterm() -> None:
     """SIGTERM (`kill`, a job scheduler stopping a long run) exits through Python, status 143, so that atexit stops
     the ephemeral Prefect server the run started: by default SIGTERM ends this process alone and leaves that server
-    running. Only from the main thread, and only where nobody has set a handler."""
+    running. The flow it interrupts abandons its run before shutting Ray down (flows.pipeline), so its stage threads
+    end without starting Ray again. Only from the main thread, and only where nobody has set a handler."""
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
 

@@ -4,9 +4,11 @@ tasks.cache.run_stage as a Ray remote function with the resources the flow chose
 processes: sub-configs and blob references in, `StageRecord`s of blob references out; workers read and write the
 store themselves.
 
-A run can be abandoned (`abandon(run_id)`, flows.pipeline does when a stage fails with bad input): its stages that
-have not started raise `StageAbandoned`, and its Ray tasks in flight are cancelled (`ray.cancel(force=True)`), so a
-bad task fails the run in seconds instead of after the base has pretrained.
+A run can be abandoned (`abandon(run_id, why)`): its stages that have not started raise `StageAbandoned`, and its Ray
+tasks in flight are cancelled (`ray.cancel(force=True)`). flows.pipeline abandons a run when a stage fails with bad
+input, so a bad task fails the run in seconds instead of after the base has pretrained, and whenever its flow ends,
+before it shuts Ray down: a flow left by an exception (SIGTERM or Ctrl-C in a benchmark's process, a failed stage)
+still has stage threads running, and none of them may start Ray again or outlive the run.
 """
 
 from __future__ import annotations
@@ -63,20 +65,24 @@ _remote_execute = None
 
 
 class StageAbandoned(RuntimeError):
-    """The run gave up on this stage before it finished: another stage failed with bad input (never retried)."""
+    """The run gave up on this stage before it finished: another stage failed with bad input, or the run is over
+    (never retried)."""
 
+
+BAD_INPUT = "another stage failed with bad input"
+RUN_OVER = "the run is over"
 
 _runs_lock = threading.Lock()
-_abandoned: set[str] = set()  # run ids
+_abandoned: dict[str, str] = {}  # run id → why; kept for the process's life (one short string per run)
 _in_flight: dict[str, set[Any]] = {}  # run id → Ray ObjectRefs of its stages computing now
 
 
-def abandon(run_id: str) -> int:
-    """Give up on run `run_id`: stages not started yet raise StageAbandoned, Ray tasks in flight are cancelled
-    (force: their workers are killed; a killed stage writes no manifest, its blobs are orphans for `gc`).
-    Returns how many were cancelled. `forget(run_id)` when the run is over."""
+def abandon(run_id: str, why: str = BAD_INPUT) -> int:
+    """Give up on run `run_id` (`why`: BAD_INPUT, or RUN_OVER once its flow ends): stages not started yet raise
+    StageAbandoned, Ray tasks in flight are cancelled (force: their workers are killed; a killed stage writes no
+    manifest, its blobs are orphans for `gc`). Returns how many were cancelled."""
     with _runs_lock:
-        _abandoned.add(run_id)
+        _abandoned.setdefault(run_id, why)
         refs = _in_flight.pop(run_id, set())
         running = _not_ready(list(refs))
         for ref in running:
@@ -96,16 +102,9 @@ def _not_ready(refs: list[Any]) -> list[Any]:
     return [ref for ref in refs if ref not in ready]
 
 
-def forget(run_id: str) -> None:
-    """The run is over: drop what `abandon` and the in-flight bookkeeping kept of it."""
-    with _runs_lock:
-        _abandoned.discard(run_id)
-        _in_flight.pop(run_id, None)
-
-
 def _check_abandoned(run_id: str | None, stage: str) -> None:
     if run_id is not None and run_id in _abandoned:
-        raise StageAbandoned(f"stage {stage} of run {run_id} abandoned: another stage failed with bad input")
+        raise StageAbandoned(f"stage {stage} of run {run_id} abandoned: {_abandoned[run_id]}")
 
 
 def _cancel(ref: Any) -> None:
@@ -250,7 +249,9 @@ def _compute_on_ray(
     global _remote_execute
     import ray
 
-    ensure_ray(cluster.address, cluster.num_cpus, cluster.object_store_mb)
+    with _runs_lock:  # an ending run (abandon, then Ray's shutdown) waits for a start in progress; a later one sees it
+        _check_abandoned(run_id, stage)
+        ensure_ray(cluster.address, cluster.num_cpus, cluster.object_store_mb)
     check_resources(group, num_cpus, num_gpus)
     if _remote_execute is None:
         _remote_execute = ray.remote(execute)
@@ -280,9 +281,7 @@ def _run_on_ray(
         status, manifest_json, seconds, node, s3_retries = ray_get(ref)
     except Exception:
         if run_id is not None and run_id in _abandoned:
-            raise StageAbandoned(
-                f"stage {stage} of run {run_id} cancelled: another stage failed with bad input"
-            ) from None
+            raise StageAbandoned(f"stage {stage} of run {run_id} cancelled: {_abandoned[run_id]}") from None
         raise
     finally:
         _untrack(run_id, ref)
@@ -293,5 +292,5 @@ def _run_on_ray(
 
 
 __all__ = [
-    "ClusterSpec", "StageAbandoned", "StageRecord", "abandon", "execute", "forget", "read_json_output", "stage_task",
+    "BAD_INPUT", "RUN_OVER", "ClusterSpec", "StageAbandoned", "StageRecord", "abandon", "execute", "read_json_output", "stage_task",
 ]

@@ -1,4 +1,6 @@
-"""benchmarks/common.py: a benchmark stopped by SIGTERM takes its ephemeral Prefect server down with it."""
+"""benchmarks/common.py: a benchmark stopped by SIGTERM while its pipeline computes exits 143 and takes its ephemeral
+Prefect server and its Ray cluster down with it (flows.pipeline abandons the run before Ray's shutdown, so no stage
+thread starts Ray again)."""
 
 from __future__ import annotations
 
@@ -13,25 +15,27 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = """
-import sys, time
+import sys
 from pathlib import Path
-from benchmarks.common import quiet_environment
+from benchmarks.common import quiet_environment, stream_config
 quiet_environment(Path(sys.argv[1]))
-from prefect import flow
+from flows.pipeline import continual_update
 
-@flow
-def nothing():
-    return 1
-
-nothing()  # starts the ephemeral Prefect server, a child process
-print("ready", flush=True)
-time.sleep(600)
+config = stream_config(smoke=True)  # examples/tiny.yaml: a base to pretrain, then finetunes — minutes of stages
+continual_update(config.model_copy(update={"store": config.store.model_copy(update={"url": sys.argv[1] + "/store"})}))
 """
 
 
 def _children(pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
+
+
+def _name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def _alive(pid: int) -> bool:
@@ -44,20 +48,25 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.slow
-def test_sigterm_stops_the_benchmarks_prefect_server(tmp_path: Path) -> None:
-    run = subprocess.Popen([sys.executable, "-c", SCRIPT, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    server: list[int] = []
+def test_sigterm_mid_pipeline_stops_the_benchmarks_prefect_server_and_ray(tmp_path: Path) -> None:
+    run = subprocess.Popen([sys.executable, "-c", SCRIPT, str(tmp_path)], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    children: list[int] = []
     try:
-        assert run.stdout.readline().strip() == "ready"
-        server = _children(run.pid)
-        assert server, "the flow started no Prefect server process: nothing to check"
-        run.send_signal(signal.SIGTERM)
-        assert run.wait(timeout=60) == 128 + signal.SIGTERM
-        deadline = time.monotonic() + 30
-        while any(map(_alive, server)) and time.monotonic() < deadline:
+        deadline = time.monotonic() + 240
+        while not any("gcs_server" in _name(pid) for pid in _children(run.pid)):  # Ray is up: stages are computing
+            assert run.poll() is None and time.monotonic() < deadline, "the pipeline never started Ray"
             time.sleep(0.5)
-        assert not any(map(_alive, server)), f"Prefect server {server} outlived the benchmark"
+        time.sleep(5)  # a stage is running on a Ray worker
+        children = _children(run.pid)
+        assert any("uvicorn" in _name(pid) for pid in children), "no ephemeral Prefect server: nothing to check"
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(timeout=90) == 128 + signal.SIGTERM, run.stderr.read()[-3000:]
+        assert "Started a local Ray instance" not in run.stderr.read()  # no stage thread started Ray again
+        deadline = time.monotonic() + 30
+        while any(map(_alive, children)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not [_name(pid) for pid in children if _alive(pid)], "outlived the benchmark"
     finally:
         run.kill()
-        for pid in filter(_alive, server):  # never leave a server behind, whatever failed
+        for pid in filter(_alive, children):  # never leave a server or a raylet behind, whatever failed
             os.kill(pid, signal.SIGKILL)
