@@ -173,6 +173,16 @@ class RunConfig(MethodSettings):
         return self
 
     @model_validator(mode="after")
+    def _answer_weights_name_tasks(self) -> RunConfig:
+        """A per-task λ for a name that is no task of the stream would weigh nothing, silently (a typo); a stream
+        read from a task_source may still bring it."""
+        unknown = sorted(set(self.lpm.answer.tasks) - {task.name for task in self.tasks})
+        if unknown and self.task_source is None:
+            raise ValueError(f"lpm.answer.tasks names {', '.join(map(repr, unknown))}, not a task of the stream "
+                             f"({', '.join(task.name for task in self.tasks)})")
+        return self
+
+    @model_validator(mode="after")
     def _base_fits(self) -> RunConfig:
         if self.base.kind == "hf" and not self.base.hf_id:
             raise ValueError("base.kind 'hf' needs base.hf_id (a hub id or a local HF LLaVA dir)")

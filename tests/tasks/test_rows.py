@@ -216,6 +216,8 @@ def test_each_merge_link_weighs_its_tasks_answer_grams_and_many_all_reads_none()
     assert ALL_TOKENS_CHAIN.config(config, "style-cls").answer.weight == 0.0
     assert ALL_TOKENS_CHAIN.compute is LPM_CHAIN.compute and ALL_TOKENS_CHAIN.stage != LPM_CHAIN.stage
     assert parse_config({}).lpm.answer.weight == 1.0  # the default merge is answer-weighted
+    with pytest.raises(ConfigError, match="lpm.answer.tasks names 'style-cl', not a task of the stream"):
+        parse_config({"lpm": {"answer": {"tasks": {"style-cl": 2.0}}}})
 
 
 def test_many_r_cos_is_many_r_on_the_same_chain_routed_by_the_cosine() -> None:
