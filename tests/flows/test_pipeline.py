@@ -149,8 +149,10 @@ def check_export(out: Path, store_url: str, summary: dict) -> None:
         assert (out / "tasks" / task / "adapter" / "adapter_config.json").is_file()
         assert (out / "tasks" / task / "projector.safetensors").is_file()
         assert (out / "tasks" / task / "gram.safetensors").is_file()
+        assert (out / "tasks" / task / "answer_gram.safetensors").is_file()
     merge = json.loads((out / "merged" / "merge.json").read_text())
     assert merge["method"] == "many" and merge["tasks"] == tasks and merge["a"] == 1.0
+    assert merge["answer_weight"] == dict.fromkeys(tasks, 1.0)  # G_all + λ·G_answer, λ = 1 by default
     assert merge["tau"] is not None and all(g > 0 for g in merge["gamma"].values())
     assert pq.read_table(out / "prototypes.parquet").num_rows == sum(40 + 1 for _ in tasks)
     adapter_config = json.loads((out / "merged" / "adapter" / "adapter_config.json").read_text())
