@@ -292,5 +292,6 @@ def _run_on_ray(
 
 
 __all__ = [
-    "BAD_INPUT", "RUN_OVER", "ClusterSpec", "StageAbandoned", "StageRecord", "abandon", "execute", "read_json_output", "stage_task",
+    "BAD_INPUT", "RUN_OVER", "ClusterSpec", "StageAbandoned", "StageRecord", "abandon", "execute", "read_json_output",
+    "stage_task",
 ]
