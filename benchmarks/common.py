@@ -41,12 +41,23 @@ def quiet_environment(scratch: Path) -> None:
 
 
 def _exit_on_sigterm() -> None:
-    """SIGTERM (`kill`, a job scheduler stopping a long run) exits through Python, status 143, so that atexit stops
-    the ephemeral Prefect server the run started: by default SIGTERM ends this process alone and leaves that server
-    running. The flow it interrupts abandons its run before shutting Ray down (flows.pipeline), so its stage threads
-    end without starting Ray again. Only from the main thread, and only where nobody has set a handler."""
+    """SIGTERM (`kill`, a job scheduler stopping a long run) stops the ephemeral Prefect server this process started
+    and exits at once, status 143: by default SIGTERM ends this process alone and leaves that server running.
+
+    Not through Python (sys.exit): that unwinds a running flow while its stage threads wait on Ray, and the interpreter
+    then aborts in Ray's teardown (exit 134) before atexit stops the server. Ray's local cluster dies with this
+    process (Ray fate-shares it with its driver), and a stage killed mid-compute writes no manifest (docs/design.md
+    §3), so the next run resumes. Only from the main thread, and only where nobody has set a handler."""
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+        signal.signal(signal.SIGTERM, _stop)
+
+
+def _stop(signum: int, _frame: object) -> None:
+    server = sys.modules.get("prefect.server.api.server")  # imported only if this process started one
+    if server is not None:
+        for instance in list(server.SubprocessASGIServer._instances.values()):
+            instance.stop()  # SIGTERM, then SIGKILL after 5 s
+    os._exit(128 + signum)
 
 
 def stream_config(smoke: bool, path: Path | None = None):

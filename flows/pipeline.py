@@ -29,7 +29,7 @@ from flows.graph import cached_record, new_run_id, store_spec, submit_stream, up
 from flows.preflight import preflight
 from flows.report import last_diagnostics, timeline_from_run
 from flows.retention import leased
-from tasks.dispatch import RUN_OVER, ClusterSpec, abandon, stage_task
+from tasks.dispatch import ClusterSpec, abandon, end_run, stage_task
 from tasks.gate import stage_priority
 from tasks.progress import Board
 from tasks.record import StageRecord, print_stage_line
@@ -101,7 +101,7 @@ def continual_update(config: RunConfig, run_id: str | None = None, progress: boo
         records = _results(submitted)
         started_ray = ray_started()
     finally:
-        abandon(run_id, RUN_OVER)  # stage threads still running (the flow left by an exception) never start Ray again
+        end_run(run_id)  # stage threads still running (the flow left by an exception) never start Ray again
         if board:
             board.close()
         shutdown_ray()

@@ -4,11 +4,11 @@ tasks.cache.run_stage as a Ray remote function with the resources the flow chose
 processes: sub-configs and blob references in, `StageRecord`s of blob references out; workers read and write the
 store themselves.
 
-A run can be abandoned (`abandon(run_id, why)`): its stages that have not started raise `StageAbandoned`, and its Ray
-tasks in flight are cancelled (`ray.cancel(force=True)`). flows.pipeline abandons a run when a stage fails with bad
-input, so a bad task fails the run in seconds instead of after the base has pretrained, and whenever its flow ends,
+A run can be abandoned (`abandon(run_id)`, flows.pipeline does when a stage fails with bad input): its stages that
+have not started raise `StageAbandoned`, and its Ray tasks in flight are cancelled (`ray.cancel(force=True)`), so a
+bad task fails the run in seconds instead of after the base has pretrained. Every flow ends its run (`end_run`)
 before it shuts Ray down: a flow left by an exception (SIGTERM or Ctrl-C in a benchmark's process, a failed stage)
-still has stage threads running, and none of them may start Ray again or outlive the run.
+still has stage threads running, and none of them may start Ray again.
 """
 
 from __future__ import annotations
@@ -77,12 +77,12 @@ _abandoned: dict[str, str] = {}  # run id → why; kept for the process's life (
 _in_flight: dict[str, set[Any]] = {}  # run id → Ray ObjectRefs of its stages computing now
 
 
-def abandon(run_id: str, why: str = BAD_INPUT) -> int:
-    """Give up on run `run_id` (`why`: BAD_INPUT, or RUN_OVER once its flow ends): stages not started yet raise
-    StageAbandoned, Ray tasks in flight are cancelled (force: their workers are killed; a killed stage writes no
-    manifest, its blobs are orphans for `gc`). Returns how many were cancelled."""
+def abandon(run_id: str) -> int:
+    """Give up on run `run_id` (a stage failed with bad input): stages not started yet raise StageAbandoned, Ray tasks
+    in flight are cancelled (force: their workers are killed; a killed stage writes no manifest, its blobs are orphans
+    for `gc`). Returns how many were cancelled."""
     with _runs_lock:
-        _abandoned.setdefault(run_id, why)
+        _abandoned.setdefault(run_id, BAD_INPUT)
         refs = _in_flight.pop(run_id, set())
         running = _not_ready(list(refs))
         for ref in running:
@@ -100,6 +100,15 @@ def _not_ready(refs: list[Any]) -> list[Any]:
 
     ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
     return [ref for ref in refs if ref not in ready]
+
+
+def end_run(run_id: str) -> None:
+    """Run `run_id`'s flow is over (call before shutting Ray down): a stage of it that has not started raises
+    StageAbandoned instead of starting Ray again. Its Ray tasks still in flight end with Ray's shutdown; they are not
+    cancelled here (a cancel racing the shutdown can abort the driver)."""
+    with _runs_lock:
+        _abandoned.setdefault(run_id, RUN_OVER)
+        _in_flight.pop(run_id, None)
 
 
 def _check_abandoned(run_id: str | None, stage: str) -> None:
@@ -292,6 +301,5 @@ def _run_on_ray(
 
 
 __all__ = [
-    "BAD_INPUT", "RUN_OVER", "ClusterSpec", "StageAbandoned", "StageRecord", "abandon", "execute", "read_json_output",
-    "stage_task",
+    "ClusterSpec", "StageAbandoned", "StageRecord", "abandon", "end_run", "execute", "read_json_output", "stage_task",
 ]

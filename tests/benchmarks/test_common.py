@@ -1,6 +1,6 @@
-"""benchmarks/common.py: a benchmark stopped by SIGTERM while its pipeline computes exits 143 and takes its ephemeral
-Prefect server and its Ray cluster down with it (flows.pipeline abandons the run before Ray's shutdown, so no stage
-thread starts Ray again)."""
+"""benchmarks/common.py: a benchmark stopped by SIGTERM while its pipeline computes exits 143 at once and takes its
+ephemeral Prefect server and its Ray cluster down with it: exiting through Python there used to abort in Ray's
+teardown (exit 134) and orphan the server."""
 
 from __future__ import annotations
 
