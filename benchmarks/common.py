@@ -44,10 +44,11 @@ def _exit_on_sigterm() -> None:
     """SIGTERM (`kill`, a job scheduler stopping a long run) stops the ephemeral Prefect server this process started
     and exits at once, status 143: by default SIGTERM ends this process alone and leaves that server running.
 
-    Not through Python (sys.exit): that unwinds a running flow while its stage threads wait on Ray, and the interpreter
-    then aborts in Ray's teardown (exit 134) before atexit stops the server. Ray's local cluster dies with this
-    process (Ray fate-shares it with its driver), and a stage killed mid-compute writes no manifest (docs/design.md
-    §3), so the next run resumes. Only from the main thread, and only where nobody has set a handler."""
+    During a flow, Prefect's engine holds SIGTERM: it unwinds the flow (which ends its run before shutting Ray down,
+    flows.pipeline) and then sends the signal again, to this handler. It exits without the interpreter's teardown:
+    through sys.exit, that teardown aborted in Ray's (exit 134) before atexit stopped the server. Ray's local cluster
+    dies with this process (Ray fate-shares it with its driver), and a stage killed mid-compute writes no manifest
+    (docs/design.md §3), so the next run resumes. Only from the main thread, and only where nobody has set a handler."""
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _stop)
 
