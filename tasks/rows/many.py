@@ -40,9 +40,12 @@ def compute_merge(inputs: dict[str, Path], workdir: Path, *, config: Any, device
     return merge_step(inputs, workdir, config)
 
 
-def _link(t: int, shared: PerTask, links: list[Any]) -> dict[str, tuple[Any, str]]:
-    upstream = {"finetune": (shared.finetune[t], "task"), "grams": (shared.stats[t], "grams"),
-                "answer_grams": (shared.stats[t], "answer_grams")}
+def lpm_link(t: int, shared: PerTask, links: list[Any], answer: bool = True) -> dict[str, tuple[Any, str]]:
+    """merge[t]'s inputs: task t's adapter and Grams (its answer Grams too, unless `answer` is False: the λ = 0 chain
+    of `many_all`), and link t − 1's state."""
+    upstream = {"finetune": (shared.finetune[t], "task"), "grams": (shared.stats[t], "grams")}
+    if answer:
+        upstream["answer_grams"] = (shared.stats[t], "answer_grams")
     if t:
         upstream["previous"] = (links[t - 1], "state")
     return upstream
@@ -59,7 +62,7 @@ LPM_CHAIN = Chain(
     group="merge",
     needs=frozenset({"finetune", "stats"}),
     config=lambda config, task: config.lpm.for_task(task),
-    link=_link,
+    link=lpm_link,
     compute=compute_merge,
     recomputable=("state",),  # read only by merge[t + 1]: superseded states are collected, recomputed on demand
 )

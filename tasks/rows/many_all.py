@@ -13,32 +13,24 @@ reading the all-token Grams only; its eval is MAny's (the merged LoRA, projector
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
+from functools import partial
 
 from many.config import AnswerWeightConfig
 from tasks.rows import many
-from tasks.rows.row import PerTask, Row
-
-
-def _link(t: int, shared: PerTask, links: list[Any]) -> dict[str, tuple[Any, str]]:
-    upstream = {"finetune": (shared.finetune[t], "task"), "grams": (shared.stats[t], "grams")}
-    if t:
-        upstream["previous"] = (links[t - 1], "state")
-    return upstream
-
+from tasks.rows.row import Row
 
 ALL_TOKENS_CHAIN = replace(
     many.LPM_CHAIN,
     stage="merge_all",
     method="many_all",
     config=lambda config, task: config.lpm.model_copy(update={"answer": AnswerWeightConfig(weight=0.0)}),
-    link=_link,
+    link=partial(many.lpm_link, answer=False),
 )
 
 
 ROW = Row(
     name="many_all",
-    summary="MAny-all: MAny's LPM merge on all-token Grams (λ = 0, as published) instead of answer-weighted ones (opt-in)",
+    summary="MAny-all: MAny's LPM merge on all-token Grams (λ = 0, as published), not answer-weighted ones (opt-in)",
     evaluate=many.evaluate,
     reads=frozenset({"finetune", "prototypes"}),
     chain=ALL_TOKENS_CHAIN,
