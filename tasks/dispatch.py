@@ -258,7 +258,7 @@ def _compute_on_ray(
     global _remote_execute
     import ray
 
-    with _runs_lock:  # an ending run (abandon, then Ray's shutdown) waits for a start in progress; a later one sees it
+    with _runs_lock:  # an ending run (end_run, then Ray's shutdown) waits for a start in progress; a later one sees it
         _check_abandoned(run_id, stage)
         ensure_ray(cluster.address, cluster.num_cpus, cluster.object_store_mb)
     check_resources(group, num_cpus, num_gpus)

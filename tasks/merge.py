@@ -111,7 +111,8 @@ def task_gram(grams_file: str, answer_file: str | None, group: str, weight: floa
     if not weight:
         return gram
     if answer_file is None:
-        raise ValueError(f"LPM: lpm.answer weight {weight} needs the task's answer Grams; the merge got none")
+        raise ValueError(f"LPM: lpm.answer weight {weight} needs the task's answer Grams (the stats stage's "
+                         "answer_grams); the merge got none")
     with safe_open(answer_file, framework="pt") as answers:
         return gram.double() + weight * answers.get_tensor(group).double()
 
@@ -156,7 +157,8 @@ def merge_group(
 
 def job_bytes(job: GroupJob, adapter_file: str, grams_file: str, form: str = "auto", answer: bool = False) -> int:
     """`merge_group`'s peak working set in bytes, from file headers only: three in×in float64 matrices (previous
-    C, G̃, new C or its factor; four with an answer Gram added to G, `answer`) plus, per layer in float64, the thin B (out, Σr) and AG (Σr, in) old and new while
+    C, G̃, new C or its factor; four with an answer Gram added to G, `answer`) plus, per layer in float64, the thin
+    B (out, Σr) and AG (Σr, in) old and new while
     the layer stays thin, else its R (in, out) old and new, the exported M_t (out, in) and its identity
     (min(in, out)², many.lpm.export_group) — the previous thin factors instead of the old R at the switch.
     `form`: LPMConfig.state_form."""
@@ -218,7 +220,8 @@ def _on_this_node(calls: list[tuple]) -> list[tuple[str, dict[str, dict]]]:
     refs = []
     for args in calls:
         job, _, adapter_file, grams_file, answer_file = args[:5]  # merge_group's first parameters
-        memory = int(min(job_bytes(job, adapter_file, grams_file, args[-1].state_form, answer_file is not None), ceiling))
+        needs = job_bytes(job, adapter_file, grams_file, args[-1].state_form, answer_file is not None)
+        memory = int(min(needs, ceiling))
         refs.append(_remote_merge_group.options(num_cpus=1, memory=memory, max_retries=0, scheduling_strategy=here)
                     .remote(*args))
     return ray_get(refs)
@@ -236,9 +239,9 @@ def merge_step(inputs: Mapping[str, Path], workdir: Path, config: LPMConfig, fan
     """merge[t] from local inputs "finetune" (task dir with adapter/), "grams" (the stats file), "answer_grams" (the
     stats stage's answer Grams; needed when config.answer.weight > 0) and, for t > 1, "previous" (merge[t−1]'s state
     dir): {"state": state dir, "adapter": merged PEFT adapter dir, "export": export.json} under `workdir`. `config` is
-    the task's (LPMConfig.for_task: its λ resolved). export.json (EXPORT_FORMAT): {"format", "rank": lpm.rank, "layers": {layer: {"form":
-    "thin" | "dense", "rank": Σr, "gamma": γ, "exported_rank", "error": ‖M_t − B_m A_m‖_F / ‖M_t‖_F}}}, layers in
-    the adapter's order."""
+    the task's (LPMConfig.for_task: its λ resolved). export.json (EXPORT_FORMAT): {"format", "rank": lpm.rank,
+    "layers": {layer: {"form": "thin" | "dense", "rank": Σr, "gamma": γ, "exported_rank", "error": ‖M_t − B_m A_m‖_F /
+    ‖M_t‖_F}}}, layers in the adapter's order."""
     from safetensors.torch import load_file
 
     from many.adapters import ADAPTER_DIR, WEIGHTS_FILE, lora_factors, read_adapter_config, write_lora_adapter
@@ -250,9 +253,6 @@ def merge_step(inputs: Mapping[str, Path], workdir: Path, config: LPMConfig, fan
     if config.answer.tasks:
         raise ValueError("merge_step: lpm.answer names per-task weights; pass the task's config (LPMConfig.for_task)")
     answer = inputs.get("answer_grams") if config.answer.weight else None
-    if config.answer.weight and answer is None:
-        raise ValueError(f"LPM: lpm.answer weight {config.answer.weight} needs the task's answer Grams (the stats "
-                         "stage's answer_grams); the merge got none")
     groups = read_gram_groups(inputs["grams"])
     if answer is not None and read_gram_groups(answer) != groups:
         raise ValueError("LPM: the answer Grams group the LoRA layers differently from the all-token Grams; "
@@ -282,4 +282,6 @@ def merge_step(inputs: Mapping[str, Path], workdir: Path, config: LPMConfig, fan
     return {"state": state_dir, "adapter": workdir / "adapter", "export": export}
 
 
-__all__: list[str] = ["EXPORT_FORMAT", "GroupJob", "job_bytes", "merge_group", "merge_step", "plan_groups", "run_jobs", "task_gram"]
+__all__: list[str] = [
+    "EXPORT_FORMAT", "GroupJob", "job_bytes", "merge_group", "merge_step", "plan_groups", "run_jobs", "task_gram",
+]
