@@ -83,8 +83,8 @@ def run_job(job: Job, rank: int, seed: int, config: LPMConfig, scratch: str) -> 
         scales = {name: 2.0 for name, _, _ in job.layers}  # alpha / r = 16 / 8
         start = time.perf_counter()
         # the synthetic Gram stands in for the answer Gram too: the default merge reads both (LPMConfig.answer)
-        merge_group(group_job, scales, str(adapter_file), str(grams_file), str(grams_file), str(workdir / "state.safetensors"),
-                    str(workdir / "factors.safetensors"), config)
+        merge_group(group_job, scales, str(adapter_file), str(grams_file), str(grams_file),
+                    str(workdir / "state.safetensors"), str(workdir / "factors.safetensors"), config)
         seconds = time.perf_counter() - start
         return {
             "block": job.block, "group": job.group, "node": ray.get_runtime_context().get_node_id(),

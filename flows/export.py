@@ -99,7 +99,8 @@ def _settings(store: Store, find: Any, task: str) -> dict[str, Any]:
     if routed is not None:
         cpm = routed.config.get("cpm") or {}
         settings |= {"tau": read_json_output(store, routed, "scores").get("tau"), "top_k": cpm.get("top_k"),
-                     "calibration_target": cpm.get("calibration_target", 0.9), "metric": cpm.get("metric", CPMConfig.UNKEYED["metric"])}
+                     "calibration_target": cpm.get("calibration_target", 0.9),
+                     "metric": cpm.get("metric", CPMConfig.UNKEYED["metric"])}
     return settings
 
 

@@ -90,9 +90,11 @@ def model_card(out_dir: Path, summary: dict[str, Any], methods: Mapping[str, Rec
         "| `base/` | the shared base, a Hugging Face `LlavaForConditionalGeneration` dir (model, tokenizer, processor) |",
         "| `tasks/<task>/adapter/` | the task's PEFT LoRA |",
         "| `tasks/<task>/projector.safetensors` | the task's own vision projector |",
-        "| `tasks/<task>/gram.safetensors`, `answer_gram.safetensors` | the Grams LPM merged with, all tokens and answer positions (if the run computed them) |",
+        "| `tasks/<task>/gram.safetensors`, `answer_gram.safetensors` | the Grams LPM merged with, over all tokens and "
+        "over the answer positions (if the run computed them) |",
         *(["| `merged/adapter/` | the LPM merge of every task: one PEFT LoRA of rank Σr |",
-            "| `merged/merge.json` | the merge's settings: method, tasks, a, γ per layer, λ per task, τ |"] if merged else []),
+            "| `merged/merge.json` | the merge's settings: method, tasks, a, γ per layer, λ per task, τ |"]
+          if merged else []),
         "| `merged/projectors.safetensors` | every task's projector, keys `<task>.<parameter>` |",
         *(["| `prototypes.parquet` | the tasks' visual prototypes (CPM routing) and their training images' features |"]
           if routed else []),

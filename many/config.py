@@ -175,7 +175,7 @@ class LPMConfig(Frozen):
     UNKEYED: ClassVar[dict[str, Any]] = {"state_form": "auto"}
 
     def for_task(self, task: str) -> LPMConfig:
-        """This config as merge[t] of task `task` reads it (its cache key): λ resolved to that task's, no per-task map."""
+        """This config as merge[t] of task `task` reads it (its cache key): λ resolved to the task's, no per-task map."""
         return self.model_copy(update={"answer": AnswerWeightConfig(weight=self.answer.weight_of(task))})
 
 

@@ -112,7 +112,7 @@ def ensure_ray(address: str | None, num_cpus: int | None, object_store_mb: int) 
         import ray
         from ray._private import auto_init_hook
 
-        auto_init_hook.enable_auto_connect = False  # a Ray call after shutdown_ray fails, never starts a default cluster
+        auto_init_hook.enable_auto_connect = False  # after shutdown_ray a Ray call fails: no default cluster
         _ray_used = True
         if ray.is_initialized():
             return

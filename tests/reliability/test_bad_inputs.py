@@ -128,7 +128,8 @@ def task_and_grams(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
                      progress=False)
     save_task(tuned, out / "task")
     grams = collect_grams(tuned, processor, samples, StatsConfig(), progress=False)
-    return out / "task", save_grams(grams.all, out / "gram.safetensors"), save_grams(grams.answer, out / "answer.safetensors")
+    answer = save_grams(grams.answer, out / "answer.safetensors")
+    return out / "task", save_grams(grams.all, out / "gram.safetensors"), answer
 
 
 def _poison_nan(tensors: dict) -> dict:

@@ -295,7 +295,8 @@ def test_answer_weight_merges_g_all_plus_lambda_g_answer_and_zero_ignores_them(t
     loras = [lora_factors(task_dir / "adapter") for task_dir, _ in tasks]
     merged = lora_factors(weighted["adapter"])
     for module in SHAPE.modules():
-        grams = [load_grams(g)[module] + weight * load_grams(a)[module] for (_, g), a in zip(tasks, answers, strict=True)]
+        grams = [load_grams(g)[module] + weight * load_grams(a)[module]
+                 for (_, g), a in zip(tasks, answers, strict=True)]
         expected = batch_merge([lora[module] for lora in loras], grams, LPMConfig(), module)
         B, A, scale = merged[module]
         torch.testing.assert_close(scale * B.double() @ A.double(), expected, rtol=1e-5, atol=1e-7)

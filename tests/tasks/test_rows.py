@@ -248,7 +248,8 @@ def test_each_row_declares_the_recipe_its_model_is_served_by() -> None:
                        "many_cpm_only": ("merged", "cpm"), "individual": ("task", "own"), "seqlora": ("merged", "own"),
                        "average": ("merged", "average"), "task_arithmetic": ("merged", "average"),
                        "ties": ("merged", "average"), "regmean": ("merged", "average"), "cram": None, "cram_lda": None,
-                       "fwd_prompt": None, "many_r": ("routed", "cpm"), "many_r_cos": ("routed", "cpm"), "many_all": ("merged", "cpm"),
+                       "fwd_prompt": None, "many_r": ("routed", "cpm"), "many_r_cos": ("routed", "cpm"),
+                       "many_all": ("merged", "cpm"),
                        "many_cos": ("merged", "cpm"),
                        "many_xl": ("merged", "cpm")}
     # an export holds the tasks' own parts, the LPM chain's last link if the run merged, prototypes if it made them
